@@ -1,0 +1,1 @@
+"""The comparison harness: ``python -m comparisons {run, ...}``."""

@@ -1,0 +1,218 @@
+"""Make auto_LiRPA 0.3 (the only release on PyPI) work on torch 2.x and numpy 2.
+
+auto_LiRPA 0.3 (2022) was written against torch 1.12 and numpy 1.x.  Four
+things it relies on are gone in torch 2.14 / numpy 2; each was fixed upstream
+later, so upstream 0.7.x needs none of this.  Every fix below is
+
+* **feature-detected** -- applied only when the thing it provides is missing,
+  so on upstream 0.7.x (or on old torch/numpy) nothing is touched;
+* **idempotent** -- applying twice changes nothing;
+* **recorded** -- :func:`applied_fixes` says which ones ran, and the
+  environment report prints them.
+
+The fixes (numbers as in the project's REFERENCE notes):
+
+1. ``numpy.lib.arraysetops`` was removed in numpy 2.0.  0.3's
+   ``operators/base.py`` does ``from numpy.lib.arraysetops import isin``.  We
+   register a tiny alias module exposing ``numpy.isin``.  *Needed by 0.3 with
+   numpy >= 2.0.*
+2. ``torch.onnx.symbolic_helper._set_opset_version`` was removed (torch 2.x
+   moved the TorchScript ONNX exporter under ``torch.onnx._internal``).  0.3's
+   ``parse_graph.py`` imports it and calls it with 12 before graph
+   optimisation.  We restore a function that sets the opset on the ``GLOBALS``
+   object of the module that defines ``torch.onnx.utils._optimize_graph``
+   (the one ``_optimize_graph`` itself reads).  *Needed by 0.3 with torch >= 2.x
+   where the helper is missing.*
+3. ``torch._C.Node`` is no longer subscriptable.  0.3 reads node attributes
+   with ``n[k]``; the value is ``getattr(n, n.kindOf(k))(k)`` (``kindOf``
+   returns the accessor name: ``f``, ``i``, ``s``, ``t``, ``fs``, ...).  We add
+   ``__getitem__`` to the class.  *Needed by 0.3 with torch >= 2.1 or so.*
+4. ``torch.nn.Module.parameters()`` now calls
+   ``self._named_members(..., remove_duplicate=...)``; 0.3 overrides
+   ``_named_members`` on ``BoundedModule`` (and ``BoundDataParallel``) without
+   that keyword, so ``parameters()`` -- and therefore every optimizer built on
+   a ``BoundedModule`` -- raises ``TypeError``.  We wrap the override so it
+   accepts the keyword and honours ``remove_duplicate=False``.  This one can
+   only be applied to the class after auto_LiRPA is imported, so
+   :func:`apply` imports auto_LiRPA itself and patches it before anyone else
+   can use it.  *Needed by 0.3 with torch >= 2.0.*
+
+0.3 also imports ``tqdm`` and ``appdirs`` without declaring them; the project
+declares both (see ``pyproject.toml``).
+
+``import linf_plugin`` calls :func:`apply`, so a user's own
+``import auto_LiRPA`` afterwards just works.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+import types
+
+__all__ = ["apply", "applied_fixes", "auto_lirpa_version"]
+
+_APPLIED: list[str] = []
+_DONE = False
+
+
+def _fix_numpy_arraysetops() -> None:
+    try:
+        importlib.import_module("numpy.lib.arraysetops")
+        return
+    except ImportError:
+        pass
+    import numpy as np
+
+    alias = types.ModuleType("numpy.lib.arraysetops")
+    alias.__doc__ = "Alias created by linf_plugin.lirpa.compat (numpy 2 removed this module)."
+    alias.isin = np.isin
+    alias.unique = np.unique
+    alias.intersect1d = np.intersect1d
+    alias.union1d = np.union1d
+    alias.setdiff1d = np.setdiff1d
+    alias.in1d = getattr(np, "in1d", np.isin)
+    sys.modules["numpy.lib.arraysetops"] = alias
+    _APPLIED.append("numpy.lib.arraysetops alias (numpy>=2)")
+
+
+def _fix_set_opset_version() -> None:
+    import torch.onnx.symbolic_helper as symbolic_helper
+
+    if hasattr(symbolic_helper, "_set_opset_version"):
+        return
+    import torch.onnx.utils as onnx_utils
+
+    exporter = sys.modules[onnx_utils._optimize_graph.__module__]
+    globals_obj = exporter.GLOBALS
+
+    def _set_opset_version(opset_version: int) -> None:
+        globals_obj.export_onnx_opset_version = opset_version
+
+    symbolic_helper._set_opset_version = _set_opset_version
+    _APPLIED.append("torch.onnx.symbolic_helper._set_opset_version restored")
+
+
+def _fix_node_getitem() -> None:
+    import torch
+
+    node_cls = torch._C.Node
+    if hasattr(node_cls, "__getitem__"):
+        return
+
+    def __getitem__(node, key):
+        return getattr(node, node.kindOf(key))(key)
+
+    node_cls.__getitem__ = __getitem__
+    _APPLIED.append("torch._C.Node.__getitem__ added")
+
+
+def _accepts_remove_duplicate(fn) -> bool:
+    try:
+        return "remove_duplicate" in inspect.signature(fn, follow_wrapped=False).parameters
+    except (TypeError, ValueError):
+        return True
+
+
+def _patch_named_members(cls) -> bool:
+    original = cls.__dict__.get("_named_members")
+    if original is None or _accepts_remove_duplicate(original):
+        return False
+
+    def _named_members(self, get_members_fn, prefix="", recurse=True, remove_duplicate=True):
+        if remove_duplicate:
+            yield from original(self, get_members_fn, prefix, recurse)
+            return
+        # Same traversal as 0.3's override, without the de-duplication memo.
+        node_name_map = getattr(self, "node_name_map", {})
+        modules = self.named_modules(prefix=prefix, remove_duplicate=False) if recurse else [(prefix, self)]
+        for module_prefix, module in modules:
+            for k, v in get_members_fn(module):
+                if v is None:
+                    continue
+                name = module_prefix + ("." if module_prefix else "") + k
+                yield node_name_map.get(name, name), v
+
+    _named_members.__wrapped__ = original
+    _named_members.__doc__ = original.__doc__
+    cls._named_members = _named_members
+    return True
+
+
+def _fix_named_members() -> None:
+    from auto_LiRPA.bound_general import BoundedModule
+
+    if _patch_named_members(BoundedModule):
+        _APPLIED.append("BoundedModule._named_members accepts remove_duplicate")
+    try:
+        from auto_LiRPA.bound_multi_gpu import BoundDataParallel
+    except ImportError:  # pragma: no cover - module absent in some versions
+        return
+    if _patch_named_members(BoundDataParallel):
+        _APPLIED.append("BoundDataParallel._named_members accepts remove_duplicate")
+
+
+def _quiet_import(name: str):
+    """Import ``name`` without the deprecation noise auto_LiRPA's import makes
+    on torch 2.x (``torch.jit.script`` FutureWarning, cpp_extension's
+    CUDA_HOME notice); neither says anything about the user's code."""
+    import logging
+    import warnings
+
+    cpp_logger = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_logger.level
+    cpp_logger.setLevel(logging.ERROR)
+    try:
+        # record=True, because auto_LiRPA resets the filters while importing.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            module = importlib.import_module(name)
+        for w in caught:
+            if "torch.jit" not in str(w.message):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return module
+    finally:
+        cpp_logger.setLevel(level)
+
+
+def apply() -> list[str]:
+    """Apply every needed fix and import auto_LiRPA.  Safe to call repeatedly.
+
+    Returns:
+        The list of fixes applied in this process (empty on upstream 0.7.x).
+
+    Raises:
+        ImportError: auto_LiRPA is not installed (the message says how to
+            install it without letting pip downgrade torch).
+    """
+    global _DONE
+    if _DONE:
+        return list(_APPLIED)
+    _fix_numpy_arraysetops()
+    _fix_set_opset_version()
+    _fix_node_getitem()
+    try:
+        _quiet_import("auto_LiRPA")
+    except ImportError as exc:
+        if getattr(exc, "name", None) == "auto_LiRPA":
+            raise ImportError(
+                "auto_LiRPA is not installed. Install it without its pinned "
+                "dependencies (they would downgrade torch): "
+                "`pip install --no-deps auto_LiRPA==0.3`, or upstream 0.7.x from "
+                "source (https://github.com/Verified-Intelligence/auto_LiRPA)."
+            ) from exc
+        raise
+    _fix_named_members()
+    _DONE = True
+    return list(_APPLIED)
+
+
+def applied_fixes() -> list[str]:
+    """The fixes :func:`apply` applied in this process, in order."""
+    return list(_APPLIED)
+
+
+def auto_lirpa_version() -> str:
+    """The installed auto_LiRPA version string (after :func:`apply`)."""
+    apply()
+    return getattr(sys.modules["auto_LiRPA"], "__version__", "unknown")
