@@ -10,10 +10,14 @@ from linf_plugin.data import linf_separation, load_dataset, three_point_set
 from linf_plugin.models import create_model, theorem32_net, theoremA2_net, theoremA2_width
 
 
-def _nearest_neighbour_logits(q, x, y, k):
-    dist = (q.flatten(1)[:, None, :] - x.flatten(1)[None]).abs().amax(-1)
-    inf = torch.tensor(math.inf, dtype=dist.dtype)
-    return -torch.stack([torch.where(y[None] == j, dist, inf).amin(1) for j in range(k)], 1)
+def _nearest_neighbour_logits(q, x, y, k, chunk=64):
+    """``−min_{y_i = j} ||q − x_i||∞`` by brute force (chunked: the full difference tensor is ~1.6 GB)."""
+    rows = []
+    for part in q.flatten(1).split(chunk):
+        dist = (part[:, None, :] - x.flatten(1)[None]).abs().amax(-1)
+        inf = torch.tensor(math.inf, dtype=dist.dtype)
+        rows.append(-torch.stack([torch.where(y[None] == j, dist, inf).amin(1) for j in range(k)], 1))
+    return torch.cat(rows)
 
 
 def _margin(logits, y):
