@@ -87,8 +87,13 @@ class InputNormalize(nn.Module):
 
     @property
     def lipschitz_linf(self) -> float:
-        """ℓ∞ → ℓ∞ Lipschitz constant of this map: ``1 / min(std)``."""
-        return 1.0 / min(self.std_values)
+        """ℓ∞ → ℓ∞ Lipschitz constant of this map: ``1 / min(std)``.
+
+        Read from the ``std`` buffer the forward pass really divides by (e.g.
+        0.3081 rounded to float32), not from the requested value: the two
+        differ by up to 6e-8 relative, and a certificate must use the former.
+        """
+        return 1.0 / float(self.std.min())
 
     @property
     def is_identity(self) -> bool:
