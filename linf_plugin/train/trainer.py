@@ -249,7 +249,7 @@ class _Run:
         self.history = list(extra.get("history", []))
         self.start_epoch = int(ckpt.epoch)
         self.last_saved_epoch = self.start_epoch
-        _restore_rng(ckpt.rng_state)
+        ckpt.restore_rng()
         if self.write:  # the log is rewritten from the checkpoint: records after it never happened
             atomic_write_text(self.out_dir / LOG_NAME, "".join(json.dumps(r) + "\n" for r in self.history))
         if self.ctx.is_main:
@@ -412,13 +412,3 @@ def _load_objective_extra_state(objective: nn.Module, state: dict) -> None:
                 raise ConfigError(f"checkpoint has objective parameter {name!r} that this objective lacks")
             params[name].copy_(value)
 
-
-def _restore_rng(state) -> None:
-    if not state:
-        return
-    try:
-        from ..models import restore_rng_state
-    except ImportError:  # pragma: no cover - depends on the models layer's API
-        restore_rng_state = None
-    if restore_rng_state is not None:
-        restore_rng_state(state)
