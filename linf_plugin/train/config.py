@@ -249,9 +249,6 @@ class TrainConfig:
         if self.p_start is not None:
             if not (1 <= self.p_start <= self.p_end):
                 raise ConfigError(f"need 1 <= p_start <= p_end, got p_start={self.p_start}, p_end={self.p_end}")
-            if self.p_ramp_start + self.p_ramp_epochs > self.epochs:
-                raise ConfigError(f"the p schedule (p_ramp_start {self.p_ramp_start} + p_ramp_epochs "
-                                  f"{self.p_ramp_epochs}) is longer than epochs={self.epochs}")
         if self.family == "linf_dist":
             if self.theta is None or not (math.isfinite(self.theta) and self.theta > 0):
                 raise ConfigError(f"the ℓ∞-dist mixture loss needs a positive hinge threshold theta (pixel "

@@ -308,6 +308,10 @@ class _Run:
         from tqdm.auto import tqdm
 
         c, t_start = self.config, time.perf_counter()
+        if c.p_start is not None and self.has_lp and c.p_ramp_start + c.p_ramp_epochs > c.epochs \
+                and self.ctx.is_main:
+            log.warning("the p schedule (p_ramp_start %d + p_ramp_epochs %d) is longer than epochs=%d: training "
+                        "ends before p reaches infinity", c.p_ramp_start, c.p_ramp_epochs, c.epochs)
         if c.resume:
             self._resume()
         if self.write:
