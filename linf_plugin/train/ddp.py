@@ -120,10 +120,28 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _diff_all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.nn.functional import all_reduce
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose backward is again a sum over ranks.
 
-    return all_reduce(t, op=dist.ReduceOp.SUM)
+    Rank r's loss L_r depends on the sum S through every rank's input, so
+    d(Σ_r L_r)/dx_q = Σ_r dL_r/dS · dS/dx_q: the incoming gradients are summed.
+    """
+
+    @staticmethod
+    def forward(ctx, t):
+        out = t.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
+def _diff_all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    return _AllReduceSum.apply(t)
 
 
 def global_mean(x: torch.Tensor, dims) -> torch.Tensor:
