@@ -1,0 +1,181 @@
+"""One registry for every architecture: ``register_model``, ``create_model``, ``list_models``.
+
+In the style of timm: an entrypoint is a small function that fixes the
+hyper-parameters of one named model and hands off to its family's builder.
+Unlike timm, registering a name twice raises instead of overwriting.
+
+Every model built by :func:`create_model` carries ``model_name``,
+``family``, ``model_config`` (a JSON-able dict; ``create_model(**config)``
+rebuilds the same architecture), ``input_shape`` and ``num_classes``.
+"""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import json
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+from torch import nn
+
+__all__ = ["register_model", "create_model", "list_models", "model_family", "model_entrypoint", "is_model",
+           "FAMILIES", "ModelEntry", "UnknownModelError"]
+
+FAMILIES = ("linf_dist", "hybrid", "relu")
+
+
+class UnknownModelError(ValueError):
+    """A model name that is not registered."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    family: str
+    fn: Callable[..., nn.Module]
+    doc: str = ""
+
+
+_REGISTRY: dict = {}
+
+
+def register_model(fn: Optional[Callable] = None, *, family: str, name: Optional[str] = None):
+    """Register an entrypoint ``fn(input_shape, num_classes, **kwargs) -> nn.Module`` under a name.
+
+    Use as a decorator, ``@register_model(family="relu")``, or call it as
+    ``register_model(fn, family=..., name=...)``.
+
+    Args:
+        fn: the entrypoint.
+        family: ``"linf_dist"``, ``"hybrid"`` or ``"relu"``.
+        name: registry name (default ``fn.__name__``).
+
+    Returns:
+        ``fn`` unchanged (or a decorator when ``fn`` is None).
+
+    Raises:
+        ValueError: unknown family, or the name is already registered.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; choose from {FAMILIES}")
+
+    def deco(f: Callable) -> Callable:
+        key = name or f.__name__
+        if key in _REGISTRY:
+            raise ValueError(f"model {key!r} is already registered (by {_REGISTRY[key].fn.__module__}."
+                             f"{_REGISTRY[key].fn.__qualname__}); pick another name")
+        _REGISTRY[key] = ModelEntry(key, family, f, (f.__doc__ or "").strip().split("\n")[0])
+        return f
+
+    return deco if fn is None else deco(fn)
+
+
+def list_models(filter: str | Sequence[str] = "", family: Optional[str] = None) -> list:
+    """Registered model names, sorted.
+
+    Args:
+        filter: an fnmatch pattern (``"linf_dist_*"``) or several; ``""`` = all.
+        family: keep only this family.
+
+    Returns:
+        A sorted list of names.
+    """
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; choose from {FAMILIES}")
+    names = [n for n, e in _REGISTRY.items() if family is None or e.family == family]
+    patterns = [filter] if isinstance(filter, str) else list(filter)
+    patterns = [p for p in patterns if p]
+    if patterns:
+        names = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    return sorted(names)
+
+
+def is_model(name: str) -> bool:
+    return name in _REGISTRY
+
+
+def model_entrypoint(name: str) -> ModelEntry:
+    """The registry entry of ``name``; an unknown name lists close matches and all choices."""
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise UnknownModelError(f"unknown model {name!r}.{hint} Registered models: {list_models()}") from None
+
+
+def model_family(name: str) -> str:
+    """The family (``linf_dist``, ``hybrid``, ``relu``) of a registered name."""
+    return model_entrypoint(name).family
+
+
+def _check_input_shape(input_shape) -> tuple:
+    try:
+        shape = tuple(int(s) for s in input_shape)
+    except TypeError:
+        raise ValueError(f"input_shape must be a sequence of ints such as (1, 28, 28) or (d,), "
+                         f"got {input_shape!r}") from None
+    if not shape or any(s < 1 for s in shape) or len(shape) not in (1, 3):
+        raise ValueError(f"input_shape must be (C, H, W) or (d,) with positive sizes, got {input_shape!r}")
+    return shape
+
+
+def _jsonable(value, where: str):
+    """Turn tuples into lists and check that ``value`` survives a JSON round trip."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return value  # json writes Infinity; Python's json reads it back
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, where) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v, where) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"{where} must be JSON-able (numbers, strings, lists, dicts) so checkpoints can rebuild "
+                    f"the model, got {type(value).__name__}: {value!r}")
+
+
+def create_model(name: str, input_shape: Sequence[int] = (1, 8, 8), num_classes: int = 10,
+                 kwargs: Optional[dict] = None, **extra) -> nn.Module:
+    """Build a registered model by name.
+
+    Args:
+        name: a name from :func:`list_models`.
+        input_shape: shape of ONE input, ``(C, H, W)`` or ``(d,)``
+            (digits ``(1, 8, 8)``, MNIST ``(1, 28, 28)``, CIFAR-10 ``(3, 32, 32)``).
+        num_classes: number of logits.
+        kwargs: model keyword arguments as a dict (so that
+            ``create_model(**model.model_config)`` works).
+        **extra: more model keyword arguments (``mean``, ``std``, ``p``,
+            ``depth``, ``width``, ...); they override ``kwargs``.
+
+    Returns:
+        The model (train mode), with ``model_name``, ``family``,
+        ``model_config``, ``input_shape`` and ``num_classes`` set.
+
+    Raises:
+        UnknownModelError: ``name`` is not registered (close matches listed).
+        ValueError / TypeError: bad shape, class count, or kwargs.
+    """
+    entry = model_entrypoint(name)
+    shape = _check_input_shape(input_shape)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    merged = dict(kwargs or {})
+    merged.update(extra)
+    config = {"name": name, "input_shape": list(shape), "num_classes": num_classes,
+              "kwargs": _jsonable(merged, f"the keyword arguments of {name!r}")}
+    json.dumps(config)  # guaranteed by _jsonable; fails loudly if not
+    try:
+        model = entry.fn(input_shape=shape, num_classes=num_classes, **merged)
+    except TypeError as e:
+        if "unexpected keyword" in str(e):
+            raise TypeError(f"model {name!r} does not accept one of the keyword arguments "
+                            f"{sorted(merged)}: {e}") from None
+        raise
+    model.model_name = name
+    model.family = entry.family
+    model.model_config = config
+    model.input_shape = shape
+    model.num_classes = num_classes
+    return model
