@@ -24,6 +24,14 @@ from .margin import unit_roundoff
 
 __all__ = ["LIRPA_METHODS", "margin_spec", "BoundPropCertifier"]
 
+def _is_03() -> bool:
+    import auto_LiRPA
+
+    return getattr(auto_LiRPA, "__version__", "").startswith("0.3")
+
+
+_AUTO_LIRPA_03 = _is_03()
+
 # our name -> auto_LiRPA's method name
 LIRPA_METHODS = {"ibp": "IBP", "crown-ibp": "CROWN-IBP", "crown": "CROWN", "alpha-crown": "CROWN-Optimized"}
 
@@ -53,6 +61,11 @@ class BoundPropCertifier:
         self.model = model
         self.num_classes = num_classes
         opts = {"optimize_bound_args": {"iteration": int(alpha_iterations), "lr_alpha": float(alpha_lr)}}
+        if _AUTO_LIRPA_03:
+            # 0.3's sparse alpha (its default) breaks alpha-CROWN when the set of
+            # unstable ReLUs differs between the init pass and the optimisation
+            # (shape mismatch in reconstruct_full_alpha); dense alpha is correct.
+            opts.update(sparse_features_alpha=False, sparse_spec_alpha=False)
         self.bounded = bounded_module(model, example, bound_opts=opts)
         self.dtype = example.dtype
 
