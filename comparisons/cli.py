@@ -1,0 +1,161 @@
+"""The command line: ``python -m comparisons {run, mirman, theorem, report}``.
+
+Each subcommand fills the settings dataclass of its module and calls it;
+the run folder gets ``results.json`` (the data) and the Markdown, CSV and
+PNG files rendered from it.  A short summary is printed at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+__all__ = ["main", "build_parser"]
+
+EPILOG_RUN = """examples:
+  python -m comparisons run                                  # digits, eps 0.05/0.1/0.2, four models
+  python -m comparisons run --models linf,ibp --methods margin,ibp,crown
+  python -m comparisons run --epochs 20 --set linf.model_kwargs='{"width": 64}'
+  python -m comparisons run --preset mnist-0.3 --data-root ~/data --device cuda
+  python -m comparisons report runs/run-20260101-120000     # re-render tables and plots from results.json
+"""
+
+
+def _csv(text: str) -> List[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _floats(text: str) -> List[float]:
+    out = []
+    for t in _csv(text):
+        if "/" in t:
+            a, b = t.split("/", 1)
+            out.append(float(a) / float(b))
+        else:
+            out.append(float(t))
+    return out
+
+
+def _ints(text: str) -> List[int]:
+    return [int(t) for t in _csv(text)]
+
+
+def _points(items: Optional[List[str]]) -> dict:
+    out = {}
+    for item in items or ():
+        if "=" not in item:
+            raise argparse.ArgumentTypeError(f"--points expects METHOD=N, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = int(v)
+    return out
+
+
+def _common(p: argparse.ArgumentParser, out_help: str) -> None:
+    p.add_argument("--out", help=out_help)
+    p.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=int, default=None, dest="num_threads", help="CPU threads for torch")
+    bars = p.add_mutually_exclusive_group()
+    bars.add_argument("--progress", dest="progress", action="store_true", default=None,
+                      help="progress bars (default: when stderr is a terminal)")
+    bars.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _cache(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dir", default="cache", help="checkpoint cache folder (default ./cache)")
+    p.add_argument("--no-cache", dest="use_cache", action="store_false",
+                   help="retrain every model; keep its checkpoint in the run folder, not the cache")
+    p.add_argument("--data-root", default=None, help="folder holding MNIST / CIFAR-10 (nothing is downloaded)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from linf_plugin.certify import METHODS
+
+    from .suites import SUITES
+
+    parser = argparse.ArgumentParser(
+        prog="python -m comparisons",
+        description="Compare l_inf-dist nets with IBP / CROWN-IBP-trained ReLU nets: certified accuracy, "
+                    "certification time, PGD, and the three-point and Theorem 3.2 experiments.")
+    sub = parser.add_subparsers(dest="command", metavar="{run,mirman,theorem,report}")
+    sub.required = True
+
+    p = sub.add_parser("run", help="train/reuse each model, certify with every method, attack with PGD, report",
+                       epilog=EPILOG_RUN, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="digits", choices=sorted(SUITES),
+                   help="setting: digits (default, CPU) or the paper's mnist-0.3 / cifar10-8/255 (GPU, --data-root)")
+    p.add_argument("--models", type=_csv, default=None,
+                   help="comma list of model keys (linf, hybrid, ibp, crown-ibp) or training presets")
+    p.add_argument("--methods", type=_csv, default=None,
+                   help=f"comma list of certification methods (default: every one that applies): {', '.join(METHODS)}")
+    p.add_argument("--eps", type=_floats, default=None, help="comma list of eps in pixel units (a/b allowed: 8/255)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="squeeze every training recipe to this many epochs (phases kept in proportion)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="[MODEL.]FIELD=JSON",
+                   help="override a training config field, for all models or one (repeatable), "
+                        "e.g. --set epochs=5 --set linf.model_kwargs='{\"width\": 64}'")
+    p.add_argument("--train-subset", type=int, default=None, help="train on the first n training samples")
+    p.add_argument("--test-subset", type=int, default=None, help="evaluate on the first n test samples")
+    p.add_argument("--points", dest="method_points", action="append", default=None, metavar="METHOD=N",
+                   help="certify METHOD on the first N test points only (marked † in the table), e.g. alpha-crown=100")
+    p.add_argument("--pgd-steps", type=int, default=100)
+    p.add_argument("--pgd-restarts", type=int, default=1)
+    p.add_argument("--bisect", action="store_true",
+                   help="bound propagation: bisect each sample's radius (dense curves) instead of one pass per eps")
+    p.add_argument("--bisect-steps", type=int, default=12)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--alpha-iterations", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    _cache(p)
+    _common(p, "run folder (default runs/run-<timestamp>)")
+
+    from .mirman import add_arguments as mirman_args
+    p = sub.add_parser("mirman", help="the three-point contrast (Mirman et al.): radii per point and method")
+    mirman_args(p)
+    _common(p, "run folder (default runs/mirman-<timestamp>)")
+
+    from .theorem import add_arguments as theorem_args
+    p = sub.add_parser("theorem", help="Theorem 3.2 / A.2 nets on r-separated real data vs trained baselines")
+    theorem_args(p)
+    _cache(p)
+    _common(p, "run folder (default runs/theorem-<timestamp>)")
+
+    p = sub.add_parser("report", help="re-render results.md / results.csv / PNGs of a run folder from results.json")
+    p.add_argument("run_dir")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``), run the subcommand, print its summary; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            from .run import RunSettings, run_comparison
+            from .summary import summarize_run
+
+            kw = {k: v for k, v in vars(args).items() if k != "command"}
+            kw["method_points"] = _points(kw.get("method_points"))
+            run_dir, res = run_comparison(RunSettings(**kw))
+            print(summarize_run(run_dir, res))
+        elif args.command == "mirman":
+            from .mirman import settings_from_args, run_mirman
+            from .summary import summarize_mirman
+
+            run_dir, res = run_mirman(settings_from_args(args))
+            print(summarize_mirman(run_dir, res))
+        elif args.command == "theorem":
+            from .summary import summarize_theorem
+            from .theorem import run_theorem, settings_from_args as theorem_settings
+
+            run_dir, res = run_theorem(theorem_settings(args))
+            print(summarize_theorem(run_dir, res))
+        else:
+            from .report import render_report
+
+            figs = render_report(args.run_dir)
+            print(f"re-rendered {args.run_dir}: results.md, results.csv, " + ", ".join(f["file"] for f in figs))
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,220 @@
+"""Render a run folder from its ``results.json``: ``results.md``, ``results.csv`` and the PNG plots.
+
+``python -m comparisons report <run_dir>`` calls :func:`render_report`, so
+tables and plots can always be rebuilt from the JSON alone.  The JSON is
+checked against the schema of its command first (:mod:`comparisons.schema`).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import List, Optional
+
+from linf_plugin.io import atomic_write_text
+
+from .common import fmt_eps, fmt_pct, fmt_seconds
+
+__all__ = ["render_report", "md_table", "write_csv", "METHOD_TITLES", "run_rows", "RUN_CSV_FIELDS",
+           "method_cell"]
+
+METHOD_TITLES = {"margin": "margin", "interval": "interval", "ibp": "IBP", "crown-ibp": "CROWN-IBP",
+                 "crown": "CROWN", "alpha-crown": "α-CROWN"}
+STATUS_CELL = {"n/a": "n/a", "not run": "—", "error": "error"}
+
+
+def md_table(header: List[str], rows: List[List[str]]) -> str:
+    """A GitHub Markdown table (cells may not contain ``|``)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(str(c).replace("|", "/") for c in r) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, fields: List[str], rows: List[dict]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
+    atomic_write_text(path, buf.getvalue())
+
+
+def _num(x, digits=6):
+    return None if x is None else round(float(x), digits)
+
+
+# ------------------------------------------------------------------------------------------------ run
+RUN_CSV_FIELDS = ["model", "label", "model_name", "family", "training", "n_params", "train_time_s", "cache_hit",
+                  "n", "clean_accuracy", "method", "status", "method_n", "eps", "pgd_accuracy",
+                  "certified_accuracy", "cert_time_s", "method_time_s"]
+
+
+def run_rows(results: dict) -> List[dict]:
+    """The long-form rows of ``results.csv``: one per (model, method, ε)."""
+    rows = []
+    eps_grid = results["settings"]["eps"]
+    for m in results["models"]:
+        base = {"model": m["key"], "label": m["label"], "model_name": m.get("model_name"), "family": m.get("family"),
+                "training": m.get("training"), "n_params": m.get("n_params"),
+                "train_time_s": _num(m.get("train", {}).get("time"), 3),
+                "cache_hit": m.get("train", {}).get("cache", {}).get("hit")}
+        if m.get("status") != "ok":
+            rows.append({**base, "method": "training", "status": "error"})
+            continue
+        ev = m["evaluation"]
+        pgd = {r["eps"]: r["accuracy"] for r in ev["pgd"].get("results", [])} if ev.get("pgd") else {}
+        base.update(n=ev["n"], clean_accuracy=_num(ev["clean_accuracy"]))
+        for meth, rec in ev["methods"].items():
+            st = rec.get("status")
+            for i, eps in enumerate(eps_grid):
+                row = {**base, "method": meth, "status": st, "eps": eps, "pgd_accuracy": _num(pgd.get(eps))}
+                if st == "ok":
+                    r = rec["results"][i]
+                    row.update(method_n=rec["n"], certified_accuracy=_num(r["certified_accuracy"]),
+                               cert_time_s=_num(r["time"], 4), method_time_s=_num(rec["time"], 4))
+                rows.append(row)
+    return rows
+
+
+def method_cell(rec: dict, n_full: int) -> str:
+    """``a / b / c (t)`` certified accuracies in % at the grid's ε and the method's total time."""
+    st = rec.get("status")
+    if st != "ok":
+        return STATUS_CELL.get(st, st)
+    accs = " / ".join(fmt_pct(r["certified_accuracy"]) for r in rec["results"])
+    mark = "†" if rec["n"] != n_full else ""
+    return f"{accs} ({fmt_seconds(rec['time'])}){mark}"
+
+
+def _run_markdown(res: dict, figures: List[dict]) -> str:
+    s = res["settings"]
+    eps_txt = " / ".join(fmt_eps(e) for e in s["eps"])
+    header = ["Model", "Family", "Training", "Params", "Clean", f"PGD-{s['pgd_steps']} (ε = {eps_txt})"]
+    header += [METHOD_TITLES[m] for m in METHOD_TITLES] + ["Train time"]
+    rows, notes = [], []
+    for m in res["models"]:
+        if m.get("status") != "ok":
+            rows.append([m["label"], m.get("family", "?"), "training failed", "", "", ""]
+                        + ["" for _ in METHOD_TITLES] + [""])
+            notes.append(f"- **{m['label']}**: training failed: `{m.get('error')}`")
+            continue
+        ev = m["evaluation"]
+        pgd = ev.get("pgd", {})
+        pgd_cell = (" / ".join(fmt_pct(r["accuracy"]) for r in pgd["results"]) if pgd.get("status") == "ok"
+                    else "error")
+        cells = [method_cell(ev["methods"][k], ev["n"]) for k in METHOD_TITLES]
+        hit = " (cached)" if m["train"]["cache"]["hit"] else ""
+        rows.append([m["label"], m["family"], m["training"], f"{m['n_params']:,}", fmt_pct(ev["clean_accuracy"]),
+                     pgd_cell] + cells + [fmt_seconds(m["train"]["time"]) + hit])
+        for k, rec in ev["methods"].items():
+            if rec.get("status") == "error":
+                notes.append(f"- **{m['label']}**, {METHOD_TITLES[k]}: `{rec['error']}`")
+            elif rec.get("status") == "ok" and rec["n"] != ev["n"]:
+                notes.append(f"- † **{m['label']}**, {METHOD_TITLES[k]}: first {rec['n']} test points only")
+    out = [f"# Comparison: {s['suite']} ({s['dataset']}, {s['test_points']} test points)", "",
+           f"Certified accuracy (%) at ε = {eps_txt} (pixel units) per method, with the method's certification "
+           "time for the whole grid in brackets (margin: ONE pass certifies every ε; the other methods: one pass "
+           "per ε). `n/a`: the method does not apply to the model; `—`: not requested. "
+           f"PGD-{s['pgd_steps']} accuracy is an upper bound on robust accuracy.", "", md_table(header, rows), ""]
+    if notes:
+        out += ["Notes:", ""] + notes + [""]
+    out += _goal_markdown(res)
+    if figures:
+        out += ["## Plots", ""] + [f"![{f['file']}]({f['file']})" for f in figures] + [""]
+    env = res["environment"]
+    out += ["## Run", "", f"- device: {env['device']}" + (f" ({env['gpu']})" if env.get("gpu") else "")
+            + f", {env['cpu_threads']} CPU threads; torch {env['torch']}, auto_LiRPA {env['auto_LiRPA']}",
+            f"- wall time: {fmt_seconds(res.get('wall_time'))}; created {env['created']}",
+            "- models: " + ", ".join(f"{m['key']} = preset `{m['preset']}`" for m in res["models"]), ""]
+    return "\n".join(out)
+
+
+def _goal_markdown(res: dict) -> List[str]:
+    sa = res.get("speed_accuracy") or {}
+    comps = sa.get("comparisons") or []
+    if not comps:
+        return ["## ℓ∞-dist margin vs the best IBP / CROWN-IBP baseline", "",
+                "Not available (the run has no ℓ∞-dist net with a margin result, or no baseline).", ""]
+    header = ["ε", "ℓ∞-dist margin", "margin time", "best baseline (method)", "baseline cert.", "baseline time",
+              "gap (points)", "speed-up", "accuracy ≥", "≥ 10× faster"]
+    rows = [[fmt_eps(c["eps"]), fmt_pct(c["linf_certified"]), fmt_seconds(c["linf_time"]),
+             f"{c['baseline_key']} ({METHOD_TITLES[c['baseline_method']]})", fmt_pct(c["baseline_certified"]),
+             fmt_seconds(c["baseline_time"]), f"{100 * c['accuracy_gap']:+.1f}", f"{c['speedup']:.1f}×",
+             "yes" if c["accuracy_met"] else "no", "yes" if c["speed_met"] else "no"] for c in comps]
+    out = ["## ℓ∞-dist margin vs the best IBP / CROWN-IBP baseline", "",
+           "At each ε: the baseline model and bound-propagation method (run on the full test set) with the highest "
+           "certified accuracy, against the ℓ∞-dist net's margin certificate. Times: one margin pass over the test "
+           "set (it certifies every ε) against one certification of that baseline with that method at that ε "
+           "(auto_LiRPA BoundedModule construction included).", "", md_table(header, rows), ""]
+    goal = sa.get("goal")
+    if goal:
+        at = [c for c in comps if any(abs(c["eps"] - g) < 1e-12 for g in goal["eps"])]
+        eps_txt = ", ".join(fmt_eps(e) for e in goal["eps"])
+        if goal.get("met") is None:
+            verdict = f"Goal at ε ∈ {{{eps_txt}}}: not evaluated ({goal.get('note', '')})."
+        elif goal["met"]:
+            verdict = (f"**Goal met** at ε ∈ {{{eps_txt}}}: " + "; ".join(
+                f"ε = {fmt_eps(c['eps'])}: {100 * c['accuracy_gap']:+.1f} points, {c['speedup']:.1f}× faster"
+                for c in at) + ".")
+        else:
+            parts = []
+            for c in at:
+                bits = []
+                if not c["accuracy_met"]:
+                    bits.append(f"accuracy short by {-100 * c['accuracy_gap']:.1f} points")
+                if not c["speed_met"]:
+                    bits.append(f"only {c['speedup']:.1f}× faster")
+                parts.append(f"ε = {fmt_eps(c['eps'])}: " + (", ".join(bits) if bits else "met"))
+            verdict = f"**Goal not met** at ε ∈ {{{eps_txt}}}: " + "; ".join(parts) + "."
+        out += [verdict, ""]
+    return out
+
+
+def _render_run(run_dir: Path, res: dict) -> List[dict]:
+    from . import plots
+
+    figures = [plots.save_figure(plots.run_certified_vs_eps(res), run_dir / "certified_vs_eps.png"),
+               plots.save_figure(plots.run_time_vs_accuracy(res), run_dir / "time_vs_accuracy.png")]
+    write_csv(run_dir / "results.csv", RUN_CSV_FIELDS, run_rows(res))
+    atomic_write_text(run_dir / "results.md", _run_markdown(res, figures))
+    return figures
+
+
+# ------------------------------------------------------------------------------------------------ dispatch
+def render_report(run_dir, results: Optional[dict] = None) -> List[dict]:
+    """(Re)write ``results.md``, ``results.csv`` and the PNGs of ``run_dir`` from its ``results.json``.
+
+    Args:
+        run_dir: a run folder.
+        results: the dict (default: read ``run_dir/results.json``).
+
+    Returns:
+        ``[{"file", "axes": [{"title", "xlabel", "ylabel"}]}]`` for every figure written.
+
+    Raises:
+        FileNotFoundError: no results.json; SchemaError: a results.json that
+        does not match its command's schema.
+    """
+    from .schema import validate_results
+
+    run_dir = Path(run_dir)
+    if results is None:
+        path = run_dir / "results.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist; is {run_dir} a run folder of python -m comparisons?")
+        results = json.loads(path.read_text())
+    validate_results(results)
+    cmd = results["command"]
+    if cmd == "run":
+        return _render_run(run_dir, results)
+    if cmd == "mirman":
+        from .mirman_report import render_mirman
+
+        return render_mirman(run_dir, results)
+    if cmd == "theorem":
+        from .theorem import render_theorem
+
+        return render_theorem(run_dir, results)
+    raise ValueError(f"unknown command {cmd!r} in results.json")

@@ -1,0 +1,382 @@
+"""``python -m comparisons run``: train (or reuse) each model, certify it with every method that applies, attack it.
+
+For each model of the suite (:mod:`comparisons.suites`):
+
+1. train it with its preset, or reuse the cached checkpoint (:mod:`comparisons.cache`);
+2. clean accuracy and PGD-100 accuracy at every ε of the grid
+   (:func:`linf_plugin.attacks.pgd_attack`, batched here);
+3. certified accuracy with every method of :func:`linf_plugin.certify.applicable_methods`
+   (or the ``--methods`` asked for): ``margin`` in ONE pass for the whole grid
+   (radius-based), the others one :func:`linf_plugin.certify.certify` call per ε
+   (or a per-sample bisection with ``--bisect``).
+
+Everything measured goes into one JSON-able dict (``results.json``); the
+Markdown table, the CSV and the plots are rendered from that file by
+:mod:`comparisons.report`.  A step that raises is recorded as an error in
+the results (and listed in the summary); the run goes on with the rest.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from linf_plugin.attacks import pgd_attack
+from linf_plugin.certify import METHODS, applicable_methods, certified_accuracy_curve, certify
+from linf_plugin.data import load_dataset
+from linf_plugin.io import atomic_write_json
+
+from .cache import CheckpointCache
+from .common import (SCHEMA_VERSION, Timer, count_params, environment, error_record, log, make_run_dir,
+                     nan_to_none, progress_enabled, resolve_device, torch_threads)
+from .suites import ModelSpec, build_config, eps_label_list, get_suite, parse_overrides, select_models, training_label
+
+__all__ = ["RunSettings", "run_comparison", "evaluate_model", "speed_accuracy", "BASELINE_TRAININGS",
+           "DENSE_POINTS"]
+
+# Training methods that count as "baselines" for the speed/accuracy goal.
+BASELINE_TRAININGS = ("IBP", "CROWN-IBP")
+DENSE_POINTS = 121
+
+
+@dataclass
+class RunSettings:
+    """Everything ``python -m comparisons run`` takes (see ``--help``).
+
+    Attributes:
+        preset: suite name (``digits``, ``mnist-0.3``, ``cifar10-8/255``).
+        models: model keys or training presets (None = the suite's).
+        methods: certification methods (None = every one that applies).
+        eps: ε grid in pixel units (None = the suite's).
+        device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``.
+        data_root: folder of MNIST / CIFAR-10.
+        cache_dir, use_cache: checkpoint cache (``--no-cache`` retrains into the run folder).
+        out: run folder (None = ``runs/run-<timestamp>``).
+        epochs: squeeze every recipe to this many epochs (None = the presets').
+        overrides: ``--set`` items (``[MODEL.]FIELD=JSON``).
+        train_subset, test_subset: first n training / test samples.
+        method_points: ``{method: n}``: certify that method on the first n test points only.
+        pgd_steps, pgd_restarts: the attack (100 steps = PGD-100).
+        bisect, bisect_steps: per-sample radius bisection for bound propagation.
+        batch_size, alpha_iterations: certification settings.
+        seed: training seed and attack generator seed.
+        num_threads: CPU threads (None = torch's default).
+        progress: progress bars (None = when stderr is a terminal).
+    """
+
+    preset: str = "digits"
+    models: Optional[List[str]] = None
+    methods: Optional[List[str]] = None
+    eps: Optional[List[float]] = None
+    device: str = "auto"
+    data_root: Optional[str] = None
+    cache_dir: str = "cache"
+    use_cache: bool = True
+    out: Optional[str] = None
+    epochs: Optional[int] = None
+    overrides: List[str] = field(default_factory=list)
+    train_subset: Optional[int] = None
+    test_subset: Optional[int] = None
+    method_points: Dict[str, int] = field(default_factory=dict)
+    pgd_steps: int = 100
+    pgd_restarts: int = 1
+    bisect: bool = False
+    bisect_steps: int = 12
+    batch_size: int = 256
+    alpha_iterations: int = 20
+    seed: int = 0
+    num_threads: Optional[int] = None
+    progress: Optional[bool] = None
+
+
+def _check_methods(methods: Optional[List[str]]) -> Optional[List[str]]:
+    if methods is None:
+        return None
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ValueError(f"unknown certification method(s) {bad}; choose from {list(METHODS)}")
+    return list(dict.fromkeys(methods))
+
+
+def _pgd(model, x, y, eps_grid, steps, restarts, batch_size, data_range, seed, device, bar) -> dict:
+    out = []
+    for eps in eps_grid:
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        broken = []
+        with Timer(device) as t:
+            for s in range(0, x.shape[0], batch_size):
+                xb, yb = x[s:s + batch_size].to(device), y[s:s + batch_size].to(device)
+                res = pgd_attack(model, xb, yb, eps, steps=steps, restarts=restarts, data_range=data_range,
+                                 generator=gen)
+                broken.append(res.success.cpu())
+        broken = torch.cat(broken)
+        acc = float((~broken).sum().item()) / broken.numel()
+        out.append({"eps": eps, "accuracy": acc, "time": t.seconds})
+        bar.update(1)
+    return {"status": "ok", "steps": steps, "restarts": restarts, "results": out}
+
+
+def _dense_curve(radius: np.ndarray, eps_max: float, points: int = DENSE_POINTS) -> dict:
+    grid = np.linspace(0.0, eps_max, points)
+    return {"eps": [float(e) for e in grid], "certified_accuracy": [float(np.mean(radius > e)) for e in grid]}
+
+
+def _certify_method(model, data, method, eps_grid, *, batch_size, device, alpha_iterations, bisect, bisect_steps,
+                    bar) -> dict:
+    """One method on one model over the whole grid; the record that goes into results.json.
+
+    Models with ℓp-dist layers use kernels compiled on first use
+    (``torch.compile`` on the CPU, NVRTC on the GPU), which would be charged
+    to whichever method runs them first.  For them each method (α-CROWN
+    excepted: it runs CROWN's kernels) first runs once, untimed, on the
+    first ``batch_size`` points, so the same kernels and shapes are compiled;
+    that time is recorded as ``warmup_time``.  ReLU nets need no warm-up.
+    """
+    from linf_plugin.nn import lp_dist_layers
+
+    eps_max = max(eps_grid) * 1.25 if max(eps_grid) > 0 else 1.0
+    warm = 0.0
+    if method != "alpha-crown" and any(True for _ in lp_dist_layers(model)):
+        with Timer(device) as tw:
+            certify(model, data.subset(min(len(data), batch_size)), 0.0 if method == "margin" else eps_grid[0],
+                    method, batch_size=batch_size, device=device, alpha_iterations=alpha_iterations)
+        warm = tw.seconds
+    rec = _timed_method(model, data, method, eps_grid, eps_max, batch_size=batch_size, device=device,
+                        alpha_iterations=alpha_iterations, bisect=bisect, bisect_steps=bisect_steps, bar=bar)
+    rec["warmup_time"] = warm
+    return rec
+
+
+def _timed_method(model, data, method, eps_grid, eps_max, *, batch_size, device, alpha_iterations, bisect,
+                  bisect_steps, bar) -> dict:
+    if method == "margin":
+        with Timer(device) as t:
+            curve = certified_accuracy_curve(model, data, eps_grid, "margin", batch_size=batch_size, device=device)
+        bar.update(len(eps_grid))
+        results = [{"eps": e, "certified_accuracy": a, "time": t.seconds}
+                   for e, a in zip(eps_grid, curve.certified_accuracy)]
+        return {"status": "ok", "one_pass": True, "n": len(data), "time": t.seconds, "results": results,
+                "curve": _dense_curve(curve.radius, eps_max), "extra": nan_to_none(dict(curve.extra))}
+    if bisect and method != "interval":
+        with Timer(device) as t:
+            curve = certified_accuracy_curve(model, data, [eps_max], method, bisect=True, bisect_steps=bisect_steps,
+                                             batch_size=batch_size, device=device, alpha_iterations=alpha_iterations)
+        bar.update(len(eps_grid))
+        radius = np.asarray(curve.radius)
+        results = [{"eps": e, "certified_accuracy": float(np.mean(radius > e)), "time": t.seconds}
+                   for e in eps_grid]
+        return {"status": "ok", "one_pass": False, "bisect": True, "n": len(data), "time": t.seconds,
+                "results": results, "curve": _dense_curve(radius, eps_max),
+                "extra": nan_to_none(dict(curve.extra))}
+    results, total = [], 0.0
+    for e in eps_grid:
+        res = certify(model, data, e, method, batch_size=batch_size, device=device, alpha_iterations=alpha_iterations)
+        results.append({"eps": e, "certified_accuracy": res.certified_accuracy, "time": res.wall_time})
+        total += res.wall_time
+        bar.update(1)
+    return {"status": "ok", "one_pass": False, "n": len(data), "time": total, "results": results, "curve": None,
+            "extra": {}}
+
+
+def evaluate_model(model, data, eps_grid, methods, *, device, batch_size=256, alpha_iterations=20, bisect=False,
+                   bisect_steps=12, pgd_steps=100, pgd_restarts=1, seed=0, method_points=None, bar=None) -> dict:
+    """Clean, PGD and certified accuracy of one trained model (the ``evaluation`` part of a model record).
+
+    Args:
+        model: eval-mode model on ``device``.
+        data: a :class:`~linf_plugin.data.DatasetSplit` (test points).
+        eps_grid: sorted ε values (pixel units).
+        methods: methods to try (None = all of ``METHODS``); those that do not
+            apply are recorded as ``n/a``.
+        method_points: ``{method: n}`` restricts a method to the first n points.
+        bar: a tqdm bar to advance (one tick per (method, ε) and per PGD ε).
+
+    Returns:
+        ``{"n", "clean_accuracy", "pgd", "methods": {method: record}}``.
+    """
+    from tqdm.auto import tqdm
+
+    bar = bar if bar is not None else tqdm(disable=True)
+    methods = list(METHODS) if methods is None else list(methods)
+    method_points = method_points or {}
+    x, y = data.x, data.y
+    with torch.no_grad():
+        correct = []
+        for s in range(0, x.shape[0], batch_size):
+            correct.append((model(x[s:s + batch_size].to(device)).argmax(1).cpu() == y[s:s + batch_size]))
+    correct = torch.cat(correct)
+    clean = float(correct.sum().item()) / correct.numel()
+    out = {"n": len(data), "clean_accuracy": clean}
+    try:
+        out["pgd"] = _pgd(model, x, y, eps_grid, pgd_steps, pgd_restarts, batch_size, tuple(data.data_range), seed,
+                          device, bar)
+    except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
+        out["pgd"] = error_record(exc)
+        log(f"  PGD failed: {out['pgd']['error']}")
+    ok = applicable_methods(model)
+    records = {}
+    for m in METHODS:
+        if m not in methods:
+            records[m] = {"status": "not run"}
+            continue
+        if m not in ok:
+            records[m] = {"status": "n/a"}
+            bar.update(len(eps_grid))
+            continue
+        sub = data.subset(int(method_points[m])) if m in method_points else data
+        try:
+            records[m] = _certify_method(model, sub, m, eps_grid, batch_size=batch_size, device=device,
+                                         alpha_iterations=alpha_iterations, bisect=bisect, bisect_steps=bisect_steps,
+                                         bar=bar)
+        except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
+            records[m] = error_record(exc)
+            log(f"  {m} failed on {getattr(model, 'model_name', type(model).__name__)}: {records[m]['error']}")
+    out["methods"] = records
+    return out
+
+
+def speed_accuracy(models: List[dict], eps_grid, goal_eps=()) -> dict:
+    """The ℓ∞-dist net's margin certificate against the best IBP / CROWN-IBP baseline, per ε.
+
+    At each ε: the baseline (a model trained with IBP or CROWN-IBP) and method
+    (any bound-propagation method evaluated on the FULL test set) with the
+    highest certified accuracy; compared with the ℓ∞-dist net's margin
+    certified accuracy and the time of one margin pass (which certifies
+    every ε at once) against that baseline's time for that method at that ε
+    (one certify call, BoundedModule construction included).
+
+    Returns:
+        ``{"linf_model", "comparisons": [per ε], "goal": {...}}`` (empty
+        comparisons when the suite has no ℓ∞-dist net with a margin result or
+        no baseline).
+    """
+    linf = next((m for m in models if m.get("family") == "linf_dist" and m.get("status") == "ok"
+                 and m["evaluation"]["methods"].get("margin", {}).get("status") == "ok"), None)
+    baselines = [m for m in models if m.get("training") in BASELINE_TRAININGS and m.get("status") == "ok"]
+    comps = []
+    if linf is not None and baselines:
+        margin = linf["evaluation"]["methods"]["margin"]
+        for i, eps in enumerate(eps_grid):
+            best = None
+            for b in baselines:
+                n_full = b["evaluation"]["n"]
+                for meth, rec in b["evaluation"]["methods"].items():
+                    if rec.get("status") != "ok" or rec.get("n") != n_full:
+                        continue
+                    r = rec["results"][i]
+                    cand = (r["certified_accuracy"], -r["time"])
+                    if best is None or cand > best[0]:
+                        best = (cand, b, meth, r)
+            if best is None:
+                continue
+            _, b, meth, r = best
+            mr = margin["results"][i]
+            speedup = r["time"] / mr["time"] if mr["time"] > 0 else math.inf
+            comps.append({"eps": eps, "linf_certified": mr["certified_accuracy"], "linf_time": mr["time"],
+                          "baseline_key": b["key"], "baseline_method": meth,
+                          "baseline_certified": r["certified_accuracy"], "baseline_time": r["time"],
+                          "accuracy_gap": mr["certified_accuracy"] - r["certified_accuracy"], "speedup": speedup,
+                          "accuracy_met": mr["certified_accuracy"] >= r["certified_accuracy"],
+                          "speed_met": speedup >= 10.0})
+    goal = {"eps": list(goal_eps), "criterion": "at each goal eps: linf-dist margin certified accuracy >= the best "
+            "IBP / CROWN-IBP baseline's (best method), and its certification >= 10x faster"}
+    at = [c for c in comps if any(abs(c["eps"] - g) < 1e-12 for g in goal_eps)]
+    if goal_eps:
+        if len(at) < len(goal_eps):
+            goal["met"] = None
+            goal["note"] = "not every goal eps was evaluated (or a model is missing)"
+        else:
+            goal["met"] = all(c["accuracy_met"] and c["speed_met"] for c in at)
+    return {"linf_model": linf["key"] if linf else None, "comparisons": comps, "goal": goal if goal_eps else None}
+
+
+def _config(spec: ModelSpec, settings: RunSettings, overrides, device, progress):
+    return build_config(spec, epochs=settings.epochs, overrides=overrides, device=str(device),
+                        data_root=settings.data_root, train_subset=settings.train_subset, seed=settings.seed,
+                        progress=progress, num_threads=settings.num_threads)
+
+
+def _train_or_load(cfg, spec: ModelSpec, cache: CheckpointCache, device):
+    hit = cache.lookup(cfg, device) if cache.enabled else None
+    if hit is None:
+        log(f"training {spec.key} ({spec.preset}: {cfg.model}, {cfg.epochs} epochs) ...")
+        return cache.get_or_train(cfg, device=device)
+    log(f"reusing cached {spec.key} ({hit.path})")
+    return hit
+
+
+def run_comparison(settings: RunSettings):
+    """Run the comparison and write the run folder.
+
+    Args:
+        settings: :class:`RunSettings`.
+
+    Returns:
+        ``(run_dir, results)``: the folder (holding results.json/.md/.csv and
+        the plots) and the results dict.
+    """
+    from tqdm.auto import tqdm
+
+    from .report import render_report
+
+    suite = get_suite(settings.preset)
+    specs = select_models(suite, settings.models)
+    methods = _check_methods(settings.methods)
+    eps_grid = eps_label_list(settings.eps if settings.eps else suite.eps)
+    overrides = parse_overrides(settings.overrides)
+    device = resolve_device(settings.device)
+    progress = progress_enabled(settings.progress)
+    for m, n in settings.method_points.items():
+        if m not in METHODS or int(n) < 1:
+            raise ValueError(f"--points {m}={n}: need a method of {list(METHODS)} and n >= 1")
+    run_dir = make_run_dir("run", settings.out)
+    cache = CheckpointCache(settings.cache_dir, enabled=settings.use_cache, scratch=run_dir)
+    with torch_threads(settings.num_threads):
+        test = load_dataset(suite.dataset, "test", root=settings.data_root)
+        if settings.test_subset:
+            test = test.subset(int(settings.test_subset))
+        results = {"schema": "comparisons.run", "schema_version": SCHEMA_VERSION, "command": "run",
+                   "environment": environment(device),
+                   "settings": nan_to_none({**asdict(settings), "eps": eps_grid, "suite": suite.name,
+                                            "dataset": suite.dataset, "test_points": len(test),
+                                            "methods": methods or list(METHODS)}),
+                   "models": []}
+        with Timer(device) as total:
+            for spec in specs:
+                rec = {"key": spec.key, "label": spec.label, "preset": spec.preset}
+                try:
+                    cfg = _config(spec, settings, overrides, device, progress)
+                    rec.update(model_name=cfg.model, family=cfg.family, training=training_label(cfg))
+                    cm = _train_or_load(cfg, spec, cache, device)
+                except Exception as exc:  # noqa: BLE001 - recorded, the others still run
+                    rec.update(error_record(exc), stage="training")
+                    log(f"  training {spec.key} failed: {rec['error']}")
+                    results["models"].append(rec)
+                    continue
+                model = cm.model.to(device).eval()
+                rec.update(status="ok", model_name=cm.config.model, family=cm.config.family,
+                           training=training_label(cm.config), n_params=count_params(model),
+                           train={"time": cm.train_time, "epochs": cm.config.epochs, "cache": cm.info(),
+                                  "final_metrics": nan_to_none(cm.final_metrics),
+                                  "config": cm.config.to_dict()})
+                bar = tqdm(total=len(eps_grid) * (len(METHODS) + 1), desc=f"{spec.key}: PGD + certify",
+                           disable=not progress, dynamic_ncols=True)
+                with Timer(device) as t_eval:
+                    rec["evaluation"] = evaluate_model(
+                        model, test, eps_grid, methods, device=device, batch_size=settings.batch_size,
+                        alpha_iterations=settings.alpha_iterations, bisect=settings.bisect,
+                        bisect_steps=settings.bisect_steps, pgd_steps=settings.pgd_steps,
+                        pgd_restarts=settings.pgd_restarts, seed=settings.seed,
+                        method_points=settings.method_points, bar=bar)
+                bar.close()
+                rec["evaluation"]["time"] = t_eval.seconds
+                results["models"].append(nan_to_none(rec))
+        results["speed_accuracy"] = speed_accuracy(results["models"], eps_grid, suite.goal_eps)
+        results["wall_time"] = total.seconds
+    atomic_write_json(Path(run_dir) / "results.json", nan_to_none(results), indent=1)
+    render_report(run_dir)
+    return Path(run_dir), results

@@ -1,0 +1,213 @@
+"""What ``python -m comparisons run`` trains: one suite per setting, one spec per model.
+
+A suite names a data set, an ε grid and its models; each model is a
+training preset of :mod:`linf_plugin.train` (the harness only picks presets
+and applies the user's overrides).  ``digits`` is the default; ``mnist-0.3``
+and ``cifar10-8/255`` are the paper's settings (a GPU and a local
+``--data-root`` are expected).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+from linf_plugin.train import TrainConfig, get_preset, list_presets
+
+__all__ = ["ModelSpec", "Suite", "SUITES", "get_suite", "select_models", "training_label", "scale_epochs",
+           "parse_overrides", "apply_overrides", "build_config", "eps_label_list", "EPOCH_FIELDS"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model of a suite.
+
+    Attributes:
+        key: short name used by ``--models`` (``linf``, ``hybrid``, ``ibp``, ``crown-ibp``).
+        preset: the :mod:`linf_plugin.train` preset that trains it.
+        label: the row name in tables and plots.
+    """
+
+    key: str
+    preset: str
+    label: str
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A data set, an ε grid and the models compared on it."""
+
+    name: str
+    dataset: str
+    eps: tuple
+    models: tuple
+    goal_eps: tuple = ()
+    note: str = ""
+
+    def spec(self, key: str) -> ModelSpec:
+        for m in self.models:
+            if m.key == key:
+                return m
+        raise KeyError(key)
+
+
+SUITES: Dict[str, Suite] = {
+    "digits": Suite(
+        "digits", "digits", (0.05, 0.1, 0.2),
+        (ModelSpec("linf", "digits-linf", "ℓ∞-dist net"),
+         ModelSpec("hybrid", "digits-hybrid", "ℓ∞-dist + MLP hybrid"),
+         ModelSpec("ibp", "digits-ibp", "ReLU CNN (IBP)"),
+         ModelSpec("crown-ibp", "digits-crown-ibp", "ReLU CNN (CROWN-IBP)")),
+        goal_eps=(0.1, 0.2),
+        note="scikit-learn digits (8x8, embedded), CPU-sized presets"),
+    "mnist-0.3": Suite(
+        "mnist-0.3", "mnist", (0.1, 0.2, 0.3),
+        (ModelSpec("linf", "mnist-0.3", "ℓ∞-dist net 5×5120"),
+         ModelSpec("hybrid", "mnist-0.3-hybrid", "ℓ∞-dist + MLP hybrid"),
+         ModelSpec("ibp", "mnist-0.3-ibp", "ReLU cnn_7layer_bn (IBP)"),
+         ModelSpec("crown-ibp", "mnist-0.3-crown-ibp", "ReLU cnn_7layer_bn (CROWN-IBP)")),
+        note="the paper's MNIST eps = 0.3 setting (GPU; --data-root)"),
+    "cifar10-8/255": Suite(
+        "cifar10-8/255", "cifar10", (2 / 255, 4 / 255, 8 / 255),
+        (ModelSpec("linf", "cifar10-8/255", "ℓ∞-dist net 6×5120"),
+         ModelSpec("hybrid", "cifar10-8/255-hybrid", "ℓ∞-dist + MLP hybrid"),
+         ModelSpec("ibp", "cifar10-8/255-ibp", "ReLU cnn_7layer_bn (IBP)"),
+         ModelSpec("crown-ibp", "cifar10-8/255-crown-ibp", "ReLU cnn_7layer_bn (CROWN-IBP)")),
+        note="the paper's CIFAR-10 eps = 8/255 setting (GPU; --data-root)"),
+}
+
+
+def get_suite(name: str) -> Suite:
+    if name not in SUITES:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(SUITES)}")
+    return SUITES[name]
+
+
+def select_models(suite: Suite, names: Optional[Sequence[str]]) -> List[ModelSpec]:
+    """The suite's models named by ``names`` (keys like ``linf`` or any training preset name).
+
+    Raises:
+        ValueError: an unknown name (keys and presets are listed).
+    """
+    if not names:
+        return list(suite.models)
+    out = []
+    presets = set(list_presets())
+    for n in names:
+        n = n.strip()
+        match = [m for m in suite.models if n in (m.key, m.preset)]
+        if match:
+            out.append(match[0])
+        elif n in presets:
+            out.append(ModelSpec(n, n, n))
+        else:
+            raise ValueError(f"unknown model {n!r} for preset {suite.name}: use one of "
+                             f"{[m.key for m in suite.models]} or a training preset from {sorted(presets)}")
+    keys = [m.key for m in out]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"--models names a model twice: {keys}")
+    return out
+
+
+def training_label(config: TrainConfig) -> str:
+    """How a model was trained, for the tables."""
+    if config.family == "linf_dist":
+        return "ℓ∞-dist recipe (paper)"
+    if config.family == "hybrid":
+        return "hybrid-IBP"
+    return {"ibp": "IBP", "crown-ibp": "CROWN-IBP"}.get(config.bound, config.bound)
+
+
+# Fields counted in epochs: scaled together by --epochs so that short runs keep the recipe's shape.
+EPOCH_FIELDS = ("p_ramp_start", "p_ramp_epochs", "eps_ramp_start", "eps_ramp_epochs", "lr_cosine_start")
+
+
+def scale_epochs(config: TrainConfig, epochs: int) -> TrainConfig:
+    """The recipe squeezed (or stretched) to ``epochs`` epochs, phases in proportion.
+
+    Every epoch-valued field is scaled by ``epochs / config.epochs`` (rounded);
+    an ℓp-relaxation schedule keeps at least its last epoch at p = ∞, so the
+    trained ℓ∞-dist net can be margin-certified.
+
+    Args:
+        config: a preset's config.
+        epochs: the new number of epochs (>= 1).
+
+    Returns:
+        A new config.
+    """
+    if not (isinstance(epochs, int) and epochs >= 1):
+        raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
+    f = epochs / config.epochs
+    kw = {name: int(round(getattr(config, name) * f)) for name in EPOCH_FIELDS}
+    kw["lr_milestones"] = tuple(sorted({max(1, int(round(m * f))) for m in config.lr_milestones}))
+    kw["eval_every"] = 0 if config.eval_every == 0 else max(1, int(round(config.eval_every * f)))
+    if config.p_start is not None:
+        end = kw["p_ramp_start"] + kw["p_ramp_epochs"]
+        if end > epochs - 1:  # leave the last epoch at p = inf
+            over = end - (epochs - 1)
+            cut = min(over, kw["p_ramp_epochs"])
+            kw["p_ramp_epochs"] -= cut
+            kw["p_ramp_start"] = max(0, kw["p_ramp_start"] - (over - cut))
+    return config.replace(epochs=epochs, **kw)
+
+
+def parse_overrides(items: Optional[Sequence[str]]) -> Dict[str, dict]:
+    """``["epochs=2", "linf.model_kwargs={\"width\": 16}"]`` → ``{"*": {"epochs": 2}, "linf": {...}}``.
+
+    Values are JSON (bare words are taken as strings).  A ``MODEL.`` prefix
+    restricts the override to one model key.
+
+    Raises:
+        ValueError: malformed item or unknown config field.
+    """
+    out: Dict[str, dict] = {}
+    fields = set(TrainConfig.field_names())
+    for item in items or ():
+        if "=" not in item:
+            raise ValueError(f"--set expects [MODEL.]FIELD=VALUE, got {item!r}")
+        name, value = item.split("=", 1)
+        target, _, fname = name.rpartition(".")
+        target = target or "*"
+        if fname not in fields:
+            raise ValueError(f"--set {item!r}: unknown training config field {fname!r}; fields are {sorted(fields)}")
+        try:
+            v = json.loads(value)
+        except json.JSONDecodeError:
+            v = value
+        if isinstance(v, list) and fname in ("adam_betas", "lr_milestones"):
+            v = tuple(v)
+        out.setdefault(target, {})[fname] = v
+    return out
+
+
+def apply_overrides(config: TrainConfig, key: str, overrides: Dict[str, dict]) -> TrainConfig:
+    """Apply the ``*`` overrides, then the ones for model ``key``."""
+    kw = dict(overrides.get("*", {}))
+    kw.update(overrides.get(key, {}))
+    return config.replace(**kw) if kw else config
+
+
+def build_config(spec: ModelSpec, *, epochs: Optional[int] = None, overrides: Optional[Dict[str, dict]] = None,
+                 **runtime) -> TrainConfig:
+    """The training config of ``spec``: preset → ``--epochs`` scaling → ``--set`` overrides → runtime fields."""
+    cfg = get_preset(spec.preset)
+    if epochs is not None:
+        cfg = scale_epochs(cfg, epochs)
+    cfg = apply_overrides(cfg, spec.key, overrides or {})
+    runtime = {k: v for k, v in runtime.items() if v is not None}
+    return cfg.replace(**runtime).validate() if runtime else cfg.validate()
+
+
+def eps_label_list(eps: Sequence[float]) -> List[float]:
+    """Check an ε grid: finite, >= 0, sorted ascending, no duplicates."""
+    out = sorted(float(e) for e in eps)
+    for e in out:
+        if not (math.isfinite(e) and e >= 0):
+            raise ValueError(f"every eps must be finite and >= 0, got {e}")
+    if len(set(out)) != len(out):
+        raise ValueError(f"duplicate eps in {out}")
+    if not out:
+        raise ValueError("the eps grid is empty")
+    return out

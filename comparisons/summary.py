@@ -1,0 +1,66 @@
+"""The short text each subcommand prints at the end (the full tables are in the run folder)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .common import fmt_eps, fmt_pct, fmt_seconds
+from .report import METHOD_TITLES
+
+__all__ = ["summarize_run", "summarize_mirman", "summarize_theorem"]
+
+
+def summarize_run(run_dir: Path, res: dict) -> str:
+    s = res["settings"]
+    lines = [f"comparison {s['suite']}: {s['test_points']} test points, eps = "
+             + ", ".join(fmt_eps(e) for e in s["eps"]) + f"  ({fmt_seconds(res['wall_time'])})"]
+    for m in res["models"]:
+        if m.get("status") != "ok":
+            lines.append(f"  {m['key']:<10} training FAILED: {m.get('error')}")
+            continue
+        ev = m["evaluation"]
+        best = []
+        for k, rec in ev["methods"].items():
+            if rec.get("status") == "ok":
+                best.append(f"{METHOD_TITLES[k]} " + "/".join(fmt_pct(r["certified_accuracy"], 0)
+                                                             for r in rec["results"]))
+        errs = [METHOD_TITLES[k] for k, rec in ev["methods"].items() if rec.get("status") == "error"]
+        lines.append(f"  {m['key']:<10} clean {fmt_pct(ev['clean_accuracy'])}%  certified(%): " + "; ".join(best)
+                     + (f"  [errors: {', '.join(errs)}]" if errs else ""))
+    goal = (res.get("speed_accuracy") or {}).get("goal")
+    comps = (res.get("speed_accuracy") or {}).get("comparisons") or []
+    for c in comps:
+        lines.append(f"  eps {fmt_eps(c['eps'])}: linf margin {fmt_pct(c['linf_certified'])}% in "
+                     f"{fmt_seconds(c['linf_time'])} vs {c['baseline_key']}/{METHOD_TITLES[c['baseline_method']]} "
+                     f"{fmt_pct(c['baseline_certified'])}% in {fmt_seconds(c['baseline_time'])} "
+                     f"({100 * c['accuracy_gap']:+.1f} points, {c['speedup']:.1f}x)")
+    if goal:
+        lines.append("  goal: " + {True: "MET", False: "NOT MET", None: "not evaluated"}[goal.get("met")])
+    lines.append(f"results: {Path(run_dir) / 'results.md'}")
+    return "\n".join(lines)
+
+
+def summarize_mirman(run_dir: Path, res: dict) -> str:
+    lines = [f"three-point contrast (r = {res['settings']['r']:g}, float64): {len(res['nets'])} nets  "
+             f"({fmt_seconds(res['wall_time'])})"]
+    for c in res["checks"]:
+        lines.append(f"  [{'ok' if c['passed'] else 'FAILED'}] {c['claim']}")
+    lines.append(f"results: {Path(run_dir) / 'results.md'}")
+    return "\n".join(lines)
+
+
+def summarize_theorem(run_dir: Path, res: dict) -> str:
+    lines = [f"Theorem 3.2 / A.2 on real data  ({fmt_seconds(res['wall_time'])})"]
+    for ds in res["datasets"]:
+        lines.append(f"  {ds['dataset']}: n = {ds['n']}, r = {ds['r']:.6g}")
+        for net in ds["nets"] + ds["baselines"]:
+            for meth, rec in net.get("methods", {}).items():
+                if rec.get("status") == "ok":
+                    accs = ", ".join(f"{r['fraction']:g}r: {fmt_pct(r['certified_accuracy'])}%" for r in rec["results"])
+                    lines.append(f"    {net['label']:<28} {METHOD_TITLES.get(meth, meth):<9} {accs} "
+                                 f"({fmt_seconds(rec['time'])})")
+            if net.get("status") == "error":
+                lines.append(f"    {net['label']:<28} FAILED: {net.get('error')}")
+    for s in res.get("skipped", []):
+        lines.append(f"  skipped {s['dataset']}: {s['reason']}")
+    lines.append(f"results: {Path(run_dir) / 'results.md'}")
+    return "\n".join(lines)

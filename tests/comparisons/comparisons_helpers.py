@@ -1,0 +1,71 @@
+"""Tiny configurations, and parsing the rendered files back so tests can compare them with results.json."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Dict, List
+
+from PIL import Image
+
+# small models and batches so that every subcommand runs end to end in seconds
+TINY_MODELS = ['linf.model_kwargs={"depth": 3, "width": 16}',
+               'hybrid.model_kwargs={"depth": 2, "width": 16, "head_hidden": 16}',
+               'ibp.model_kwargs={"width": 1, "linear_size": 16}',
+               'crown-ibp.model_kwargs={"width": 1, "linear_size": 16}',
+               "batch_size=64"]
+
+
+def tiny_run_args(out: Path, cache: Path, models="linf,ibp,crown-ibp", extra=()) -> list:
+    args = ["run", "--models", models, "--epochs", "2", "--train-subset", "120", "--test-subset", "24",
+            "--pgd-steps", "3", "--alpha-iterations", "2", "--batch-size", "64", "--no-progress",
+            "--out", str(out), "--cache-dir", str(cache), "--device", "cpu"]
+    for item in TINY_MODELS:
+        args += ["--set", item]
+    return args + list(extra)
+
+
+def load(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "results.json").read_text())
+
+
+def read_csv(path: Path) -> List[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def md_tables(text: str) -> List[List[List[str]]]:
+    """Every Markdown table of ``text`` as a list of rows (header first, separator dropped), cells stripped."""
+    tables, cur = [], []
+    for line in text.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if all(set(c) <= {"-"} and c for c in cells):
+                continue
+            cur.append(cells)
+        elif cur:
+            tables.append(cur)
+            cur = []
+    if cur:
+        tables.append(cur)
+    return tables
+
+
+def table_dicts(table: List[List[str]]) -> List[Dict[str, str]]:
+    header = table[0]
+    return [dict(zip(header, row)) for row in table[1:]]
+
+
+def check_png(path: Path, min_size=(200, 150)) -> None:
+    """A real PNG that PIL decodes, of a plausible size."""
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        assert im.size[0] >= min_size[0] and im.size[1] >= min_size[1], im.size
+
+
+def pct(x: float) -> float:
+    """The value the tables print for an accuracy (percent, one decimal)."""
+    return round(100 * x, 1)
