@@ -343,8 +343,8 @@ def run_mirman(settings: MirmanSettings):
                             for key, f in (("0.999r", 0.999), ("r", 1.0))}
                     results["rows"].append(row)
                 if dim == 1 and sep == 1 and group == "hand-built":
-                    results["figure_data"].append(_figure_data(model, s.r, s.r * sep, name,
-                                                               [float(v) for v in data.x[:, 0]]))
+                    fd = _figure_data(model, s.r, s.r * sep, name, [float(v) for v in data.x[:, 0]])
+                    results["figure_data"].append({**fd, "description": desc})
                 bar.update(1)
     bar.close()
     results["checks"] = evaluate_checks(results)

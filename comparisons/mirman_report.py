@@ -109,8 +109,8 @@ def _markdown(results: dict, figures: list) -> str:
 def figure1(results: dict):
     """Mirman et al.'s Figure 1, for each hand-built net: f with the three boxes, and bounds on the middle box.
 
-    Top row: f(x) (1-D, touching) with the boxes of radius ``0.75 r`` around the
-    three points; on the middle box the IBP interval of f (hatched), CROWN's
+    Top row: f(x) (1-D, touching) with the boxes around the three points at an
+    ε halfway between the IBP radius of the middle point and r; on the middle box the IBP interval of f (hatched), CROWN's
     (outlined) and the true range (solid).  Bottom row: the bounds of f over
     the middle box against ε; B is certified while the upper bound is < 0.
     """
@@ -120,7 +120,10 @@ def figure1(results: dict):
     for k, fd in enumerate(data):
         ax, ax2 = axes[0, k], axes[1, k]
         r = fd["r"]
-        i = min(range(len(fd["eps"])), key=lambda j: abs(fd["eps"][j] - FIG_EPS_FRACTION * r))
+        # show the boxes at an ε where IBP already fails on the middle box but the net is still robust
+        fail = next((e for e, u in zip(fd["eps"], fd["ibp"]["upper"]) if u >= 0), None)
+        target = (fail + r) / 2 if fail is not None and fail < r else FIG_EPS_FRACTION * r
+        i = min(range(len(fd["eps"])), key=lambda j: abs(fd["eps"][j] - target))
         eps = fd["eps"][i]
         ax.plot(fd["x"], fd["f"], "k", lw=1.6, label="f(x) = logit_A − logit_B")
         ax.axhline(0, color="0.5", lw=0.8)
@@ -138,7 +141,8 @@ def figure1(results: dict):
         tlo, thi = fd["true_range"]["lower"][i], fd["true_range"]["upper"][i]
         ax.add_patch(Rectangle((-0.6 * eps, tlo), 1.2 * eps, thi - tlo, color="tab:orange", alpha=0.6,
                                label=f"true range: [{tlo:.3g}, {thi:.3g}]"))
-        ax.set_title(f"{fd['net']}\nboxes of radius ε = {eps / r:g}r around the points", fontsize=9)
+        ax.set_title(f"{fd['net']}: {fd.get('description', '')}\nboxes of radius ε = {eps / r:g}r around the points",
+                     fontsize=8)
         ax.set_xlabel("x")
         ax.set_ylabel("f(x)")
         ax.legend(fontsize=7, loc="upper center")

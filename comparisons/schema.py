@@ -148,7 +148,7 @@ MIRMAN_ROW_OK = {"setting": "str", "dim": "int", "separation": "float", "net": "
                  "certified_at?": {"0.999r": ["bool"], "r": ["bool"]}}
 MIRMAN_ROW_ERR = {"setting": "str", "net": "str", "method": "str", "status": ("error",)}
 MIRMAN_CHECK = {"kind": ("theorem", "observed"), "passed": "bool", "claim": "str", "detail": "str"}
-FIGURE_DATA = {"net": "str", "r": "float", "boundary": "float", "points": ["float"], "x": ["float"], "f": ["float"],
+FIGURE_DATA = {"net": "str", "description": "str", "r": "float", "boundary": "float", "points": ["float"], "x": ["float"], "f": ["float"],
                "eps": ["float"], "ibp": {"lower": ["float"], "upper": ["float"]},
                "crown": {"lower": ["float"], "upper": ["float"]},
                "true_range": {"lower": ["float"], "upper": ["float"]}}

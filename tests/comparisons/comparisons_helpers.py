@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import csv
 import json
+import struct
 from pathlib import Path
 from typing import Dict, List
 
+import numpy as np
 from PIL import Image
 
 # small models and batches so that every subcommand runs end to end in seconds
@@ -69,3 +71,15 @@ def check_png(path: Path, min_size=(200, 150)) -> None:
 def pct(x: float) -> float:
     """The value the tables print for an accuracy (percent, one decimal)."""
     return round(100 * x, 1)
+
+
+def write_tiny_mnist(root: Path, n_train: int, n_test: int, seed: int = 0) -> None:
+    """Random 28x28 images in MNIST's real IDX format under ``root/MNIST/raw`` (what ``load_mnist`` reads)."""
+    rng = np.random.default_rng(seed)
+    raw = Path(root) / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=n, dtype=np.uint8)
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.tobytes())

@@ -26,7 +26,7 @@ def tiny_mirman(tmp_path_factory):
     """``python -m comparisons mirman`` in 1-D and 2-D, touching and strictly separated, small ReLU suite."""
     out = tmp_path_factory.mktemp("mirman") / "m"
     args = ["mirman", "--dims", "1,2", "--separations", "1,1.25", "--sizes", "8,16", "--depths", "1",
-            "--seeds", "0", "--train-steps", "120", "--alpha-iterations", "3", "--alpha-bisect-steps", "10",
+            "--seeds", "0", "--train-steps", "80", "--alpha-iterations", "3", "--alpha-bisect-steps", "10",
             "--linf-depth", "2", "--no-progress", "--out", str(out)]
     assert main(args) == 0
     return out, load(out)

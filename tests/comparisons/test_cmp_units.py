@@ -1,0 +1,119 @@
+"""The harness's own pieces: checkpoint cache, suites and overrides, the schema checker."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from comparisons.cache import ENTRY_NAME, CheckpointCache, config_key
+from comparisons.schema import SchemaError, check
+from comparisons.suites import SUITES, get_suite, parse_overrides, scale_epochs, select_models
+from linf_plugin.train import Schedule, get_preset
+
+
+def _tiny_relu_config():
+    cfg = scale_epochs(get_preset("digits-ibp"), 2)
+    return cfg.replace(model_kwargs={"width": 1, "linear_size": 8}, train_subset=64, batch_size=32, device="cpu",
+                       progress=False).validate()
+
+
+def test_config_key_counts_what_decides_the_weights():
+    cfg = _tiny_relu_config()
+    assert config_key(cfg) == config_key(cfg.replace())
+    assert config_key(cfg) == config_key(cfg.replace(progress=True, eval_every=7, num_threads=1))
+    for change in ({"lr": 2e-3}, {"seed": 1}, {"epochs": 3}, {"train_subset": 65}, {"model_kwargs": {"width": 2}}):
+        assert config_key(cfg) != config_key(cfg.replace(**change)), change
+
+
+def test_cache_trains_once_then_reuses(tmp_path):
+    cfg = _tiny_relu_config()
+    cache = CheckpointCache(tmp_path / "cache")
+    assert cache.lookup(cfg) is None
+    first = cache.get_or_train(cfg)
+    assert not first.cache_hit and first.train_time > 0 and first.path.exists()
+    entry = json.loads((first.path.parent / ENTRY_NAME).read_text())
+    assert entry["key"] == config_key(cfg) and entry["train_time"] == first.train_time
+    second = cache.get_or_train(cfg)
+    assert second.cache_hit and second.train_time == first.train_time
+    for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values()):
+        assert (a == b).all()
+
+
+def test_cache_resumes_an_unfinished_entry_and_retrains_a_corrupt_one(tmp_path):
+    cfg = _tiny_relu_config()
+    cache = CheckpointCache(tmp_path / "cache")
+    first = cache.get_or_train(cfg)
+    folder = first.path.parent
+    (folder / ENTRY_NAME).unlink()  # as if the process died after its last checkpoint
+    assert cache.lookup(cfg) is None
+    resumed = cache.get_or_train(cfg)
+    assert not resumed.cache_hit and json.loads((folder / ENTRY_NAME).read_text())["resumed"] is True
+    for a, b in zip(first.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert (a == b).all()  # every epoch was already done: nothing retrained
+    data = bytearray(first.path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    first.path.write_bytes(bytes(data))
+    assert cache.lookup(cfg) is None  # a flipped byte is caught by the checkpoint digest
+    again = cache.get_or_train(cfg)
+    assert not again.cache_hit and cache.lookup(cfg) is not None
+
+
+def test_disabled_cache_trains_into_the_scratch_folder(tmp_path):
+    cfg = _tiny_relu_config()
+    cache = CheckpointCache(tmp_path / "cache", enabled=False, scratch=tmp_path / "run")
+    got = cache.get_or_train(cfg)
+    assert not got.cache_hit and str(got.path).startswith(str(tmp_path / "run"))
+    assert not (tmp_path / "cache").exists()
+    assert cache.get_or_train(cfg).cache_hit is False
+
+
+@pytest.mark.parametrize("preset", ["digits-linf", "digits-hybrid", "digits-ibp", "mnist-0.3", "cifar10-8/255",
+                                    "mnist-0.3-hybrid", "cifar10-8/255-crown-ibp"])
+@pytest.mark.parametrize("epochs", [1, 2, 5, 17])
+def test_scaled_recipes_keep_their_shape(preset, epochs):
+    cfg = scale_epochs(get_preset(preset), epochs).validate()
+    assert cfg.epochs == epochs
+    steps = 3
+    state = Schedule(cfg, steps).at(epochs * steps - 1)
+    if cfg.p_start is not None and cfg.family != "relu":
+        assert math.isinf(state.p)  # margin certification needs p = inf at the end
+    if cfg.family != "linf_dist" and cfg.eps_train > 0:
+        assert state.eps == pytest.approx(cfg.eps_train)  # the eps ramp ends within the run
+    assert all(1 <= m <= epochs for m in cfg.lr_milestones)
+
+
+def test_overrides_and_model_selection():
+    got = parse_overrides(["epochs=3", 'linf.model_kwargs={"width": 8}', "device=cpu", "adam_betas=[0.9, 0.99]"])
+    assert got == {"*": {"epochs": 3, "device": "cpu", "adam_betas": (0.9, 0.99)}, "linf": {"model_kwargs": {"width": 8}}}
+    with pytest.raises(ValueError, match="unknown training config field"):
+        parse_overrides(["epoch=3"])
+    with pytest.raises(ValueError, match="FIELD=VALUE"):
+        parse_overrides(["epochs"])
+    suite = get_suite("digits")
+    assert [m.key for m in select_models(suite, None)] == ["linf", "hybrid", "ibp", "crown-ibp"]
+    assert [m.preset for m in select_models(suite, ["ibp", "digits-linf"])] == ["digits-ibp", "digits-linf"]
+    assert select_models(suite, ["mnist-0.3-ibp"])[0].preset == "mnist-0.3-ibp"
+    with pytest.raises(ValueError, match="unknown model"):
+        select_models(suite, ["resnet"])
+    with pytest.raises(ValueError, match="twice"):
+        select_models(suite, ["ibp", "digits-ibp"])
+    with pytest.raises(ValueError, match="unknown preset"):
+        get_suite("imagenet")
+    for suite in SUITES.values():  # every suite names real presets
+        for spec in suite.models:
+            get_preset(spec.preset).validate()
+
+
+def test_schema_checker():
+    spec = {"a": "int", "b?": "float?", "c": ["str"], "d": ("x", "y"), "e": {"f": "bool"}}
+    check({"a": 1, "c": [], "d": "x", "e": {"f": True}, "extra": 0}, spec)
+    check({"a": 1, "b": None, "c": ["s"], "d": "y", "e": {"f": False}}, spec)
+    for bad, where in (({"a": 1.5, "c": [], "d": "x", "e": {"f": True}}, "$.a"),
+                       ({"a": True, "c": [], "d": "x", "e": {"f": True}}, "$.a"),
+                       ({"a": 1, "c": [3], "d": "x", "e": {"f": True}}, r"\$.c\[0\]"),
+                       ({"a": 1, "c": [], "d": "z", "e": {"f": True}}, "$.d"),
+                       ({"a": 1, "c": [], "d": "x", "e": {}}, "$.e"),
+                       ({"c": [], "d": "x", "e": {"f": True}}, "missing key 'a'")):
+        with pytest.raises(SchemaError, match=where.replace("$", r"\$") if "\\" not in where else where):
+            check(bad, spec)
