@@ -72,9 +72,14 @@ def _node_value(node) -> torch.Tensor:
 
 
 def _dense_spec(last_A, n_out: int, dtype):
-    """``last_A`` as a dense ``(spec, batch, N)`` tensor (or None)."""
-    if last_A is None or isinstance(last_A, torch.Tensor):
-        return last_A
+    """``last_A`` as a dense ``(spec, batch, N)`` tensor of ``dtype`` (or None).
+
+    auto_LiRPA 0.3 builds its default identity spec in float32 whatever the
+    model's dtype, hence the cast."""
+    if last_A is None:
+        return None
+    if isinstance(last_A, torch.Tensor):
+        return last_A.to(dtype)
     if eyeC and isinstance(last_A, eyeC):
         spec, batch = last_A.shape[0], last_A.shape[1]
         eye = torch.eye(n_out, device=last_A.device, dtype=dtype)
