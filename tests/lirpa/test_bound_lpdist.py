@@ -260,3 +260,15 @@ def test_bounds_are_differentiable_in_the_weights(method):
     grads = [prm.grad for name, prm in bm.named_parameters() if prm.dim() == 2]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("method", ["IBP", "CROWN"])
+def test_perturbed_weights_are_refused_with_a_clear_error(method):
+    from auto_LiRPA import BoundedParameter, BoundedTensor, PerturbationLpNorm
+
+    m = _linf_net(depth=1, d=4, k=3)
+    m.layers[0].weight = BoundedParameter(m.layers[0].weight.data, PerturbationLpNorm(norm=math.inf, eps=0.01))
+    x = torch.rand(2, 4)
+    bm = BoundedModule(m, x)
+    with pytest.raises(NotImplementedError, match="weights of an l_p-dist layer"):
+        bm.compute_bounds(x=(BoundedTensor(x, PerturbationLpNorm(norm=math.inf, eps=0.01)),), method=method)
