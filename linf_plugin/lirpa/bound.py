@@ -110,6 +110,7 @@ class BoundLpDist(Bound):
                              f"choose from {LOWER_POINTS}")
         # Only the first input is ever perturbed; 0.7 uses this flag.
         self.ibp_intermediate = False
+        self._relaxation_cache = None
 
     # ------------------------------------------------------------------ forward
     def forward(self, x, w):
@@ -144,6 +145,26 @@ class BoundLpDist(Bound):
         return (lower_plane(lower, upper, w, self.p, self.lower_point),
                 upper_plane(lower, upper, w, self.p))
 
+    def _planes(self, lower, upper, w):
+        """:meth:`relaxation`, computed once per input box.
+
+        CROWN visits this node once per later node whose bounds it computes
+        (every later layer, then the output), always with the same box
+        tensors; the planes are reused while ``lower``, ``upper`` and ``w`` are
+        the same, unmodified tensor objects (and p, the options and grad mode
+        are unchanged)."""
+        key = (tuple((id(t), t._version) for t in (lower, upper, w)), self.p, self.lower_point,
+               torch.is_grad_enabled())
+        cache = self._relaxation_cache
+        if cache is not None and cache[0] == key and all(a is b for a, b in zip(cache[1], (lower, upper, w))):
+            return cache[2]
+        planes = self.relaxation(lower, upper, w)
+        self._relaxation_cache = (key, (lower, upper, w), planes)
+        return planes
+
+    def clear(self):
+        self._relaxation_cache = None
+
     # ------------------------------------------------------------------ CROWN
     def bound_backward(self, last_lA, last_uA, *x, **kwargs):
         """Backward (CROWN) step.
@@ -163,7 +184,7 @@ class BoundLpDist(Bound):
         lower, upper, w = self._box_and_weight(*x[:2])
         last_lA = _dense_spec(last_lA, w.shape[0], w.dtype)
         last_uA = _dense_spec(last_uA, w.shape[0], w.dtype)
-        low, up = self.relaxation(lower, upper, w)
+        low, up = self._planes(lower, upper, w)
         lA, lbias = _backward_side(last_lA, low, up, lower.shape[-1])
         uA, ubias = _backward_side(last_uA, up, low, lower.shape[-1])
         return [(lA, uA), (None, None)], lbias, ubias
@@ -183,7 +204,7 @@ class BoundLpDist(Bound):
         """
         self._check_weight()
         lower, upper, w = self._box_and_weight()
-        low, up = self.relaxation(lower, upper, w)
+        low, up = self._planes(lower, upper, w)
         xl = x[0]
         lw, lb = _forward_side(low, xl.lw, xl.uw, xl.lb, xl.ub)
         # The upper plane is bounded above with the roles of the input's bounds swapped.

@@ -272,3 +272,31 @@ def test_perturbed_weights_are_refused_with_a_clear_error(method):
     bm = BoundedModule(m, x)
     with pytest.raises(NotImplementedError, match="weights of an l_p-dist layer"):
         bm.compute_bounds(x=(BoundedTensor(x, PerturbationLpNorm(norm=math.inf, eps=0.01)),), method=method)
+
+
+def test_one_bound_node_per_layer_with_its_p():
+    m = _linf_net(depth=3, p=8.0)
+    m.layers[1].p = math.inf
+    bm = build(m, torch.rand(2, 5))
+    nodes = [n for n in bm.modules() if isinstance(n, BoundLpDist)]
+    assert [n.p for n in nodes] == [8.0, math.inf, 8.0]
+
+
+def test_planes_are_computed_once_per_node_and_box(monkeypatch):
+    calls = []
+    original = BoundLpDist.relaxation
+
+    def counting(self, lower, upper, w):
+        calls.append(self.name)
+        return original(self, lower, upper, w)
+
+    monkeypatch.setattr(BoundLpDist, "relaxation", counting)
+    m = _linf_net(depth=4)
+    x = torch.rand(2, 5)
+    bm = build(m, x)
+    lo, hi = box(x, 0.05, "sym")
+    compute(bm, x, lo, hi, None, "CROWN")
+    # Without reuse the first layer alone would be relaxed once per later layer and for the output.
+    assert len(calls) == len(set(calls)) == 4
+    compute(bm, x, lo, 2 * hi - lo, None, "CROWN")  # a new box: new planes
+    assert len(calls) == 8
