@@ -24,6 +24,15 @@ Options (``BoundedModule(..., bound_opts={"lp_dist": {...}})``):
   :data:`~linf_plugin.lirpa.relaxation.LOWER_POINTS` (default
   ``"projection"``, which reproduces the exact IBP lower bound).
 
+alpha-CROWN: the node has no optimisable parameters of its own (it subclasses
+plain ``Bound``; the two versions' alpha APIs differ), so alpha-CROWN runs on
+every model and optimises the other nodes (the ReLU / tanh slopes of hybrids
+and baselines).  Measured headroom for optimising our planes is small: on a
+digits-trained 3-layer l_inf-dist net (``benchmarks/bounds.py``) CROWN's
+smallest-margin bound is within 1e-3..6e-3 of the margin PGD attains.  The
+lower planes are parameterised for it (any ``a`` with ``||a||_q <= 1``, and a
+``scale`` in ``[-1, 1]`` in :func:`~linf_plugin.lirpa.relaxation.lower_plane`).
+
 Both auto_LiRPA 0.3 (PyPI, through :mod:`linf_plugin.lirpa.compat`) and
 upstream 0.7.x are supported: 0.7 passes keyword arguments to
 ``bound_backward`` (``start_node``, ``unstable_idx``, ...) which are accepted

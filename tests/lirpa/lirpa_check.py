@@ -122,7 +122,7 @@ def box(x: torch.Tensor, radius: float, kind: str, seed: int = 0):
     if kind == "clip":
         lo, hi = lo.clamp(0, 1), hi.clamp(0, 1)
     elif kind == "degenerate":
-        fixed = torch.arange(x.shape[1]) % 2 == 1
+        fixed = torch.arange(x.shape[1], device=x.device) % 2 == 1
         lo = torch.where(fixed, x, lo)
         hi = torch.where(fixed, x, hi)
     elif kind != "sym":
@@ -163,8 +163,8 @@ def spec_values(model, C, xs: torch.Tensor) -> torch.Tensor:
 def sample_points(lo, hi, n: int, gen) -> torch.Tensor:
     """``(n, B, d)``: half uniform in the box, half random vertices."""
     half = n // 2
-    u = torch.rand(half, *lo.shape, generator=gen, dtype=lo.dtype)
-    v = (torch.rand(n - half, *lo.shape, generator=gen) < 0.5).to(lo.dtype)
+    u = torch.rand(half, *lo.shape, generator=gen, dtype=lo.dtype, device=lo.device)
+    v = (torch.rand(n - half, *lo.shape, generator=gen, device=lo.device) < 0.5).to(lo.dtype)
     return torch.cat([lo + u * (hi - lo), lo + v * (hi - lo)])
 
 
