@@ -115,7 +115,7 @@ def test_operator_fixes_are_recorded_and_idempotent():
     if IS_03:
         joined = " ".join(first)
         for needle in ("BoundBuffers", "BoundSub.bound_forward", "BoundMul.bound_forward", "BoundDiv",
-                       "get_sparse_C", "BoundBatchNormalization", "Patches"):
+                       "get_sparse_C", "BoundBatchNormalization", "Patches", "broadcast_backward"):
             assert needle in joined
 
 
