@@ -334,6 +334,10 @@ def apply_operator_fixes() -> list[str]:
         The fixes applied in this process (empty on upstream 0.7.x).
     """
     global _DONE
+    from .compat import needs_legacy_fixes
+
+    if not _DONE and not needs_legacy_fixes():
+        _DONE = True  # upstream 0.7.x: nothing is patched
     if not _DONE:
         _fix_buffers_from_input()
         _fix_sub_bound_forward()
