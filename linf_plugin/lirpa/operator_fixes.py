@@ -27,11 +27,30 @@ idempotent, and recorded (:func:`applied_operator_fixes`).
    ``Add``/``Sub`` output are needed -- e.g. a mean shift feeding the next
    l_p-dist layer.  Upstream requires a >= 4-d output.  Fix: such nodes with a
    flat output use matrix mode.
+9. ``BoundBatchNormalization`` has no ``bound_forward`` in 0.3, so forward-mode
+   LiRPA fails on the ``cnn_7layer_bn`` baseline.  Fix: in eval mode (running
+   statistics) batch norm is the per-channel affine map ``a x + c``; its
+   forward linear bounds are the sign-split product.  Training mode keeps the
+   original behaviour.
+10. ``BoundMul._multiply_by_const`` (used for ``x * c`` and, in 0.3, ``x / c``)
+    asserts that a constant multiplying a ``Patches`` A matrix is 4-d, so
+    CROWN fails on a CNN whose input normalisation divides by a scalar or a
+    ``(C, 1, 1)`` std (both versions; 0.7 accepts ``(1, C, 1, 1)``, 0.3 only
+    ``(batch, C, 1, 1)``).  Fix: a constant with one value, or one per input
+    channel, multiplies the patches' ``(in_c, kh, kw)`` dims directly;
+    anything else goes to the original.  Applied wherever the probe fails.
+11. ``Bound.broadcast_backward`` in 0.3 assumes that a constant operand
+    without a batch dimension has fewer dims than the activation; a
+    full-rank constant such as an input normalisation's ``(1, 1)`` or
+    ``(1, C, 1, 1)`` mean (its leading 1 broadcasts over the batch) makes it
+    index past the A matrix (``IndexError``) once buffers are constants (fix
+    5).  Upstream treats the leading dim as the batch.  Fix: the same.
 """
 from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 
 import torch
 
@@ -201,6 +220,113 @@ def _fix_flat_add_sub_patches() -> None:
     _APPLIED.append("get_sparse_C: flat Add/Sub outputs use matrix mode")
 
 
+def _fix_batchnorm_forward() -> None:
+    from auto_LiRPA.operators import BoundBatchNormalization
+
+    if "bound_forward" in BoundBatchNormalization.__dict__:
+        return
+    from auto_LiRPA.linear_bound import LinearBound
+
+    def bound_forward(self, dim_in, x, *params):
+        if getattr(self, "training", False):
+            return type(self).__mro__[1].bound_forward(self, dim_in, x, *params)
+        nodes = self.inputs
+        if any(getattr(n, "perturbed", False) for n in nodes[1:]):
+            raise NotImplementedError("weight perturbation is not supported for BoundBatchNormalization")
+        weight, bias = nodes[1].param, nodes[2].param
+        mean, var = nodes[3].value, nodes[4].value
+        if not self.use_mean:
+            mean = torch.zeros_like(mean)
+        if not self.use_var:
+            var = torch.ones_like(var)
+        if not self.use_affine:
+            weight, bias = torch.ones_like(weight), torch.zeros_like(bias)
+        a = weight / torch.sqrt(var + self.eps)
+        c = bias - mean * a
+        shape = (-1,) + (1,) * (x.lb.dim() - 2)
+        a, c = a.view(shape), c.view(shape)
+        out = _by_constant(x, a)
+        return LinearBound(out.lw, out.lb + c, out.uw, out.ub + c)
+
+    bound_forward._linf_plugin_fix = True
+    BoundBatchNormalization.bound_forward = bound_forward
+    _APPLIED.append("BoundBatchNormalization.bound_forward (eval mode)")
+
+
+def _patches_const_is_broken(BoundMul, Patches) -> bool:
+    patches = Patches(patches=torch.ones(1, 1, 1, 1, 2, 3, 3), stride=1, padding=1, shape=(1, 1, 1, 1, 2, 3, 3))
+    try:
+        BoundMul._multiply_by_const(patches, torch.tensor(2.0))
+        BoundMul._multiply_by_const(patches, torch.full((2, 1, 1), 2.0))
+    except (AssertionError, RuntimeError):
+        return True
+    return False
+
+
+def _fix_patches_times_constant() -> None:
+    from auto_LiRPA.operators import BoundMul
+    from auto_LiRPA.patches import Patches
+
+    original = BoundMul.__dict__["_multiply_by_const"]
+    original_fn = original.__func__ if isinstance(original, staticmethod) else original
+    if getattr(original_fn, "_linf_plugin_fix", False) or not _patches_const_is_broken(BoundMul, Patches):
+        return
+
+    def _multiply_by_const(x, const):
+        if isinstance(x, Patches) and isinstance(const, torch.Tensor):
+            in_c = x.patches.size(-3)
+            if const.numel() == 1:
+                return x.create_similar(x.patches * const.reshape(()))
+            if const.numel() == in_c and const.dim() >= 3 and all(s == 1 for s in const.shape[-2:]):
+                return x.create_similar(x.patches * const.reshape(in_c, 1, 1))
+        return original_fn(x, const)
+
+    _multiply_by_const._linf_plugin_fix = True
+    BoundMul._multiply_by_const = staticmethod(_multiply_by_const)
+    _APPLIED.append("BoundMul._multiply_by_const: Patches times a scalar or per-channel constant")
+
+
+class _ShapeView:
+    """Stands in for a constant node with its leading (batch-broadcast) dim dropped."""
+
+    batch_dim = -1
+
+    def __init__(self, output_shape):
+        self.output_shape = output_shape
+
+
+def _broadcast_backward_is_broken(Bound) -> bool:
+    node = Bound()
+    node.batch_dim = 0
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            node.broadcast_backward(torch.zeros(2, 3, 4), _ShapeView(torch.Size([1, 1])))
+    except (IndexError, AssertionError):
+        return True
+    return False
+
+
+def _fix_full_rank_constant_broadcast() -> None:
+    from auto_LiRPA.operators import Bound
+
+    original = Bound.broadcast_backward
+    if getattr(original, "_linf_plugin_fix", False) or not _broadcast_backward_is_broken(Bound):
+        return
+
+    @functools.wraps(original)
+    def broadcast_backward(self, A, x):
+        shape = getattr(x, "output_shape", None)
+        if (isinstance(A, torch.Tensor) and getattr(x, "batch_dim", None) == -1 and shape is not None
+                and len(shape) == A.dim() - 1 and len(shape) > 0 and shape[0] == 1):
+            return original(self, A, _ShapeView(torch.Size(shape[1:])))
+        return original(self, A, x)
+
+    broadcast_backward._linf_plugin_fix = True
+    Bound.broadcast_backward = broadcast_backward
+    _APPLIED.append("Bound.broadcast_backward: full-rank constants broadcast over the batch")
+
+
 def apply_operator_fixes() -> list[str]:
     """Apply the operator fixes that this auto_LiRPA needs (idempotent).
 
@@ -208,11 +334,18 @@ def apply_operator_fixes() -> list[str]:
         The fixes applied in this process (empty on upstream 0.7.x).
     """
     global _DONE
+    from .compat import needs_legacy_fixes
+
+    if not _DONE and not needs_legacy_fixes():
+        _DONE = True  # upstream 0.7.x: nothing is patched
     if not _DONE:
         _fix_buffers_from_input()
         _fix_sub_bound_forward()
         _fix_mul_div_constant_forward()
         _fix_flat_add_sub_patches()
+        _fix_batchnorm_forward()
+        _fix_patches_times_constant()
+        _fix_full_rank_constant_broadcast()
         _DONE = True
     return list(_APPLIED)
 
