@@ -60,10 +60,16 @@ class ScheduleState:
     natural_weight: float
     crown_factor: float
 
-    def as_log(self) -> dict:
-        """JSON-able dict (``p = inf`` is written as the string ``"inf"``)."""
-        return {"p": "inf" if math.isinf(self.p) else self.p, "lam": self.lam, "eps": self.eps, "lr": self.lr,
-                "natural_weight": self.natural_weight, "crown_factor": self.crown_factor}
+    def as_log(self, family: Optional[str] = None) -> dict:
+        """JSON-able dict of the values that matter for ``family`` (all when None).
+
+        ``p = inf`` is written as the string ``"inf"``.
+        """
+        out = {"p": "inf" if math.isinf(self.p) else self.p, "lam": self.lam, "eps": self.eps, "lr": self.lr,
+               "natural_weight": self.natural_weight, "crown_factor": self.crown_factor}
+        drop = {"linf_dist": ("eps", "natural_weight", "crown_factor"), "hybrid": ("lam", "crown_factor"),
+                "relu": ("p", "lam")}.get(family, ())
+        return {k: v for k, v in out.items() if k not in drop}
 
 
 def ramp_ratio(step: float, start: float, length: float) -> float:

@@ -348,13 +348,20 @@ class _Run:
                 bar.update(1)
                 if k % c.log_every == 0 or k == steps - 1:
                     s = summarize_stats(sums, c.family)
-                    bar.set_postfix(loss=f"{s['loss']:.4f}", acc=f"{s['acc']:.3f}",
-                                    p="inf" if math.isinf(state.p) else f"{state.p:.1f}", lam=f"{state.lam:.2g}",
-                                    eps=f"{state.eps:.3g}", refresh=False)
+                    post = {"loss": f"{s['loss']:.4f}", "acc": f"{s['acc']:.3f}"}
+                    if self.has_lp:
+                        post["p"] = "inf" if math.isinf(state.p) else f"{state.p:.1f}"
+                    if c.family == "linf_dist":
+                        post["lam"] = f"{state.lam:.2g}"
+                    else:
+                        post["eps"] = f"{state.eps:.3g}"
+                        if s["cert"] is not None:
+                            post["cert"] = f"{s['cert']:.3f}"
+                    bar.set_postfix(post, refresh=False)
             bar.close()
             all_reduce_sum(sums)
             record = {"epoch": epoch + 1, **summarize_stats(sums, c.family),
-                      **self.schedule.at((epoch + 1) * steps - 1).as_log(), "time": time.perf_counter() - t0}
+                      **self.schedule.at((epoch + 1) * steps - 1).as_log(c.family), "time": time.perf_counter() - t0}
             record = {("train_" + k if k in ("loss", "acc", "cert") else k): v for k, v in record.items()}
             if c.family == "linf_dist":
                 record["scale"] = float(self.objective.loss.scale.detach())

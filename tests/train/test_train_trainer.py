@@ -55,7 +55,7 @@ def test_train_writes_logs_checkpoint_and_final_metrics(tmp_path):
     out = tmp_path / "run"
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3] == [r["epoch"] for r in result.history]
-    for key in ("train_loss", "train_acc", "p", "lam", "eps", "lr", "time", "scale", "test_clean_acc",
+    for key in ("train_loss", "train_acc", "p", "lam", "lr", "time", "scale", "eval_eps", "test_clean_acc",
                 "test_cert_acc"):
         assert key in records[-1], key
     # p and λ of each epoch's last step: p = 8 in epoch 1, the ramp in epoch 2, ∞ (and λ = 0) in epoch 3
