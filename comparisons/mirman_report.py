@@ -72,8 +72,10 @@ def _markdown(results: dict, figures: list) -> str:
              "Points A, B, A at −2r·s, 0, +2r·s (s = 1: the radius-r boxes touch; s > 1: strictly separated), "
              "in 1-D and embedded on one axis of d-dimensional space. Radius of a point for a method = the "
              "supremum of the ε at which that method certifies it. margin: one float-safe margin pass (radius = "
-             "margin / 2 for a 1-Lipschitz ℓ∞-dist net). interval / IBP / CROWN / α-CROWN: bisection on "
-             f"[0, 2r·s] with {s['bisect_steps']} halvings; the radius lies in [value, value + tolerance). True "
+             "margin / 2 for a 1-Lipschitz ℓ∞-dist net; tolerance = how far the float-safe radius sits below the "
+             "plain float64 margin / 2). interval / IBP / CROWN: bisection on "
+             f"[0, 2r·s] with {s['bisect_steps']} halvings (α-CROWN: {s['alpha_bisect_steps']}); the radius lies "
+             "in [value, value + tolerance). \"reaches r\": value + tolerance ≥ r at all three points. True "
              f"radius (1-D only): dense search with spacing r/{s['grid_per_r']}, refined by bisection.", "",
              "## Checks", ""]
     for c in results["checks"]:
