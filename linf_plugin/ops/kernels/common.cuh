@@ -22,6 +22,13 @@
 // a warp on 32 distinct banks.
 #define LP_PAD 2
 
+// Unrolling of the k-loop in the kernels that raise to powers: a general p
+// costs exp2 + log2 per term, and unrolling 16 k-steps of 16 outputs each
+// would inline 256 copies (minutes of NVRTC time in double, and a kernel
+// too large for the instruction cache) for no gain: 16 independent outputs
+// per step already give the scheduler its parallelism.  Those loops say
+// '#pragma unroll((PV) == 0 ? 1 : 4)'.
+
 typedef long long lp_i64;
 
 __device__ __forceinline__ float lp_abs(float v) { return fabsf(v); }

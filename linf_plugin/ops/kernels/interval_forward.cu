@@ -175,7 +175,7 @@ interval_lp_forward(const T* __restrict__ lower, const T* __restrict__ upper, co
         lp_load_transposed<T, BA>(su, upper, B, D, b0, k0);
         lp_load_transposed<T, BB>(sw, w, N, D, n0, k0);
         __syncthreads();
-#pragma unroll
+#pragma unroll((PV) == 0 ? 1 : 4)
         for (int k = 0; k < LP_BK; ++k) {
             T lv[RA];
             T uv[RA];
