@@ -101,6 +101,7 @@ class TorchBackend:
         self.min_compiled_work = int(min_compiled_work)
         self.compile_backend = compile_backend
         self.compile_failed: str | None = None
+        self.compiled_calls = 0          # how many chunk-calls ran compiled code (for tests and benchmarks)
         self._compiled: dict = {}
 
     # -- plumbing ----------------------------------------------------------
@@ -127,9 +128,11 @@ class TorchBackend:
     def _run(self, name: str, pv: int | None, compiled: bool, *args):
         if compiled and args[0].shape[0] >= 2 and self.compile_failed is None:
             try:
-                return self._fn(name, pv, True)(*args)
+                out = self._fn(name, pv, True)(*args)
+                self.compiled_calls += 1
+                return out
             except Exception as exc:  # noqa: BLE001  (any compile failure -> eager, once)
-                self.compile_failed = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                self.compile_failed = _describe(exc)
                 log.warning("lp_dist: torch.compile failed (%s); the torch backend runs eagerly from now on",
                             self.compile_failed)
         return self._fn(name, pv, False)(*args)
@@ -251,6 +254,20 @@ class TorchBackend:
             if need_w:
                 g_w += self._run("ival_grad_w", pv, comp, *args)
         return (g_l if need_lower else None, g_u if need_upper else None, g_w)
+
+
+def _describe(exc: BaseException) -> str:
+    """One line: the exception and its root cause (dynamo wraps compiler errors)."""
+    root = exc
+    for _ in range(10):
+        inner = getattr(root, "inner_exception", None) or root.__cause__
+        if inner is None or inner is root:
+            break
+        root = inner
+    text = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    if root is not exc:
+        text = f"{type(root).__name__}: {' '.join(str(root).split())} (via {type(exc).__name__})"
+    return text[:400]
 
 
 def _linf_scatter(grad_y, x, w, idx, need_x, need_w):
