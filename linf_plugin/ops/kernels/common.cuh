@@ -139,4 +139,39 @@ __device__ __forceinline__ void lp_load_direct(T (*dst)[COLS + LP_PAD], const T*
     }
 }
 
+// Register staging of a transposed tile (the layout of lp_load_transposed):
+// fetch() issues the global loads of the NEXT tile into registers before the
+// current tile is computed, store() moves them to shared memory after the
+// barrier, so the load latency hides behind the arithmetic (software
+// pipelining at the cost of ROWS * LP_BK / LP_THREADS registers).
+template <typename T, int ROWS>
+struct LpTileStage {
+    static_assert((ROWS * LP_BK) % LP_THREADS == 0, "a tile must split evenly over the block");
+    static constexpr int PER = ROWS * LP_BK / LP_THREADS;
+    T v[PER];
+
+    // Thread tid always takes column tid % LP_BK (LP_THREADS is a multiple of
+    // LP_BK) and rows tid / LP_BK + q * LP_THREADS / LP_BK: one base offset and
+    // one stride, which keeps the staging cheap in registers.
+    __device__ __forceinline__ void fetch(const T* __restrict__ src, int rows, int cols, int row0, int col0) {
+        constexpr int RSTEP = LP_THREADS / LP_BK;
+        const int tid = threadIdx.y * LP_TX + threadIdx.x;
+        const int r = row0 + tid / LP_BK;
+        const int c = col0 + tid % LP_BK;
+        const lp_i64 base = (lp_i64)r * cols + c;
+        const lp_i64 step = (lp_i64)RSTEP * cols;
+#pragma unroll
+        for (int q = 0; q < PER; ++q) {
+            v[q] = (c < cols && r + q * RSTEP < rows) ? src[base + q * step] : T(0);
+        }
+    }
+
+    __device__ __forceinline__ void store(T (*dst)[ROWS + LP_PAD]) const {
+        constexpr int RSTEP = LP_THREADS / LP_BK;
+        const int tid = threadIdx.y * LP_TX + threadIdx.x;
+#pragma unroll
+        for (int q = 0; q < PER; ++q) dst[tid % LP_BK][tid / LP_BK + q * RSTEP] = v[q];
+    }
+};
+
 #endif  // LINF_PLUGIN_COMMON_CUH
