@@ -38,6 +38,12 @@ __all__ = ["TorchBackend", "COMPILE_ENV"]
 
 log = logging.getLogger(__name__)
 COMPILE_ENV = "LINF_LP_DIST_COMPILE"
+# With dynamic shapes inductor decides how many loops to parallelise from the
+# size hints of the FIRST call: a small first call would leave the graph
+# single-threaded for good.  dynamic_threads always opens a parallel region
+# (and does not specialise on the thread count); a chunk size of 1 lets it
+# collapse the row and neuron loops when a chunk has few rows.
+_INDUCTOR_OPTIONS = {"cpp.dynamic_threads": True, "cpp.min_chunk_size": 1}
 
 
 def _env_compile() -> bool | None:
@@ -122,7 +128,8 @@ class TorchBackend:
             return fn
         key = (name, pv)
         if key not in self._compiled:
-            self._compiled[key] = torch.compile(fn, dynamic=True, backend=self.compile_backend)
+            options = _INDUCTOR_OPTIONS if self.compile_backend == "inductor" else None
+            self._compiled[key] = torch.compile(fn, dynamic=True, backend=self.compile_backend, options=options)
         return self._compiled[key]
 
     def _run(self, name: str, pv: int | None, compiled: bool, *args):
