@@ -5,7 +5,7 @@ name, timestamp, every row, and the goals of issue #3 as measured ratios).
 
     python benchmarks/lp_dist.py                    # CPU rows (and GPU rows when CUDA is present)
     python benchmarks/lp_dist.py --device cpu --sizes cpu --repeat 5
-    python benchmarks/lp_dist.py --out benchmarks/results/my-run.json
+    python benchmarks/lp_dist.py --threads 1 --out benchmarks/results/lp_dist-cpu-1thread.json
 
 Rows: forward and forward+backward, p = inf and p = 8, for our op
 (``lp_dist`` with the default backend: the compiled torch path on CPU, the
@@ -63,6 +63,13 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def _loadavg():
+    try:
+        return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return None
 
 
 def gpu_info(device: torch.device) -> dict:
@@ -272,10 +279,14 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--mem-limit-gib", type=float, default=6.0, help="skip the naive broadcast above this")
     ap.add_argument("--no-training", action="store_true", help="skip the GPU training-iteration rows")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--note", default="", help="free text stored in the JSON (e.g. machine load)")
     ap.add_argument("--out", type=Path, default=None,
                     help="JSON path (default benchmarks/results/lp_dist-<device>.json)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = _loadavg()
 
     devices = []
     if args.device in ("auto", "cpu"):
@@ -305,7 +316,8 @@ def main(argv=None):
     result = dict(
         benchmark="lp_dist", timestamp=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         machine=platform.node(), platform=platform.platform(), cpu=cpu_model(), cpu_count=os.cpu_count(),
-        torch_threads=torch.get_num_threads(), torch=torch.__version__, python=platform.python_version(),
+        torch_threads=torch.get_num_threads(), load_average_before=load_before, load_average_after=_loadavg(),
+        torch=torch.__version__, python=platform.python_version(),
         device=gpu["name"] if gpu else "cpu", gpu=gpu, note=args.note,
         rows=[{**r, "p": "inf" if math.isinf(r["p"]) else r["p"]} for r in rows],   # strict JSON has no Infinity
         goals=goals(rows, gpu))
