@@ -27,15 +27,17 @@ def harness():
 
 
 @pytest.fixture(scope="session")
-def emulator_lib(harness, request):
+def emulator_lib(harness, request, tmp_path_factory):
     """Every kernel instance compiled for the CPU (skips without g++).
 
-    Built once into pytest's cache directory, keyed by a hash of the source,
-    so later runs reuse it.
+    Built once into pytest's cache directory (a temporary one when the cache
+    plugin is off), keyed by a hash of the source, so later runs reuse it.
     """
     if harness.compiler() is None:
         pytest.skip("no C++ compiler: the kernel emulation tests need g++")
-    return harness.build_library(request.config.cache.mkdir("lp_kernel_emulation"))
+    cache = getattr(request.config, "cache", None)
+    where = cache.mkdir("lp_kernel_emulation") if cache is not None else tmp_path_factory.mktemp("lp_emu")
+    return harness.build_library(where)
 
 
 @pytest.fixture
