@@ -17,7 +17,7 @@ On a GPU it also times one training iteration (forward, loss, backward,
 Adam step) of the 6x5120 CIFAR net at batch 512, against the paper code's
 published 0.0796 s (p = inf) and 0.1133 s (p = 8) on an RTX 3090.
 
-Times are medians of ``--repeat`` runs after one warm-up; the first call of
+Times are medians (and minima) of ``--repeat`` runs after one warm-up; goals use medians; the first call of
 our op is reported separately (it includes torch.compile on CPU, NVRTC on
 GPU).  On a shared machine the absolute numbers move with the load; the
 ratios are measured in the same process, one right after the other.
@@ -94,7 +94,7 @@ def _sync(device):
 
 
 def timed(fn, device, repeat: int, slow_after: float = 5.0):
-    """(first_call_seconds, median_seconds of ``repeat`` warm runs; one warm run when it takes over ``slow_after``)."""
+    """(first_call_seconds, median, min) over ``repeat`` warm runs (one when a run takes over ``slow_after``)."""
     _sync(device)
     t0 = time.perf_counter()
     fn()
@@ -108,7 +108,7 @@ def timed(fn, device, repeat: int, slow_after: float = 5.0):
         fn()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    return first, statistics.median(times)
+    return first, statistics.median(times), min(times)
 
 
 def _naive(x, w, p):
@@ -153,13 +153,13 @@ def bench_op(device, sizes, ps, repeat, mem_limit, log):
                             x.grad = w.grad = None
                             fn(x, w).backward(gy)
                     try:
-                        first, t = timed(run, device, repeat)
+                        first, t, t_min = timed(run, device, repeat)
                     except RuntimeError as exc:    # out of memory and the like
                         row["skipped"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
                         rows.append(row)
                         log(row)
                         continue
-                    row.update(seconds=t, first_call_seconds=first, gtriples_per_s=triples / t / 1e9)
+                    row.update(seconds=t, seconds_min=t_min, first_call_seconds=first, gtriples_per_s=triples / t / 1e9)
                     rows.append(row)
                     log(row)
     for row in rows:   # ratios against cdist, same size/p/mode
@@ -169,6 +169,7 @@ def bench_op(device, sizes, ps, repeat, mem_limit, log):
                      all(r[k] == row[k] for k in ("size", "p", "mode", "device"))), None)
         if base is not None:
             row["speedup_vs_cdist"] = base["seconds"] / row["seconds"]
+            row["speedup_vs_cdist_min"] = base["seconds_min"] / row["seconds_min"]
     return rows
 
 
@@ -212,9 +213,9 @@ def bench_training(device, ps, repeat, log):
             loss.backward()
             opt.step()
 
-        first, t = timed(step, device, repeat)
+        first, t, t_min = timed(step, device, repeat)
         row = dict(size="6x5120 CIFAR net, batch 512", p=p, mode="training iteration", method="ours",
-                   device=str(device), model=source, seconds=t, first_call_seconds=first,
+                   device=str(device), model=source, seconds=t, seconds_min=t_min, first_call_seconds=first,
                    paper_rtx3090_seconds=PAPER_SECONDS[p], speedup_vs_paper=PAPER_SECONDS[p] / t)
         rows.append(row)
         log(row)

@@ -99,7 +99,7 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, compile: bool | None = None, eager_budget: int = 1 << 22, compiled_budget: int = 1 << 26,
+    def __init__(self, compile: bool | None = None, eager_budget: int = 1 << 22, compiled_budget: int = 1 << 28,
                  min_compiled_work: int = 1 << 20, compile_backend="inductor"):
         self.compile = _env_compile() if compile is None else bool(compile)
         self.eager_budget = int(eager_budget)
@@ -251,16 +251,18 @@ class TorchBackend:
         pm1 = self._scalar(p - 1.0, w)
         r_lo = torch.where(lo > 0, 1.0 / lo, torch.zeros_like(lo))
         r_hi = torch.where(hi > 0, 1.0 / hi, torch.zeros_like(hi))
-        g_l = torch.empty_like(lower) if need_lower or need_upper else None
-        g_u = torch.empty_like(upper) if need_lower or need_upper else None
+        g_l = torch.empty_like(lower) if need_lower else None
+        g_u = torch.empty_like(upper) if need_upper else None
         g_w = torch.zeros_like(w) if need_w else None
         for sl in self._chunks(B, N, D, comp):
             args = (lower[sl], upper[sl], w, grad_lo[sl], r_lo[sl], grad_hi[sl], r_hi[sl], pm1)
-            if g_l is not None:
-                g_l[sl], g_u[sl] = self._run("ival_grad_box", pv, comp, *args)
+            if need_lower:
+                g_l[sl] = self._run("ival_grad_lower", pv, comp, *args)
+            if need_upper:
+                g_u[sl] = self._run("ival_grad_upper", pv, comp, *args)
             if need_w:
                 g_w += self._run("ival_grad_w", pv, comp, *args)
-        return (g_l if need_lower else None, g_u if need_upper else None, g_w)
+        return g_l, g_u, g_w
 
 
 def _describe(exc: BaseException) -> str:

@@ -213,3 +213,32 @@ def test_lp_dist_uses_the_compiled_path_for_large_problems(monkeypatch, compiled
     torch.testing.assert_close(gx, x.grad, rtol=0, atol=0)
     torch.testing.assert_close(gw, w.grad, rtol=1e-6, atol=1e-6)
     assert compiled.compiled_calls > calls
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["lp_grad_x", "lp_grad_w", "ival_grad_lower", "ival_grad_upper", "ival_grad_w",
+                                  "lp_sum", "ival_sum"])
+def test_compiled_graphs_never_allocate_a_b_n_d_buffer(name):
+    """The point of the compiled path: every reduction fuses, no (b, n, D) temporary exists."""
+    import re
+
+    from torch._inductor import config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    from linf_plugin.ops.torch_backend import _INDUCTOR_OPTIONS, _pv_fn
+
+    fn = _pv_fn(K.KERNELS[name], 8)            # a fresh code object: a real compile, not a dynamo cache hit
+    compiled = torch.compile(fn, dynamic=True, options=_INDUCTOR_OPTIONS)
+    x, w, lower, upper, g = _problem(6, 7, 9, torch.float32)
+    r = torch.rand(6, 7)
+    p = torch.tensor(8.0)
+    args = {"lp_sum": (x, w, r, p), "ival_sum": (lower, upper, w, r, r, p)}.get(
+        name, (x, w, g, r, p) if name.startswith("lp_") else (lower, upper, w, g, r, g, r, p))
+    with inductor_config.patch(fx_graph_cache=False):
+        out, code = run_and_get_code(compiled, *args)
+    eager = fn(*args)
+    for a, b in zip(out if isinstance(out, tuple) else (out,), eager if isinstance(eager, tuple) else (eager,)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    source = "\n".join(code)
+    assert "cpp_fused" in source
+    assert not re.search(r"empty_strided_cpu\(\(\w+, \w+, \w+\)", source), "a (b, n, D) buffer was allocated"
