@@ -264,9 +264,23 @@ def test_interval_gradient_flows_to_one_used_end_only():
 
 
 def test_symbolic_emits_custom_lp_dist_with_float_p():
-    class Graph:
-        def op(self, name, *args, **attrs):
-            return name, args, attrs
+    """Trace and convert to ONNX ops the way auto_LiRPA does: one custom::LpDist node,
+    p as a float attribute (inf representable), output typed (B, N)."""
+    import torch.onnx.utils as onnx_utils
 
-    name, args, attrs = LpDistFunction.symbolic(Graph(), "x", "w", INF, "torch")
-    assert name == "custom::LpDist" and args == ("x", "w") and attrs == {"p_f": INF}
+    class Layer(torch.nn.Module):
+        def __init__(self, p):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(5, 3))
+            self.p = p
+
+        def forward(self, x):
+            return LpDistFunction.apply(x, self.w, self.p, "torch")
+
+    for p in (INF, 8.0):
+        trace, _ = torch.jit._get_trace_graph(Layer(p), (torch.rand(4, 3),))
+        graph = onnx_utils._optimize_graph(trace, torch.onnx.OperatorExportTypes.ONNX, params_dict={})
+        nodes = [n for n in graph.nodes() if n.kind() == "custom::LpDist"]
+        assert len(nodes) == 1
+        assert nodes[0].f("p") == p
+        assert nodes[0].output().type().sizes() == [4, 5]
