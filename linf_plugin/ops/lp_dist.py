@@ -2,14 +2,23 @@
 
 Dispatch: ``backend="auto" | "torch" | "cupy" | "reference"`` (argument, else
 the environment variable ``LINF_LP_DIST_BACKEND``, else ``auto``).  ``auto``
-picks CuPy for CUDA tensors when CuPy imports, else the PyTorch path, and
-says which once in debug logging.
+picks CuPy for CUDA tensors when CuPy imports and sees a GPU, else the
+PyTorch path, and says which once per (backend, device type) in debug
+logging.  Backends:
+
+* ``torch`` (:mod:`.torch_backend`): chunked broadcast reductions, compiled
+  with inductor on CPU; any device;
+* ``cupy`` (:mod:`.cupy_backend`): the CUDA kernels of ``kernels/*.cu``;
+* ``reference`` (:mod:`.reference`): plain and slow, the test oracle.
+
+All three follow the conventions written down in :mod:`.reference`.
 """
 from __future__ import annotations
 
 import logging
 import math
 import os
+import warnings
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -17,26 +26,42 @@ from torch.autograd.function import once_differentiable
 from .checks import check_box, check_p, check_pair
 from .reference import ReferenceBackend
 
-__all__ = ["lp_dist", "lp_dist_interval", "LpDistFunction", "get_backend", "resolve_backend",
-           "BACKEND_ENV", "BACKENDS"]
+__all__ = ["lp_dist", "lp_dist_interval", "LpDistFunction", "LpDistIntervalFunction", "get_backend",
+           "resolve_backend", "BACKEND_ENV", "BACKENDS"]
 
 log = logging.getLogger(__name__)
 BACKEND_ENV = "LINF_LP_DIST_BACKEND"
 BACKENDS = ("auto", "torch", "cupy", "reference")
 
 _instances: dict = {"reference": ReferenceBackend()}
+_unavailable: dict = {}
 _announced: set = set()
 
 
 def get_backend(name: str):
-    """The backend object for a concrete name (``torch``, ``cupy``, ``reference``)."""
-    if name not in _instances:
-        if name == "torch":
-            _instances[name] = _instances["reference"]  # replaced by the fast path
-        elif name == "cupy":
-            raise RuntimeError("the CuPy backend is not available")
-        else:
-            raise ValueError(f"unknown lp_dist backend {name!r}; choose from {BACKENDS}")
+    """The backend object for a concrete name (``torch``, ``cupy``, ``reference``).
+
+    Raises:
+        ValueError: unknown name.
+        RuntimeError: ``cupy`` without CuPy or without a CUDA device (the
+            reason is remembered, so later calls fail fast).
+    """
+    if name in _instances:
+        return _instances[name]
+    if name == "torch":
+        from .torch_backend import TorchBackend
+        _instances[name] = TorchBackend()
+    elif name == "cupy":
+        if name in _unavailable:
+            raise RuntimeError(_unavailable[name])
+        try:
+            from .cupy_backend import CupyBackend
+            _instances[name] = CupyBackend()
+        except (ImportError, RuntimeError) as exc:
+            _unavailable[name] = f"the CuPy backend is not available: {type(exc).__name__}: {exc}"
+            raise RuntimeError(_unavailable[name]) from exc
+    else:
+        raise ValueError(f"unknown lp_dist backend {name!r}; choose from {BACKENDS}")
     return _instances[name]
 
 
@@ -51,7 +76,7 @@ def resolve_backend(backend, tensor: torch.Tensor) -> str:
             try:
                 get_backend("cupy")
                 name = "cupy"
-            except (RuntimeError, ImportError):
+            except RuntimeError:
                 pass
         key = (name, tensor.device.type)
         if key not in _announced:
@@ -68,13 +93,28 @@ class LpDistFunction(torch.autograd.Function):
     ``apply(x, w, p, backend)``; ``p`` a float in [1, inf], ``backend`` a
     concrete name.  Its ONNX ``symbolic`` emits ``custom::LpDist`` with ``p``
     as the float attribute ``p`` (inf is representable), which is how
-    auto_LiRPA sees the op (see :mod:`linf_plugin.lirpa`).
+    auto_LiRPA sees the op (see :mod:`linf_plugin.lirpa`).  ``x`` and ``w``
+    must already be valid (see :func:`lp_dist`, which checks them).
     """
 
     @staticmethod
     def forward(ctx, x, w, p, backend):
-        impl = get_backend(backend)
-        y, aux = impl.forward(x, w, p)
+        # auto_LiRPA builds its graph with torch.jit tracing, which records this
+        # Function through `symbolic`; the fast path's integer bit views cannot
+        # be traced, and the traced values are only used for shapes.
+        tracing = torch.jit.is_tracing()
+        impl = get_backend("reference" if tracing else backend)
+        x, w = x.contiguous(), w.contiguous()
+        need_aux = any(ctx.needs_input_grad[:2])
+        if tracing:
+            # The reference's chunk sizes come from (traced) shapes; harmless here.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                y, aux = impl.forward(x, w, p, need_aux=need_aux)
+        elif x.shape[0] == 0 or w.shape[0] == 0:
+            y, aux = x.new_zeros(x.shape[0], w.shape[0]), None
+        else:
+            y, aux = impl.forward(x, w, p, need_aux=need_aux)
         ctx.p, ctx.impl = p, impl
         ctx.save_for_backward(x, w, y, aux if aux is not None else torch.empty(0))
         ctx.has_aux = aux is not None
@@ -84,13 +124,63 @@ class LpDistFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_y):
         x, w, y, aux = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[:2]
+        if y.numel() == 0:
+            return (torch.zeros_like(x) if need_x else None, torch.zeros_like(w) if need_w else None, None, None)
         gx, gw = ctx.impl.backward(grad_y.contiguous(), x, w, y, aux if ctx.has_aux else None, ctx.p,
-                                   ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+                                   need_x, need_w)
         return gx, gw, None, None
 
     @staticmethod
     def symbolic(g, x, w, p, backend):
-        return g.op("custom::LpDist", x, w, p_f=float(p))
+        y = g.op("custom::LpDist", x, w, p_f=float(p))
+        # Tell ONNX shape inference the output is (B, N); without it torch warns
+        # that the custom op's shape is unknown.
+        from torch.onnx import symbolic_helper
+
+        xs, ws = symbolic_helper._get_tensor_sizes(x), symbolic_helper._get_tensor_sizes(w)
+        if xs and ws:
+            y.setType(x.type().with_sizes([xs[0], ws[0]]))
+        return y
+
+
+class LpDistIntervalFunction(torch.autograd.Function):
+    """``(lo, hi)`` of ``||x - w[n]||_p`` over the box ``[lower, upper]``, differentiable.
+
+    ``apply(lower, upper, w, p, backend)``.  The backward uses the
+    subgradient conventions of :mod:`linf_plugin.ops.reference` (IBP
+    certified training backpropagates through it).
+    """
+
+    @staticmethod
+    def forward(ctx, lower, upper, w, p, backend):
+        impl = get_backend("reference" if torch.jit.is_tracing() else backend)
+        lower, upper, w = lower.contiguous(), upper.contiguous(), w.contiguous()
+        need_aux = any(ctx.needs_input_grad[:3])
+        if lower.shape[0] == 0 or w.shape[0] == 0:
+            lo = lower.new_zeros(lower.shape[0], w.shape[0])
+            hi, aux = lo.clone(), None
+        else:
+            lo, hi, aux = impl.interval_forward(lower, upper, w, p, need_aux=need_aux)
+        ctx.p, ctx.impl = p, impl
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(lower, upper, w, lo, hi, aux if aux is not None else torch.empty(0))
+        ctx.has_aux = aux is not None
+        return lo, hi
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_lo, grad_hi):
+        lower, upper, w, lo, hi, aux = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        if lo.numel() == 0 or (grad_lo is None and grad_hi is None):
+            zeros = [torch.zeros_like(t) if n else None for t, n in zip((lower, upper, w), needs)]
+            return (*zeros, None, None)
+        grads = ctx.impl.interval_backward(
+            grad_lo.contiguous() if grad_lo is not None else None,
+            grad_hi.contiguous() if grad_hi is not None else None,
+            lower, upper, w, lo, hi, aux if ctx.has_aux else None, ctx.p, *needs)
+        return (*grads, None, None)
 
 
 def lp_dist(x: torch.Tensor, w: torch.Tensor, p: float = math.inf, *, backend: str | None = None) -> torch.Tensor:
@@ -111,9 +201,13 @@ def lp_dist(x: torch.Tensor, w: torch.Tensor, p: float = math.inf, *, backend: s
         ValueError / TypeError: bad shapes, dtypes, devices, p, or NaN input.
     """
     p = check_p(p)
+    if torch.jit.is_tracing():
+        # Shapes are traced values here (comparisons would warn); the trace
+        # only records the op, and the same call ran checked before tracing.
+        return LpDistFunction.apply(x, w, p, "reference")
     check_pair(x, w)
     name = resolve_backend(backend, x)
-    return LpDistFunction.apply(x.contiguous(), w.contiguous(), p, name)
+    return LpDistFunction.apply(x, w, p, name)
 
 
 def lp_dist_interval(lower: torch.Tensor, upper: torch.Tensor, w: torch.Tensor, p: float = math.inf,
@@ -121,21 +215,33 @@ def lp_dist_interval(lower: torch.Tensor, upper: torch.Tensor, w: torch.Tensor, 
     """Exact range of ``||x - w[n]||_p`` over the box ``lower <= x <= upper``.
 
     The function is separable per coordinate, so the range is exact for
-    every p: the maximum is at the corner farthest from ``w[n]`` (each
-    coordinate at the endpoint farther from ``w[n, i]``), the minimum at the
-    projection of ``w[n]`` onto the box, with per-coordinate distances
-    ``far_i = max(|l_i - w_i|, |u_i - w_i|)`` and
-    ``near_i = max(l_i - w_i, w_i - u_i, 0)``.
+    every p.  The maximum is attained at the corner farthest from ``w[n]``
+    (coordinate i at ``upper_i`` when ``upper_i - w_i >= w_i - lower_i``,
+    else at ``lower_i``), the minimum at the projection of ``w[n]`` onto the
+    box (``clamp(w[n], lower, upper)``).  Per coordinate, with
+    ``a = w - lower`` and ``c = upper - w``: ``far = max(a, c)``,
+    ``near = max(-a, -c, 0)``; ``hi = ||far||_p``, ``lo = ||near||_p``.
+
+    Differentiable in ``lower``, ``upper`` and ``w`` (interval bound
+    propagation trains through it) with the subgradient conventions of
+    :mod:`linf_plugin.ops.reference`: the far end follows the corner above
+    (ties to ``upper``), the near end is constant 0 inside the box, p = inf
+    uses the lowest argmax, and an output of exactly 0 passes no gradient.
 
     Args:
-        lower, upper: ``(B, D)`` box corners, ``lower <= upper``.
-        w: ``(N, D)``.
+        lower, upper: ``(B, D)`` box corners, ``lower <= upper``, no NaN.
+        w: ``(N, D)``, same dtype and device.
         p: in ``[1, inf]``.
+        backend: as :func:`lp_dist`.
 
     Returns:
         ``(lo, hi)``, each ``(B, N)``.
+
+    Raises:
+        ValueError / TypeError: bad shapes, dtypes, devices or p, NaN, or an
+            empty box (``lower > upper`` somewhere; checked on every device).
     """
     p = check_p(p)
     check_box(lower, upper, w)
     name = resolve_backend(backend, lower)
-    return get_backend(name).interval(lower.contiguous(), upper.contiguous(), w.contiguous(), p)
+    return LpDistIntervalFunction.apply(lower, upper, w, p, name)

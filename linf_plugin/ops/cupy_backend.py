@@ -1,0 +1,212 @@
+"""The CuPy backend: the CUDA kernels of ``kernels/*.cu`` behind the backend protocol.
+
+CuPy is imported lazily (it is optional; ``import linf_plugin`` never
+imports it).  Kernels are compiled with NVRTC through
+``cupy.RawModule(code=..., options=..., name_expressions=...)`` once per
+(device, family, dtype, p-variant) and kept in a dict (CuPy also caches the
+binaries on disk).  Tensors reach the kernels through DLPack
+(``cupy.from_dlpack``: no copies), and every kernel is launched on torch's
+current stream (``cupy.cuda.ExternalStream``), so nothing here synchronises
+with the host.
+
+The orchestration (which kernels, in which order, on which buffers) is
+plain torch code around a *launcher*; :class:`CupyLauncher` launches on the
+GPU, and the test suite substitutes a launcher that runs the same kernel
+sources on the CPU (tests/ops/emulation), so this file's logic is tested
+without a GPU.
+
+p = inf: the forward saves the int32 argmax (ties: lowest index) only when a
+backward will follow; the backward is a sparse atomicAdd scatter.  Finite
+p: a p = inf pass gives the normaliser ``m``, a second pass the
+max-normalised sum (exact chains for p = 1, 2, 8, exp2/log2 otherwise).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .kernel_specs import grid_for, module_spec
+from .torch_kernels import p_variant
+
+__all__ = ["CupyBackend", "CupyLauncher"]
+
+_CTYPES = {torch.float32: "float", torch.float64: "double"}
+_INT_MAX = 2 ** 31 - 1
+
+
+class CupyLauncher:
+    """Launch catalogue kernels on the GPU with CuPy.
+
+    Raises:
+        ImportError: CuPy is not installed.
+        RuntimeError: CuPy sees no CUDA device.
+    """
+
+    def __init__(self):
+        import cupy  # noqa: PLC0415  (optional dependency, imported on first use)
+        import numpy
+
+        try:
+            count = cupy.cuda.runtime.getDeviceCount()
+        except Exception as exc:  # noqa: BLE001  (CUDA driver missing or broken)
+            raise RuntimeError(f"CuPy cannot reach a CUDA device: {exc}") from exc
+        if count < 1:
+            raise RuntimeError("CuPy sees no CUDA device")
+        self._cp, self._np = cupy, numpy
+        self._modules: dict = {}
+
+    def function(self, spec, kernel, device_index: int):
+        """The compiled kernel (compiles the module on first use for this device)."""
+        key = (device_index, spec.key)
+        module = self._modules.get(key)
+        if module is None:
+            with self._cp.cuda.Device(device_index):
+                module = self._cp.RawModule(code=spec.source, options=spec.options,
+                                            name_expressions=spec.name_expressions)
+                module.compile()
+            self._modules[key] = module
+        return module.get_function(kernel.name)
+
+    def __call__(self, spec, kernel, grid, args):
+        cp, np = self._cp, self._np
+        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        scalar = np.float32 if spec.ctype == "float" else np.float64
+        with cp.cuda.Device(device.index):
+            stream = cp.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream, device.index)
+            with stream:
+                fn = self.function(spec, kernel, device.index)
+                cargs = []
+                for kind, arg in zip(kernel.params, args):
+                    if arg is None:
+                        cargs.append(np.uint64(0))           # null pointer
+                    elif kind in ("T*", "int*"):
+                        cargs.append(cp.from_dlpack(arg))
+                    elif kind == "int":
+                        cargs.append(np.int32(arg))
+                    else:
+                        cargs.append(scalar(arg))
+                fn(grid, kernel.block, tuple(cargs))
+
+
+class CupyBackend:
+    """Backend protocol of :class:`linf_plugin.ops.reference.ReferenceBackend` on CUDA kernels.
+
+    Args:
+        launcher: callable ``(module_spec, kernel_spec, grid, args)``;
+            default :class:`CupyLauncher` (needs CuPy and a GPU).
+    """
+
+    name = "cupy"
+
+    def __init__(self, launcher=None):
+        self.launcher = launcher if launcher is not None else CupyLauncher()
+
+    def _launch(self, family, dtype, pv, role, rows, cols, *args):
+        spec = module_spec(family, _CTYPES[dtype], pv)
+        kernel = spec.kernels[role]
+        self.launcher(spec, kernel, grid_for(kernel, rows, cols), args)
+
+    @staticmethod
+    def _check_sizes(*sizes):
+        for s in sizes:
+            if s > _INT_MAX:
+                raise ValueError(f"dimension {s} exceeds the kernels' int32 limit")
+
+    # -- distances ---------------------------------------------------------
+    def forward(self, x, w, p, need_aux=True):
+        B, N, D = x.shape[0], w.shape[0], x.shape[1]
+        self._check_sizes(B, N, D)
+        y = x.new_empty(B, N)
+        if math.isinf(p):
+            aux = torch.empty(B, N, dtype=torch.int32, device=x.device) if need_aux else None
+            role = "forward_save" if need_aux else "forward"
+            self._launch("linf", x.dtype, None, role, B, N, x, w, y, aux, B, N, D)
+            if need_aux:
+                self._launch("linf", x.dtype, None, "resolve", B * N, 0, x, w, y, aux, B, N, D)
+        else:
+            aux = None
+            pv = p_variant(p)
+            if pv != 1:
+                self._launch("linf", x.dtype, None, "forward", B, N, x, w, y, None, B, N, D)
+            self._launch("lp", x.dtype, pv, "forward", B, N, x, w, y, B, N, D, p)
+        _propagate_nan(y, x, w)
+        return y, aux
+
+    def backward(self, grad_y, x, w, y, aux, p, need_x=True, need_w=True):
+        B, N, D = x.shape[0], w.shape[0], x.shape[1]
+        if math.isinf(p):
+            gx = torch.zeros_like(x) if need_x else None
+            gw = torch.zeros_like(w) if need_w else None
+            self._launch("linf", x.dtype, None, "backward", B * N, 0, x, w, grad_y, aux, gx, gw, B, N, D)
+            return gx, gw
+        pv = p_variant(p)
+        r = torch.where(y > 0, 1.0 / y, torch.zeros_like(y))
+        gx = gw = None
+        if need_x:
+            gx = torch.empty_like(x)
+            self._launch("lp", x.dtype, pv, "backward_x", B, D, x, w, grad_y, r, gx, B, N, D, p - 1.0)
+        if need_w:
+            gw = torch.empty_like(w)
+            self._launch("lp", x.dtype, pv, "backward_w", N, D, w, x, grad_y, r, gw, N, B, D, p - 1.0)
+        return gx, gw
+
+    # -- interval ----------------------------------------------------------
+    def interval(self, lower, upper, w, p):
+        lo, hi, _ = self.interval_forward(lower, upper, w, p, need_aux=False)
+        return lo, hi
+
+    def interval_forward(self, lower, upper, w, p, need_aux=True):
+        B, N, D = lower.shape[0], w.shape[0], w.shape[1]
+        self._check_sizes(B, N, D)
+        lo, hi = lower.new_empty(B, N), lower.new_empty(B, N)
+        dt = w.dtype
+        if math.isinf(p):
+            aux = torch.empty(2, B, N, dtype=torch.int32, device=w.device) if need_aux else None
+            role = "forward_save" if need_aux else "forward"
+            self._launch("interval_inf", dt, None, role, B, N, lower, upper, w, lo, hi, aux, B, N, D)
+            if need_aux:
+                self._launch("interval_inf", dt, None, "resolve", B * N, 0, lower, upper, w, lo, hi, aux, B, N, D)
+            return lo, hi, aux
+        pv = p_variant(p)
+        if pv != 1:
+            self._launch("interval_inf", dt, None, "forward", B, N, lower, upper, w, lo, hi, None, B, N, D)
+        self._launch("interval_lp", dt, pv, "forward", B, N, lower, upper, w, lo, hi, B, N, D, p)
+        return lo, hi, None
+
+    def interval_backward(self, grad_lo, grad_hi, lower, upper, w, lo, hi, aux, p,
+                          need_lower=True, need_upper=True, need_w=True):
+        B, N, D = lower.shape[0], w.shape[0], w.shape[1]
+        dt = w.dtype
+        grad_lo = torch.zeros_like(lo) if grad_lo is None else grad_lo
+        grad_hi = torch.zeros_like(hi) if grad_hi is None else grad_hi
+        if math.isinf(p):
+            g_l = torch.zeros_like(lower) if need_lower else None
+            g_u = torch.zeros_like(upper) if need_upper else None
+            g_w = torch.zeros_like(w) if need_w else None
+            self._launch("interval_inf", dt, None, "backward", B * N, 0, lower, upper, w, lo, hi, grad_lo, grad_hi,
+                         aux, g_l, g_u, g_w, B, N, D)
+            return g_l, g_u, g_w
+        pv = p_variant(p)
+        r_lo = torch.where(lo > 0, 1.0 / lo, torch.zeros_like(lo))
+        r_hi = torch.where(hi > 0, 1.0 / hi, torch.zeros_like(hi))
+        g_l = g_u = g_w = None
+        if need_lower or need_upper:
+            g_l, g_u = torch.empty_like(lower), torch.empty_like(upper)
+            self._launch("interval_lp", dt, pv, "backward_box", B, D, lower, upper, w, grad_lo, r_lo, grad_hi, r_hi,
+                         g_l, g_u, B, N, D, p - 1.0)
+        if need_w:
+            g_w = torch.empty_like(w)
+            self._launch("interval_lp", dt, pv, "backward_w", N, D, lower, upper, w, grad_lo, r_lo, grad_hi, r_hi,
+                         g_w, B, N, D, p - 1.0)
+        return (g_l if need_lower else None, g_u if need_upper else None, g_w)
+
+
+def _propagate_nan(y, x, w):
+    """NaN rows of x or w make their outputs NaN (the kernels' max ignores NaN; torch's does not).
+
+    Inputs on CUDA are not scanned for NaN (that would synchronise with the
+    host), so this keeps a NaN visible instead; it costs O(BD + ND + BN).
+    """
+    bad = torch.isnan(x).any(1)[:, None] | torch.isnan(w).any(1)[None, :]
+    y.masked_fill_(bad, float("nan"))

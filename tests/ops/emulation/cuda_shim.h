@@ -1,0 +1,206 @@
+// A tiny CUDA execution model in C++20, enough to run linf_plugin's kernels
+// (linf_plugin/ops/kernels/*.cu) on the CPU for testing.
+//
+// Two ways to run a block's threads (emu_configure selects, per process):
+//   * threads (mode 3): each thread is a real std::thread with its own
+//     threadIdx/blockIdx (thread_local), interleaving freely between
+//     barriers; __syncthreads() is a std::barrier over the block's threads;
+//   * fibers (modes 0-2, the fast default): each thread is a ucontext fiber
+//     on one OS thread; __syncthreads() switches back to a scheduler that
+//     runs every thread up to the barrier, then starts the next phase.  The
+//     order of threads within each phase is ascending (0), descending (1) or
+//     freshly shuffled per phase from a seed (2), so a kernel whose result
+//     depends on the order of threads between two barriers (a shared-memory
+//     race) shows up as a difference between schedules.
+// In both, blocks run one after another; __shared__ variables become
+// function-static storage (one copy, reused by the next block); a launch
+// fails when the threads of a block pass different numbers of barriers
+// (undefined behaviour on a GPU); atomicAdd is std::atomic_ref::fetch_add;
+// arithmetic is the host's IEEE arithmetic (SSE2, round to nearest, no
+// flush-to-zero) and the math functions are the C library's.
+// Not modelled: warps and warp-synchronous code (the kernels use none), the
+// GPU memory model beyond barriers, bank conflicts, timing, register and
+// shared-memory limits (the NVRTC test checks those), FMA contraction and the
+// last-ulp behaviour of CUDA's math library.
+#pragma once
+
+#include <math.h>
+#include <algorithm>
+
+#include <ucontext.h>
+
+#include <atomic>
+#include <barrier>
+#include <functional>
+#include <memory>
+#include <numeric>
+#include <thread>
+#include <utility>
+#include <vector>
+
+struct dim3 {
+    unsigned x, y, z;
+    constexpr dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {}
+};
+
+namespace emu {
+inline thread_local dim3 thread_idx;
+inline thread_local dim3 block_idx;
+inline thread_local std::barrier<>* barrier = nullptr;
+inline thread_local unsigned long syncs = 0;
+inline dim3 block_dim;
+inline dim3 grid_dim;
+
+inline int mode = 2;
+inline unsigned long long seed = 0x9E3779B97F4A7C15ull;
+
+// ---- fibers
+struct Fiber {
+    ucontext_t ctx;
+    std::unique_ptr<char[]> stack;
+    dim3 tid;
+    unsigned long syncs = 0;
+    bool done = false;
+};
+inline ucontext_t scheduler;
+inline Fiber* current = nullptr;
+inline std::function<void()>* fiber_body = nullptr;
+constexpr size_t kStack = 1 << 16;
+
+inline void fiber_entry() {
+    (*fiber_body)();
+    current->done = true;  // returning resumes the scheduler (uc_link)
+}
+
+inline unsigned long long next_random() {
+    seed ^= seed << 13;
+    seed ^= seed >> 7;
+    seed ^= seed << 17;
+    return seed;
+}
+
+template <class F>
+int launch_fibers(dim3 grid, dim3 block, F& body) {
+    const unsigned nt = block.x * block.y * block.z;
+    std::function<void()> fn = [&] { body(); };
+    fiber_body = &fn;
+    std::vector<Fiber> fibers(nt);
+    for (auto& f : fibers) f.stack.reset(new char[kStack]);
+    std::vector<unsigned> order(nt);
+    int error = 0;
+    for (unsigned bz = 0; bz < grid.z; ++bz)
+        for (unsigned by = 0; by < grid.y; ++by)
+            for (unsigned bx = 0; bx < grid.x; ++bx) {
+                block_idx = dim3(bx, by, bz);
+                for (unsigned t = 0; t < nt; ++t) {
+                    Fiber& f = fibers[t];
+                    f.tid = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+                    f.syncs = 0;
+                    f.done = false;
+                    getcontext(&f.ctx);
+                    f.ctx.uc_stack.ss_sp = f.stack.get();
+                    f.ctx.uc_stack.ss_size = kStack;
+                    f.ctx.uc_link = &scheduler;
+                    makecontext(&f.ctx, fiber_entry, 0);
+                }
+                for (;;) {  // one barrier phase per round
+                    std::iota(order.begin(), order.end(), 0u);
+                    if (mode == 1) std::reverse(order.begin(), order.end());
+                    if (mode == 2)
+                        for (unsigned i = nt; i > 1; --i) std::swap(order[i - 1], order[next_random() % i]);
+                    unsigned done = 0;
+                    for (unsigned t : order) {
+                        Fiber& f = fibers[t];
+                        if (f.done) {
+                            ++done;
+                            continue;
+                        }
+                        current = &f;
+                        thread_idx = f.tid;
+                        swapcontext(&scheduler, &f.ctx);
+                        done += f.done;
+                    }
+                    if (done == nt) break;
+                    if (done != 0) error = 1;  // some threads finished while others wait at a barrier
+                }
+                for (unsigned t = 1; t < nt; ++t)
+                    if (fibers[t].syncs != fibers[0].syncs) error = 1;
+            }
+    fiber_body = nullptr;
+    current = nullptr;
+    return error;
+}
+
+// ---- real threads
+template <class F>
+int launch_threads(dim3 grid, dim3 block, F& body) {
+    const unsigned nt = block.x * block.y * block.z;
+    std::barrier<> bar(nt);
+    std::vector<unsigned long> counts(nt);
+    std::atomic<int> error{0};
+    std::vector<std::thread> threads;
+    threads.reserve(nt);
+    for (unsigned t = 0; t < nt; ++t) {
+        threads.emplace_back([&, t] {
+            thread_idx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+            barrier = &bar;
+            for (unsigned bz = 0; bz < grid.z; ++bz)
+                for (unsigned by = 0; by < grid.y; ++by)
+                    for (unsigned bx = 0; bx < grid.x; ++bx) {
+                        block_idx = dim3(bx, by, bz);
+                        syncs = 0;
+                        body();
+                        counts[t] = syncs;
+                        bar.arrive_and_wait();  // the block is done; its shared memory may be reused
+                        if (t == 0)
+                            for (unsigned s = 1; s < nt; ++s)
+                                if (counts[s] != counts[0]) error = 1;
+                        bar.arrive_and_wait();
+                    }
+        });
+    }
+    for (auto& th : threads) th.join();
+    return error.load();
+}
+
+// Runs body() as every thread of every block of the grid.  Returns 0, or 1
+// when the threads of some block passed different numbers of barriers.
+template <class F>
+int launch(dim3 grid, dim3 block, F body) {
+    block_dim = block;
+    grid_dim = grid;
+    return mode == 3 ? launch_threads(grid, block, body) : launch_fibers(grid, block, body);
+}
+}  // namespace emu
+
+#define threadIdx (emu::thread_idx)
+#define blockIdx (emu::block_idx)
+#define blockDim (emu::block_dim)
+#define gridDim (emu::grid_dim)
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __shared__ static
+#define __launch_bounds__(...)
+
+inline void __syncthreads() {
+    if (emu::mode == 3) {
+        ++emu::syncs;
+        emu::barrier->arrive_and_wait();
+    } else {
+        ++emu::current->syncs;
+        swapcontext(&emu::current->ctx, &emu::scheduler);
+    }
+}
+
+// mode: 0 fibers ascending, 1 fibers descending, 2 fibers shuffled (seeded), 3 std::threads.
+extern "C" void emu_configure(int mode, unsigned long long seed) {
+    emu::mode = mode;
+    emu::seed = seed ? seed : 0x9E3779B97F4A7C15ull;
+}
+
+template <class T>
+inline T atomicAdd(T* address, T value) {
+    return std::atomic_ref<T>(*address).fetch_add(value);
+}
