@@ -10,12 +10,13 @@ from __future__ import annotations
 from typing import Optional
 
 from .base import DatasetInfo, DatasetSplit
+from .box import linf_box
 from .digits import DIGITS, load_digits
 from .r_separated import linf_separation, three_point_set
 from .vision import CIFAR10, DATA_ROOT_ENV, MNIST, DataNotFoundError, load_cifar10, load_mnist
 
 __all__ = ["load_dataset", "list_datasets", "dataset_info", "DatasetSplit", "DatasetInfo",
-           "DataNotFoundError", "DATA_ROOT_ENV", "three_point_set", "linf_separation"]
+           "DataNotFoundError", "DATA_ROOT_ENV", "three_point_set", "linf_separation", "linf_box"]
 
 _INFO = {"digits": DIGITS, "mnist": MNIST, "cifar10": CIFAR10}
 
