@@ -55,7 +55,7 @@ def environment_report(datasets: bool = True) -> dict:
     """Collect the report as a JSON-able dict."""
     import torch
 
-    from .lirpa import compat
+    from .lirpa import applied_operator_fixes, compat
 
     rep = {
         "python": sys.version.split()[0],
@@ -68,6 +68,7 @@ def environment_report(datasets: bool = True) -> dict:
         "cpu_threads": torch.get_num_threads(),
         "auto_LiRPA": compat.auto_lirpa_version(),
         "auto_LiRPA_fixes": compat.applied_fixes(),
+        "auto_LiRPA_operator_fixes": applied_operator_fixes(),
     }
     rep.update(_cupy_status())
     if datasets:
@@ -90,6 +91,8 @@ def main(argv=None) -> int:
           f" (compiles: {rep['nvrtc_compiles']}){'; ' + rep['cupy_error'] if rep['cupy_error'] else ''}")
     print(f"auto_LiRPA {rep['auto_LiRPA']}; compat fixes applied: {len(rep['auto_LiRPA_fixes'])}"
           + "".join(f"\n  - {f}" for f in rep["auto_LiRPA_fixes"]))
+    print(f"auto_LiRPA 0.3 operator fixes applied: {len(rep['auto_LiRPA_operator_fixes'])}"
+          + "".join(f"\n  - {f}" for f in rep["auto_LiRPA_operator_fixes"]))
     if not args.short:
         print(f"python {rep['python']} on {rep['platform']}, {rep['cpu_threads']} CPU threads")
         for name, status in rep["datasets"].items():

@@ -40,6 +40,15 @@ def test_apply_is_idempotent_and_recorded():
         assert first == [], "nothing may be patched on upstream auto_LiRPA"
 
 
+def test_version_gate():
+    assert compat.installed_version() == auto_LiRPA.__version__
+    assert compat.needs_legacy_fixes() is IS_03
+    assert compat.needs_legacy_fixes("0.3") and compat.needs_legacy_fixes("0.3.1")
+    assert not compat.needs_legacy_fixes("0.7.1") and not compat.needs_legacy_fixes("0.4.0")
+    assert not compat.needs_legacy_fixes("unknown")
+
+
+@pytest.mark.skipif(not IS_03, reason="the fixes only exist on auto_LiRPA 0.3")
 def test_fixes_are_feature_detected():
     # Each fix leaves things alone when the feature already exists.
     import numpy.lib.arraysetops as aso
@@ -70,6 +79,7 @@ def test_fixes_are_feature_detected():
     assert len(list(old.parameters())) == 2
 
 
+@pytest.mark.skipif(not IS_03, reason="the helper is only restored for auto_LiRPA 0.3")
 def test_opset_helper_sets_exporter_opset():
     import torch.onnx.symbolic_helper as sh
     import torch.onnx.utils as ou

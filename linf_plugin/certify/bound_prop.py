@@ -14,6 +14,7 @@ relative to the unit roundoff ``u`` of the computation dtype, and offer
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -23,6 +24,14 @@ from ..data.box import linf_box
 from .margin import unit_roundoff
 
 __all__ = ["LIRPA_METHODS", "margin_spec", "BoundPropCertifier"]
+
+def _is_03() -> bool:
+    import auto_LiRPA
+
+    return getattr(auto_LiRPA, "__version__", "").startswith("0.3")
+
+
+_AUTO_LIRPA_03 = _is_03()
 
 # our name -> auto_LiRPA's method name
 LIRPA_METHODS = {"ibp": "IBP", "crown-ibp": "CROWN-IBP", "crown": "CROWN", "alpha-crown": "CROWN-Optimized"}
@@ -34,6 +43,18 @@ def margin_spec(y: torch.Tensor, num_classes: int, dtype=torch.float32) -> torch
     c = eye[y].unsqueeze(1) - eye.unsqueeze(0)
     keep = torch.arange(num_classes, device=y.device).unsqueeze(0) != y.unsqueeze(1)
     return c[keep].view(y.shape[0], num_classes - 1, num_classes)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    """auto_LiRPA creates some constants with the default dtype; a float64 model
+    needs float64 there too (both 0.3 and 0.7)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
 
 
 class BoundPropCertifier:
@@ -53,8 +74,14 @@ class BoundPropCertifier:
         self.model = model
         self.num_classes = num_classes
         opts = {"optimize_bound_args": {"iteration": int(alpha_iterations), "lr_alpha": float(alpha_lr)}}
-        self.bounded = bounded_module(model, example, bound_opts=opts)
+        if _AUTO_LIRPA_03:
+            # 0.3's sparse alpha (its default) breaks alpha-CROWN when the set of
+            # unstable ReLUs differs between the init pass and the optimisation
+            # (shape mismatch in reconstruct_full_alpha); dense alpha is correct.
+            opts.update(sparse_features_alpha=False, sparse_spec_alpha=False)
         self.dtype = example.dtype
+        with _default_dtype(self.dtype):
+            self.bounded = bounded_module(model, example, bound_opts=opts)
 
     def lower_margins(self, x: torch.Tensor, y: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
                       method: str) -> torch.Tensor:
@@ -63,8 +90,9 @@ class BoundPropCertifier:
 
         ptb = PerturbationLpNorm(norm=math.inf, eps=None, x_L=lower, x_U=upper)
         c = margin_spec(y, self.num_classes, x.dtype)
-        lb, _ = self.bounded.compute_bounds(x=(BoundedTensor(x, ptb),), C=c, method=LIRPA_METHODS[method],
-                                            bound_upper=False)
+        with _default_dtype(self.dtype):
+            lb, _ = self.bounded.compute_bounds(x=(BoundedTensor(x, ptb),), C=c, method=LIRPA_METHODS[method],
+                                                bound_upper=False)
         return lb.detach()
 
     def certify(self, x, y, eps, method, data_range, correct: Optional[torch.Tensor] = None):

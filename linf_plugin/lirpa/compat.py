@@ -4,8 +4,10 @@ auto_LiRPA 0.3 (2022) was written against torch 1.12 and numpy 1.x.  Four
 things it relies on are gone in torch 2.14 / numpy 2; each was fixed upstream
 later, so upstream 0.7.x needs none of this.  Every fix below is
 
-* **feature-detected** -- applied only when the thing it provides is missing,
-  so on upstream 0.7.x (or on old torch/numpy) nothing is touched;
+* **feature-detected** -- applied only when the installed auto_LiRPA is a
+  pre-0.4 release (read from its metadata, without importing it) AND the
+  thing the fix provides is missing, so on upstream 0.7.x (or on old
+  torch/numpy) nothing is touched;
 * **idempotent** -- applying twice changes nothing;
 * **recorded** -- :func:`applied_fixes` says which ones ran, and the
   environment report prints them.
@@ -50,7 +52,7 @@ import inspect
 import sys
 import types
 
-__all__ = ["apply", "applied_fixes", "auto_lirpa_version"]
+__all__ = ["apply", "applied_fixes", "auto_lirpa_version", "installed_version", "needs_legacy_fixes"]
 
 _APPLIED: list[str] = []
 _DONE = False
@@ -175,6 +177,45 @@ def _quiet_import(name: str):
         cpp_logger.setLevel(level)
 
 
+def installed_version() -> str | None:
+    """The installed auto_LiRPA version, read WITHOUT importing it (0.3 cannot
+    be imported before the fixes); None when it is not installed."""
+    from importlib import metadata
+    import importlib.util
+    import re
+
+    try:
+        return metadata.version("auto_LiRPA")
+    except metadata.PackageNotFoundError:
+        pass
+    spec = importlib.util.find_spec("auto_LiRPA")  # e.g. a source checkout on sys.path
+    if spec is None or not spec.origin:
+        return None
+    try:
+        text = open(spec.origin, encoding="utf-8").read()
+    except OSError:
+        return None
+    found = re.search(r"__version__\s*=\s*['\"]([^'\"]+)['\"]", text)
+    return found.group(1) if found else "unknown"
+
+
+def needs_legacy_fixes(version: str | None = None) -> bool:
+    """True for auto_LiRPA releases before 0.4 (PyPI's 0.3), which need the fixes.
+
+    Upstream 0.7.x imports and runs on torch 2.x / numpy 2 as it is, so nothing
+    is patched there even where torch or numpy lack what 0.3 used.
+    """
+    from packaging.version import InvalidVersion, Version
+
+    version = installed_version() if version is None else version
+    if version in (None, "unknown"):
+        return False
+    try:
+        return Version(version) < Version("0.4")
+    except InvalidVersion:
+        return False
+
+
 def apply() -> list[str]:
     """Apply every needed fix and import auto_LiRPA.  Safe to call repeatedly.
 
@@ -188,9 +229,11 @@ def apply() -> list[str]:
     global _DONE
     if _DONE:
         return list(_APPLIED)
-    _fix_numpy_arraysetops()
-    _fix_set_opset_version()
-    _fix_node_getitem()
+    legacy = needs_legacy_fixes()
+    if legacy:
+        _fix_numpy_arraysetops()
+        _fix_set_opset_version()
+        _fix_node_getitem()
     try:
         _quiet_import("auto_LiRPA")
     except ImportError as exc:
@@ -202,7 +245,8 @@ def apply() -> list[str]:
                 "source (https://github.com/Verified-Intelligence/auto_LiRPA)."
             ) from exc
         raise
-    _fix_named_members()
+    if legacy:
+        _fix_named_members()
     _DONE = True
     return list(_APPLIED)
 

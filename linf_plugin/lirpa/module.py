@@ -5,9 +5,25 @@ import warnings
 
 import torch
 
+from .compat import auto_lirpa_version
 from .op import register
 
-__all__ = ["bounded_module"]
+__all__ = ["bounded_module", "default_bound_opts"]
+
+
+def default_bound_opts() -> dict:
+    """Bound options :func:`bounded_module` adds unless the caller sets them.
+
+    On auto_LiRPA 0.3 ``sparse_spec_alpha`` is turned off: with it (0.3's
+    default) alpha-CROWN fails on ReLU CNNs in patches mode (an assertion in
+    ``BoundRelu._backward_relaxation``, with or without our layers; upstream
+    0.7 is fine with its default, and fails without it).  A user building a
+    ``BoundedModule`` by hand on 0.3 can pass ``bound_opts={"sparse_spec_alpha":
+    False}`` for the same effect.
+    """
+    if auto_lirpa_version().startswith("0.3"):
+        return {"sparse_spec_alpha": False}
+    return {}
 
 
 def bounded_module(model: torch.nn.Module, example_input: torch.Tensor, *, bound_opts: dict | None = None,
@@ -27,7 +43,8 @@ def bounded_module(model: torch.nn.Module, example_input: torch.Tensor, *, bound
             batch statistic, which is traced as such.
         example_input: ``(B, ...)`` float tensor of the model's input shape.
         bound_opts: auto_LiRPA bound options; ``{"lp_dist": {"lower": ...}}``
-            configures :class:`~linf_plugin.lirpa.bound.BoundLpDist`.
+            configures :class:`~linf_plugin.lirpa.bound.BoundLpDist`.  Merged
+            over :func:`default_bound_opts`.
         device: defaults to ``example_input.device``.
         quiet: suppress tracing warnings while building.
         **kwargs: passed to ``BoundedModule``.
@@ -47,8 +64,10 @@ def bounded_module(model: torch.nn.Module, example_input: torch.Tensor, *, bound
     if example_input.dim() < 2:
         raise ValueError(f"example_input must have a batch dimension, got shape {tuple(example_input.shape)}")
     register()
+    opts = default_bound_opts()
+    opts.update(bound_opts or {})
     device = example_input.device if device is None else device
     with warnings.catch_warnings():
         if quiet:
             warnings.simplefilter("ignore")
-        return BoundedModule(model, example_input, bound_opts=bound_opts, device=device, **kwargs)
+        return BoundedModule(model, example_input, bound_opts=opts, device=device, **kwargs)

@@ -39,11 +39,18 @@ idempotent, and recorded (:func:`applied_operator_fixes`).
     ``(batch, C, 1, 1)``).  Fix: a constant with one value, or one per input
     channel, multiplies the patches' ``(in_c, kh, kw)`` dims directly;
     anything else goes to the original.  Applied wherever the probe fails.
+11. ``Bound.broadcast_backward`` in 0.3 assumes that a constant operand
+    without a batch dimension has fewer dims than the activation; a
+    full-rank constant such as an input normalisation's ``(1, 1)`` or
+    ``(1, C, 1, 1)`` mean (its leading 1 broadcasts over the batch) makes it
+    index past the A matrix (``IndexError``) once buffers are constants (fix
+    5).  Upstream treats the leading dim as the batch.  Fix: the same.
 """
 from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 
 import torch
 
@@ -279,6 +286,47 @@ def _fix_patches_times_constant() -> None:
     _APPLIED.append("BoundMul._multiply_by_const: Patches times a scalar or per-channel constant")
 
 
+class _ShapeView:
+    """Stands in for a constant node with its leading (batch-broadcast) dim dropped."""
+
+    batch_dim = -1
+
+    def __init__(self, output_shape):
+        self.output_shape = output_shape
+
+
+def _broadcast_backward_is_broken(Bound) -> bool:
+    node = Bound()
+    node.batch_dim = 0
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            node.broadcast_backward(torch.zeros(2, 3, 4), _ShapeView(torch.Size([1, 1])))
+    except (IndexError, AssertionError):
+        return True
+    return False
+
+
+def _fix_full_rank_constant_broadcast() -> None:
+    from auto_LiRPA.operators import Bound
+
+    original = Bound.broadcast_backward
+    if getattr(original, "_linf_plugin_fix", False) or not _broadcast_backward_is_broken(Bound):
+        return
+
+    @functools.wraps(original)
+    def broadcast_backward(self, A, x):
+        shape = getattr(x, "output_shape", None)
+        if (isinstance(A, torch.Tensor) and getattr(x, "batch_dim", None) == -1 and shape is not None
+                and len(shape) == A.dim() - 1 and len(shape) > 0 and shape[0] == 1):
+            return original(self, A, _ShapeView(torch.Size(shape[1:])))
+        return original(self, A, x)
+
+    broadcast_backward._linf_plugin_fix = True
+    Bound.broadcast_backward = broadcast_backward
+    _APPLIED.append("Bound.broadcast_backward: full-rank constants broadcast over the batch")
+
+
 def apply_operator_fixes() -> list[str]:
     """Apply the operator fixes that this auto_LiRPA needs (idempotent).
 
@@ -286,6 +334,10 @@ def apply_operator_fixes() -> list[str]:
         The fixes applied in this process (empty on upstream 0.7.x).
     """
     global _DONE
+    from .compat import needs_legacy_fixes
+
+    if not _DONE and not needs_legacy_fixes():
+        _DONE = True  # upstream 0.7.x: nothing is patched
     if not _DONE:
         _fix_buffers_from_input()
         _fix_sub_bound_forward()
@@ -293,6 +345,7 @@ def apply_operator_fixes() -> list[str]:
         _fix_flat_add_sub_patches()
         _fix_batchnorm_forward()
         _fix_patches_times_constant()
+        _fix_full_rank_constant_broadcast()
         _DONE = True
     return list(_APPLIED)
 

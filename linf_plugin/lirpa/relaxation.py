@@ -336,12 +336,16 @@ def upper_plane(lower, upper, w, p: float) -> Plane:
             rf, rl, ru = far / safe, hl / safe, hu / safe
             score = rf ** p - torch.minimum(rl, ru) ** p
             k = score.argmax(dim=-1)
-            rest = (rf ** p).scatter(-1, k.unsqueeze(-1), torch.zeros_like(rf[..., :1])).sum(-1)
-            rlk = torch.gather(rl, -1, k.unsqueeze(-1)).squeeze(-1)
-            ruk = torch.gather(ru, -1, k.unsqueeze(-1)).squeeze(-1)
-            ms = safe.squeeze(-1)
-            phil.append(torch.where(m.squeeze(-1) > 0, ms * (rlk ** p + rest) ** (1.0 / p), torch.zeros_like(ms)))
-            phiu.append(torch.where(m.squeeze(-1) > 0, ms * (ruk ** p + rest) ** (1.0 / p), torch.zeros_like(ms)))
+            # R = ||far_{-k}||_p, normalised by its own largest term (so the
+            # largest term never underflows, whatever the scale of far_k).
+            rest_far = far.scatter(-1, k.unsqueeze(-1), torch.zeros_like(far[..., :1]))
+            m_rest = rest_far.amax(dim=-1, keepdim=True)
+            safe_rest = torch.where(m_rest > 0, m_rest, torch.ones_like(m_rest))
+            R = (m_rest * ((rest_far / safe_rest) ** p).sum(-1, keepdim=True) ** (1.0 / p)).squeeze(-1)
+            hlk = torch.gather(hl, -1, k.unsqueeze(-1)).squeeze(-1)
+            huk = torch.gather(hu, -1, k.unsqueeze(-1)).squeeze(-1)
+            phil.append(_norm2(hlk, R, p))
+            phiu.append(_norm2(huk, R, p))
         ks.append(k)
     k = torch.cat(ks, dim=1)
     phil, phiu = torch.cat(phil, dim=1), torch.cat(phiu, dim=1)
@@ -351,6 +355,15 @@ def upper_plane(lower, upper, w, p: float) -> Plane:
     c = 4.0 if math.isinf(p) else 8.0 + D
     slack = c * eps * (bias.abs() + slope.abs() * torch.maximum(lk.abs(), uk.abs()) + torch.maximum(phil, phiu))
     return Plane(slope, bias + slack, k)
+
+
+def _norm2(a: torch.Tensor, b: torch.Tensor, p: float) -> torch.Tensor:
+    """``(a^p + b^p)^(1/p)`` for ``a, b >= 0``, as ``max * (1 + (min/max)^p)^(1/p)`` (no overflow or
+    harmful underflow: a vanishing ratio term is below the rounding of the result)."""
+    hi = torch.maximum(a, b)
+    lo = torch.minimum(a, b)
+    safe = torch.where(hi > 0, hi, torch.ones_like(hi))
+    return hi * (1.0 + (lo / safe) ** p) ** (1.0 / p)
 
 
 def _chord(lk, uk, phil, phiu):

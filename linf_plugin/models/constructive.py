@@ -53,7 +53,7 @@ def _theoremA2_entry(input_shape, num_classes, num_points: int = 16, depth: int 
                        negate_output=False, backend=backend)
 
 
-def _prepare(x, y, num_classes, dtype, mean, std, radius):
+def _prepare(x, y, num_classes, dtype, mean, std):
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
         raise TypeError("x and y must be tensors (use DatasetSplit.x / .y)")
     if not x.is_floating_point():
@@ -125,7 +125,7 @@ def theorem32_net(x: torch.Tensor, y: torch.Tensor, num_classes: Optional[int] =
         A :class:`LinfDistNet` in eval mode (registry name ``theorem32_net``),
         logits ``(B, K)``.
     """
-    x, y, k, dtype, input_shape, model_kw = _prepare(x, y, num_classes, dtype, mean, std, radius)
+    x, y, k, dtype, input_shape, model_kw = _prepare(x, y, num_classes, dtype, mean, std)
     n = x.shape[0]
     net = create_model("theorem32_net", input_shape, k, num_points=n, backend=backend, **model_kw).to(dtype)
     z = net.normalize(x).flatten(1)
@@ -166,7 +166,7 @@ def theoremA2_net(x: torch.Tensor, y: torch.Tensor, depth: int, num_classes: Opt
         A :class:`LinfDistNet` in eval mode (registry name ``theoremA2_net``).
     """
     depth = int(depth)
-    x, y, k, dtype, input_shape, model_kw = _prepare(x, y, num_classes, dtype, mean, std, radius)
+    x, y, k, dtype, input_shape, model_kw = _prepare(x, y, num_classes, dtype, mean, std)
     n = x.shape[0]
     net = create_model("theoremA2_net", input_shape, k, num_points=n, depth=depth, backend=backend,
                        **model_kw).to(dtype)

@@ -5,7 +5,8 @@ auto_LiRPA's ``examples/vision/models/feedforward.py``, with the flatten size
 computed from the input shape (so digits 1×8×8, MNIST 1×28×28 and CIFAR
 3×32×32 all work; the MLP also takes vectors ``(d,)``), ``num_classes``
 logits instead of a fixed 10, and the input normalisation inside the model
-(a per-channel std is allowed here).
+(a per-channel std is allowed here; for images it is computed as a 1×1
+convolution, a form auto_LiRPA's CROWN can bound in front of strided convs).
 """
 from __future__ import annotations
 
@@ -35,7 +36,10 @@ class ReluNet(CertifiableModel):
 
     def __init__(self, input_shape: Sequence[int], num_classes: int, body: nn.Sequential, *, mean=0.0, std=1.0):
         super().__init__(input_shape, num_classes)
-        self.normalize = InputNormalize(mean, std, self.input_shape, scalar_std=False)
+        # 1x1-conv form for images: auto_LiRPA's CROWN cannot bound a constant division before a
+        # strided / padded convolution in its patches mode, but it bounds a 1x1 convolution
+        self.normalize = InputNormalize(mean, std, self.input_shape, scalar_std=False,
+                                        as_conv=len(self.input_shape) == 3)
         self.body = body
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -99,7 +99,7 @@ class LpDistLinear(nn.Module):
             self.mean_shift.reset_running_stats()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 2 or x.shape[1] != self.in_features:
+        if not torch.jit.is_tracing() and (x.dim() != 2 or x.shape[1] != self.in_features):
             raise ValueError(f"LpDistLinear({self.in_features}, {self.out_features}) expects input of shape "
                              f"(B, {self.in_features}), got {tuple(x.shape)}")
         y = lp_dist(x, self.weight, self._p, backend=self.backend)

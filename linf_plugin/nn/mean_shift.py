@@ -45,7 +45,7 @@ class MeanShiftNorm(nn.Module):
         self.running_mean.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 2 or x.shape[1] != self.num_features:
+        if not torch.jit.is_tracing() and (x.dim() != 2 or x.shape[1] != self.num_features):
             raise ValueError(f"MeanShiftNorm({self.num_features}) expects input of shape (B, {self.num_features}), "
                              f"got {tuple(x.shape)}")
         if self.training:

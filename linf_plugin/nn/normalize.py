@@ -6,6 +6,7 @@ import numbers
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["InputNormalize"]
@@ -28,15 +29,20 @@ def _as_floats(name: str, value) -> tuple:
 
 
 def _view_shape(values: tuple, input_shape: Optional[tuple], name: str) -> tuple:
-    """Broadcast shape for a per-channel statistic (channel = dim 0 of one input)."""
-    if len(values) == 1:
-        return ()
+    """Broadcast shape ``(1, C or 1, 1, ...)`` for a per-channel statistic (channel = dim 0 of one input).
+
+    The statistic keeps the full rank of a batch (e.g. ``(1, 3, 1, 1)`` for
+    images) even when it is one number: auto_LiRPA's convolution ("patches")
+    mode only bounds a product or quotient by a constant of full rank.
+    """
     if input_shape is None:
-        raise ValueError(f"a per-channel {name} of length {len(values)} needs input_shape")
-    if len(values) != input_shape[0]:
+        if len(values) > 1:
+            raise ValueError(f"a per-channel {name} of length {len(values)} needs input_shape")
+        return ()
+    if len(values) not in (1, input_shape[0]):
         raise ValueError(f"{name} has {len(values)} entries but inputs of shape {tuple(input_shape)} have "
                          f"{input_shape[0]} channels (dim 0)")
-    return (len(values),) + (1,) * (len(input_shape) - 1)
+    return (1, len(values)) + (1,) * (len(input_shape) - 1)
 
 
 class InputNormalize(nn.Module):
@@ -54,12 +60,19 @@ class InputNormalize(nn.Module):
         input_shape: shape of one input; needed for per-channel statistics.
         scalar_std: refuse a per-channel std (``ValueError``).  A sequence
             whose entries are all equal counts as a scalar.
+        as_conv: compute ``x * (1/std) + (−mean/std)`` as a 1×1 convolution
+            (image inputs only).  auto_LiRPA cannot bound a subtraction /
+            division by a constant that sits before a strided or padded
+            convolution in its "patches" mode, but it bounds a 1×1
+            convolution; the ReLU CNNs use this form.  Differs from the
+            default form by rounding only.
 
     Shapes:
         input ``(B, *input_shape)``; output the same.
     """
 
-    def __init__(self, mean=0.0, std=1.0, input_shape: Optional[Sequence[int]] = None, *, scalar_std: bool = True):
+    def __init__(self, mean=0.0, std=1.0, input_shape: Optional[Sequence[int]] = None, *, scalar_std: bool = True,
+                 as_conv: bool = False):
         super().__init__()
         input_shape = tuple(int(s) for s in input_shape) if input_shape is not None else None
         mean_t = _as_floats("mean", mean)
@@ -79,6 +92,17 @@ class InputNormalize(nn.Module):
                                                                                          input_shape, "mean")))
         self.register_buffer("std", torch.tensor(self.std_values).reshape(_view_shape(self.std_values,
                                                                                        input_shape, "std")))
+        self.as_conv = bool(as_conv)
+        if self.as_conv:
+            if input_shape is None or len(input_shape) != 3:
+                raise ValueError(f"as_conv needs image inputs (C, H, W), got input_shape {input_shape}")
+            c = input_shape[0]
+            mean_c = torch.tensor(self.mean_values).expand(c) if len(self.mean_values) == 1 else torch.tensor(
+                self.mean_values)
+            std_c = torch.tensor(self.std_values).expand(c) if len(self.std_values) == 1 else torch.tensor(
+                self.std_values)
+            self.register_buffer("conv_weight", torch.diag(1.0 / std_c).reshape(c, c, 1, 1))
+            self.register_buffer("conv_bias", -mean_c / std_c)
 
     @property
     def scalar_std(self) -> Optional[float]:
@@ -93,6 +117,8 @@ class InputNormalize(nn.Module):
         0.3081 rounded to float32), not from the requested value: the two
         differ by up to 6e-8 relative, and a certificate must use the former.
         """
+        if self.as_conv:
+            return float(self.conv_weight.abs().amax())
         return 1.0 / float(self.std.min())
 
     @property
@@ -100,9 +126,11 @@ class InputNormalize(nn.Module):
         return all(m == 0.0 for m in self.mean_values) and all(s == 1.0 for s in self.std_values)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.as_conv:
+            return F.conv2d(x, self.conv_weight, self.conv_bias)
         return (x - self.mean) / self.std
 
     def extra_repr(self) -> str:
         mean = self.mean_values[0] if len(self.mean_values) == 1 else list(self.mean_values)
         std = self.std_values[0] if len(self.std_values) == 1 else list(self.std_values)
-        return f"mean={mean}, std={std}"
+        return f"mean={mean}, std={std}" + (", as_conv=True" if self.as_conv else "")

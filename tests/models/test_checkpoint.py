@@ -195,3 +195,20 @@ def test_save_refuses_what_it_could_not_load(tmp_path):
         save_checkpoint(tmp_path / "x.pt", model, epoch=1.5)
     assert not (tmp_path / "x.pt").exists()
     assert registry_module.is_model("mlp_3layer")
+
+
+@pytest.mark.gpu
+def test_cuda_round_trip_and_map_location(tmp_path):
+    model = create_model("linf_dist_mlp_5x128", (1, 8, 8), 10, mean=(0.3,), std=0.37).cuda().eval()
+    x = torch.rand(4, 1, 8, 8, device="cuda")
+    with torch.no_grad():
+        expect = model(x)
+    path = save_checkpoint(tmp_path / "gpu.pt", model)
+    on_gpu = load_checkpoint(path, map_location="cuda")
+    assert next(on_gpu.model.parameters()).is_cuda and "cuda" in on_gpu.rng_state
+    with torch.no_grad():
+        torch.testing.assert_close(on_gpu.model(x), expect)
+    on_cpu = load_checkpoint(path)  # default map_location="cpu"
+    assert not next(on_cpu.model.parameters()).is_cuda
+    with torch.no_grad():
+        torch.testing.assert_close(on_cpu.model(x.cpu()), expect.cpu())

@@ -40,28 +40,28 @@ def _ratio(net, x, x2):
     return num / den
 
 
-def _adversarial_ratio(net, x, delta, steps=10, seed=0):
-    """max over outputs k of a short PGD on (g_k(x') − g_k(x)) in the ℓ∞ ball of radius delta."""
+def _adversarial_ratio(net, x, delta, steps=8, seed=0, outputs=4):
+    """Best difference quotient found near ``x`` at radius ``delta``.
+
+    Two searches: a signed-gradient step for each of the first ``outputs``
+    logits (exact on a linear piece of an ℓ∞-dist net, so it attains the
+    constant), and a short PGD on
+    ``|g(x') − g(x)|∞`` in the ℓ∞ ball of radius ``delta``.
+    """
     gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        base = net(x)
-    best = torch.zeros(x.shape[0], dtype=x.dtype)
-    for k in range(base.shape[1]):
-        for sign in (1.0, -1.0):
-            x2 = (x + delta * (2 * torch.rand(x.shape, generator=gen, dtype=x.dtype) - 1)).requires_grad_(True)
-            for _ in range(steps):
-                obj = sign * (net(x2)[:, k] - base[:, k])
-                (g,) = torch.autograd.grad(obj.sum(), x2)
-                with torch.no_grad():
-                    x2 = (x + (x2 + delta / 4 * g.sign() - x).clamp(-delta, delta)).requires_grad_(True)
-            best = torch.maximum(best, _ratio(net, x, x2.detach()))
-    # the signed-gradient step: exact on a linear piece
     x1 = x.clone().requires_grad_(True)
     out = net(x1)
-    for k in range(out.shape[1]):
+    best = torch.zeros(x.shape[0], dtype=x.dtype)
+    for k in range(min(outputs, out.shape[1])):
         (g,) = torch.autograd.grad(out[:, k].sum(), x1, retain_graph=True)
         best = torch.maximum(best, _ratio(net, x, x + delta * g.sign()))
-    return best
+    base = out.detach()
+    x2 = (x + delta * (2 * torch.rand(x.shape, generator=gen, dtype=x.dtype) - 1)).requires_grad_(True)
+    for _ in range(steps):
+        (g,) = torch.autograd.grad((net(x2) - base).abs().amax(1).sum(), x2)
+        with torch.no_grad():
+            x2 = (x + (x2 + delta / 4 * g.sign() - x).clamp(-delta, delta)).requires_grad_(True)
+    return torch.maximum(best, _ratio(net, x, x2.detach()))
 
 
 @pytest.mark.parametrize("name,data", [("linf_dist_mlp", "cifar10"), ("linf_dist_mlp", "mnist"),

@@ -123,3 +123,18 @@ def test_input_normalize_per_channel_mean_scalar_std():
     # vectors (d,): one mean per coordinate
     vec = InputNormalize((1.0, 2.0), 2.0, (2,))
     torch.testing.assert_close(vec(torch.tensor([[3.0, 4.0]])), torch.tensor([[1.0, 1.0]]))
+
+
+def test_input_normalize_conv_form_matches_and_keeps_full_rank_buffers():
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+    plain = InputNormalize(mean, std, (3, 4, 4), scalar_std=False)
+    conv = InputNormalize(mean, std, (3, 4, 4), scalar_std=False, as_conv=True)
+    assert plain.mean.shape == (1, 3, 1, 1) and InputNormalize(0.5, 0.2, (3, 4, 4)).std.shape == (1, 1, 1, 1)
+    x = torch.rand(5, 3, 4, 4)
+    torch.testing.assert_close(conv(x), plain(x))
+    assert conv.lipschitz_linf == pytest.approx(plain.lipschitz_linf, rel=1e-6)
+    with pytest.raises(ValueError, match="image inputs"):
+        InputNormalize(0.0, 1.0, (5,), as_conv=True)
+    # the Lipschitz constant is that of the std the forward divides by (float32 here)
+    mnist = InputNormalize(0.1307, 0.3081, (1, 28, 28))
+    assert mnist.lipschitz_linf == 1.0 / float(torch.tensor(0.3081))

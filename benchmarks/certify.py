@@ -1,0 +1,157 @@
+"""Certification speed per method: the paper's CIFAR-shaped l_inf-dist net and digits models.
+
+For each model and method, certifies ``n`` inputs at one eps and reports the
+wall time, the time per 10,000 inputs (measured time scaled linearly when
+fewer were run; the row says how many were run) and the ratio to the margin
+certificate's time.  Bound propagation on the 6x5120 net is far too slow for
+a CPU, so on CPU those rows run on a handful of inputs (or are skipped past
+``--budget`` seconds per row) and say so.
+
+Goal (GPU): margin certification of 10,000 CIFAR inputs in under 1 s, with
+IBP, CROWN and alpha-CROWN beside it as ratios.
+
+    python benchmarks/certify.py                 # CPU defaults
+    python benchmarks/certify.py --device cuda   # GPU: 10,000 CIFAR inputs
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+import linf_plugin
+from linf_plugin.certify import applicable_methods, certify
+from linf_plugin.data import dataset_info, load_dataset
+from linf_plugin.io import atomic_write_json
+from linf_plugin.models import create_model
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _cifar_net(device):
+    info = dataset_info("cifar10")
+    net = create_model("linf_dist_mlp_6x5120", input_shape=(3, 32, 32), num_classes=10, mean=info.mean,
+                       std=info.std).to(device)
+    net.train()
+    with torch.no_grad():
+        net(torch.rand(256, 3, 32, 32, device=device))  # non-trivial running means
+    return net.eval()
+
+
+def _digits_models(device):
+    """Untrained digits models: timing does not depend on the weights' values."""
+    info = dataset_info("digits")
+    out = {}
+    for name, kw in (("linf_dist_mlp_5x128", {}), ("linf_dist_hybrid_4x128", {}), ("mlp_3layer", {}),
+                     ("cnn_4layer", {})):
+        m = create_model(name, input_shape=(1, 8, 8), num_classes=10, mean=info.mean, std=info.std, **kw)
+        m.to(device).train()
+        with torch.no_grad():
+            m(torch.rand(64, 1, 8, 8, device=device))
+        out[name] = m.eval()
+    return out
+
+
+def _time_row(model, data, eps, method, n, budget, alpha_iterations):
+    x, y = data
+    # A short probe sizes the run so one row stays inside the budget.
+    probe_n = min(n, 8 if method in ("crown", "alpha-crown") else 64)
+    t0 = time.perf_counter()
+    certify(model, (x[:probe_n], y[:probe_n]), eps, method, alpha_iterations=alpha_iterations)
+    probe = time.perf_counter() - t0
+    per_input = probe / probe_n
+    run_n = n if per_input * n <= budget else max(probe_n, int(budget / max(per_input, 1e-9)))
+    run_n = min(run_n, n)
+    if run_n > probe_n:
+        t0 = time.perf_counter()
+        res = certify(model, (x[:run_n], y[:run_n]), eps, method, alpha_iterations=alpha_iterations)
+        wall = time.perf_counter() - t0
+        cert = res.certified_accuracy
+    else:
+        wall, cert = probe, None
+    return {"method": method, "n_run": run_n, "wall_s": wall, "s_per_10k": wall / run_n * 10000,
+            "certified_accuracy": cert}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--n-cifar", type=int, default=None, help="inputs for the CIFAR net (GPU 10000, CPU 64)")
+    parser.add_argument("--n-digits", type=int, default=10000)
+    parser.add_argument("--budget", type=float, default=60.0, help="max seconds per row (larger n is scaled)")
+    parser.add_argument("--alpha-iterations", type=int, default=20)
+    parser.add_argument("--skip-cifar", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    dev = torch.device(args.device)
+    gpu = dev.type == "cuda"
+    device_name = torch.cuda.get_device_name(dev) if gpu else _cpu_name()
+    rows = []
+
+    if not args.skip_cifar:
+        n = args.n_cifar or (10000 if gpu else 64)
+        net = _cifar_net(dev)
+        x = torch.rand(n, 3, 32, 32, device=dev)
+        with torch.no_grad():
+            y = torch.cat([net(x[i:i + 256]).argmax(1) for i in range(0, n, 256)])
+        for method in applicable_methods(net):
+            if not gpu and method in ("crown", "alpha-crown"):
+                rows.append({"model": "linf_dist_mlp_6x5120", "method": method, "skipped": "too slow on CPU"})
+                continue
+            r = _time_row(net, (x, y), 8 / 255, method, n, args.budget, args.alpha_iterations)
+            rows.append({"model": "linf_dist_mlp_6x5120", "eps": 8 / 255, **r})
+
+    te = load_dataset("digits", "test")
+    reps = math.ceil(args.n_digits / len(te))
+    x = te.x.repeat(reps, 1, 1, 1)[:args.n_digits].to(dev)
+    y = te.y.repeat(reps)[:args.n_digits].to(dev)
+    for name, model in _digits_models(dev).items():
+        for method in applicable_methods(model):
+            r = _time_row(model, (x, y), 0.1, method, args.n_digits, args.budget, args.alpha_iterations)
+            rows.append({"model": name, "eps": 0.1, **r})
+
+    for model in {r["model"] for r in rows}:
+        base = next((r["s_per_10k"] for r in rows if r["model"] == model and r.get("method") == "margin"), None)
+        for r in rows:
+            if r["model"] == model and "s_per_10k" in r:
+                r["ratio_to_margin"] = r["s_per_10k"] / base if base else None
+
+    print(f"certification speed on {device_name} ({dev.type}), torch {torch.__version__}")
+    print(f"{'model':26s} {'method':12s} {'n run':>7s} {'wall s':>9s} {'s/10k':>10s} {'x margin':>9s} {'cert acc':>9s}")
+    for r in rows:
+        if "skipped" in r:
+            print(f"{r['model']:26s} {r['method']:12s}  skipped: {r['skipped']}")
+            continue
+        ratio = f"{r['ratio_to_margin']:.1f}" if r.get("ratio_to_margin") else "-"
+        cert = f"{100 * r['certified_accuracy']:.1f}%" if r["certified_accuracy"] is not None else "-"
+        print(f"{r['model']:26s} {r['method']:12s} {r['n_run']:7d} {r['wall_s']:9.3f} {r['s_per_10k']:10.2f} "
+              f"{ratio:>9s} {cert:>9s}")
+    goal = next((r for r in rows if r["model"] == "linf_dist_mlp_6x5120" and r.get("method") == "margin"), None)
+    if goal is not None:
+        verdict = "met" if gpu and goal["s_per_10k"] < 1.0 else ("not met" if gpu else "GPU goal, not measurable here")
+        print(f"goal: margin certification of 10,000 CIFAR inputs < 1 s on a GPU: {goal['s_per_10k']:.2f} s "
+              f"per 10k ({'measured on ' + str(goal['n_run']) + ' inputs'}) -> {verdict}")
+    out = Path(args.out or f"benchmarks/results/certify-{dev.type}.json")
+    atomic_write_json(out, {"benchmark": "certify", "device": device_name, "device_type": dev.type,
+                            "machine": platform.node(), "cpu": _cpu_name(), "torch": torch.__version__,
+                            "linf_plugin": linf_plugin.__version__, "timestamp": datetime.now(timezone.utc).isoformat(),
+                            "rows": rows})
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""certify(): one API, data forms, bad input, curves, results as data."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from linf_plugin.certify import METHODS, CertResult, applicable_methods, certified_accuracy_curve, certify
+from linf_plugin.data import load_dataset
+from linf_plugin.models import create_model
+
+
+@pytest.fixture(scope="module")
+def linf_net():
+    torch.manual_seed(0)
+    net = create_model("linf_dist_mlp", input_shape=(1, 8, 8), num_classes=10, depth=3, width=32, mean=0.3, std=0.37)
+    net.train()
+    net(torch.rand(64, 1, 8, 8))
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset("digits", "test").subset(40)
+
+
+def test_applicable_methods():
+    net = create_model("linf_dist_mlp", input_shape=(1, 8, 8), num_classes=10, depth=2, width=8)
+    assert applicable_methods(net) == METHODS
+    assert net.training  # asking did not change the mode
+    hybrid = create_model("linf_dist_hybrid", input_shape=(1, 8, 8), num_classes=10, depth=2, width=8)
+    assert applicable_methods(hybrid) == ("ibp", "crown-ibp", "crown", "alpha-crown")
+    assert applicable_methods(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))) == \
+        ("ibp", "crown-ibp", "crown", "alpha-crown")
+
+
+def test_result_fields_and_json_roundtrip(linf_net, data):
+    res = certify(linf_net, data, 0.02, "margin")
+    assert isinstance(res, CertResult)
+    assert res.n == 40 and res.method == "margin" and res.eps == 0.02
+    assert res.model_name == "linf_dist_mlp"
+    assert res.correct.dtype == bool and res.certified.dtype == bool and res.radius.shape == (40,)
+    assert res.wall_time > 0
+    assert (res.certified <= res.correct).all()
+    assert np.array_equal(res.certified, res.correct & (res.radius > 0.02))
+    back = CertResult.from_dict(json.loads(json.dumps(res.to_dict())))
+    assert np.array_equal(back.certified, res.certified) and np.allclose(back.radius, res.radius)
+    assert "certified" in res.summary()
+
+
+def test_data_forms_agree(linf_net, data):
+    ref = certify(linf_net, data, 0.01, "interval")
+    for form in ((data.x, data.y), TensorDataset(data.x, data.y), DataLoader(TensorDataset(data.x, data.y),
+                                                                              batch_size=7)):
+        assert np.array_equal(certify(linf_net, form, 0.01, "interval", batch_size=9).certified, ref.certified)
+
+
+def test_state_is_restored(linf_net, data):
+    linf_net.train()
+    certify(linf_net, data, 0.01, "margin")
+    assert linf_net.training and all(m.training for m in linf_net.modules())
+    linf_net.eval()
+
+
+@pytest.mark.parametrize("eps", [-0.1, math.nan, math.inf])
+def test_bad_eps(linf_net, data, eps):
+    with pytest.raises(ValueError, match="eps"):
+        certify(linf_net, data, eps, "margin")
+
+
+def test_bad_data(linf_net, data):
+    with pytest.raises(ValueError, match="unknown certification method"):
+        certify(linf_net, data, 0.1, "deepz")
+    with pytest.raises(ValueError, match="shape"):
+        certify(linf_net, (torch.rand(4, 1, 7, 7), torch.zeros(4, dtype=torch.long)), 0.1, "margin")
+    with pytest.raises(ValueError, match="labels"):
+        certify(linf_net, (torch.rand(4, 1, 8, 8), torch.zeros(3, dtype=torch.long)), 0.1, "margin")
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
+        certify(linf_net, (torch.rand(2, 1, 8, 8), torch.tensor([3, 12])), 0.1, "margin")
+    with pytest.raises(ValueError, match="empty"):
+        certify(linf_net, (torch.rand(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)), 0.1, "margin")
+    with pytest.raises(ValueError, match="NaN"):
+        certify(linf_net, (torch.full((2, 1, 8, 8), math.nan), torch.zeros(2, dtype=torch.long)), 0.1, "margin")
+    with pytest.raises(TypeError):
+        certify(linf_net, "digits", 0.1, "margin")
+
+
+def test_margin_curve_is_one_pass_and_matches_per_eps(linf_net, data):
+    grid = [0.0, 0.005, 0.01, 0.05]
+    curve = certified_accuracy_curve(linf_net, data, grid, "margin")
+    for e, acc in zip(grid, curve.certified_accuracy):
+        assert acc == certify(linf_net, data, e, "margin").certified_accuracy
+    assert curve.certified_accuracy == sorted(curve.certified_accuracy, reverse=True)
+    from_result = certified_accuracy_curve(certify(linf_net, data, 0.0, "margin"), eps_grid=grid)
+    assert from_result.certified_accuracy == curve.certified_accuracy
+    json.dumps(curve.to_dict())
+
+
+def test_bisection_radius_is_certified_and_tight(linf_net, data):
+    grid = [0.001, 0.01]
+    curve = certified_accuracy_curve(linf_net, data, grid, "ibp", bisect=True, bisect_steps=8)
+    radius = curve.radius
+    tol = curve.extra["bisect_tolerance"]
+    assert tol == pytest.approx(0.01 / 2 ** 8)
+    for i in np.nonzero(radius > 0)[0][:5]:
+        xi, yi = data.x[i:i + 1], data.y[i:i + 1]
+        assert certify(linf_net, (xi, yi), float(radius[i]), "ibp").certified[0]
+        if radius[i] + tol < 0.01:
+            assert not certify(linf_net, (xi, yi), float(radius[i] + tol), "ibp").certified[0]
+    per_eps = certified_accuracy_curve(linf_net, data, grid, "ibp")
+    # bisection can only lose what lies within one tolerance of the grid point
+    for a, b in zip(curve.certified_accuracy, per_eps.certified_accuracy):
+        assert a <= b + 1e-12
