@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import struct
 from pathlib import Path
@@ -11,6 +12,12 @@ import pytest
 import torch
 
 import linf_plugin  # noqa: F401  (applies the auto_LiRPA compat layer first)
+
+# The suite works on small tensors, where one intra-op thread is as fast as two
+# and immune to OpenMP spin-waits when the machine is busy (max(dim) on a
+# 60x4x4 tensor took 16 ms with two threads on a loaded 2-core box, 6 us with
+# one).  LINF_TEST_THREADS overrides it.
+torch.set_num_threads(int(os.environ.get("LINF_TEST_THREADS", "1")))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,11 +1,14 @@
 """The l_p-distance primitive and nothing else.
 
 ``lp_dist(x, w, p)`` -> ``(B, N)`` distances; ``lp_dist_interval(lower,
-upper, w, p)`` -> the exact per-output range over an input box;
-``LpDistFunction`` is the autograd Function (with the ONNX symbolic that
-auto_LiRPA parses as ``custom::LpDist``).
+upper, w, p)`` -> the exact, differentiable per-output range over an input
+box; ``LpDistFunction`` is the autograd Function (with the ONNX symbolic that
+auto_LiRPA parses as ``custom::LpDist``), ``LpDistIntervalFunction`` the
+interval's.  Backends: ``torch`` (compiled chunked reductions, any device),
+``cupy`` (CUDA kernels, optional), ``reference`` (the plain oracle).
 """
-from .lp_dist import BACKEND_ENV, BACKENDS, LpDistFunction, get_backend, lp_dist, lp_dist_interval, resolve_backend
+from .lp_dist import (BACKEND_ENV, BACKENDS, LpDistFunction, LpDistIntervalFunction, get_backend, lp_dist,
+                      lp_dist_interval, resolve_backend)
 
-__all__ = ["lp_dist", "lp_dist_interval", "LpDistFunction", "get_backend", "resolve_backend", "BACKEND_ENV",
-           "BACKENDS"]
+__all__ = ["lp_dist", "lp_dist_interval", "LpDistFunction", "LpDistIntervalFunction", "get_backend",
+           "resolve_backend", "BACKEND_ENV", "BACKENDS"]

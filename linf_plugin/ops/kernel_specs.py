@@ -28,7 +28,7 @@ from functools import lru_cache
 from pathlib import Path
 
 __all__ = ["KERNEL_DIR", "NVRTC_OPTIONS", "DTYPES", "P_VARIANTS", "FAMILIES", "KernelSpec", "ModuleSpec",
-           "module_spec", "all_module_specs", "read_source", "full_source", "grid_for", "MAX_GRID_Y"]
+           "module_spec", "all_module_specs", "read_source", "full_source", "grid_for", "MAX_GRID_Y", "nvrtc_compile"]
 
 KERNEL_DIR = Path(__file__).with_name("kernels")
 NVRTC_OPTIONS = ("--std=c++17",)
@@ -135,6 +135,8 @@ def _tiles(family: str, role: str, ctype: str) -> tuple:
         return (8, 4) if ctype == "float" else (4, 4)
     if family == "interval_lp" and role == "backward_w" and ctype == "double":
         return (2, 4)  # six double tiles must stay under 48 KiB of static shared memory
+    if family.startswith("interval") and ctype == "double":
+        return (4, 2)  # two outputs (or two operands) per element: (4, 4) doubles spill registers
     return (4, 4)
 
 
@@ -217,3 +219,29 @@ def grid_for(kernel: KernelSpec, rows: int, cols: int = 0) -> tuple:
     if kernel.template.endswith("resolve"):
         return (max(1, -(-rows // (THREADS // BK))), 1, 1)
     return (max(1, min(-(-rows // THREADS), 1 << 20)), 1, 1)
+
+
+def nvrtc_compile(source: str, name_expressions, options, arch: str, name: str = "lp_kernels.cu") -> dict:
+    """Compile with NVRTC for ``arch`` (e.g. ``"sm_90"``) without a GPU; return the lowered names.
+
+    Uses ``cupy_backends.cuda.libs.nvrtc`` (CuPy's NVRTC binding).  An
+    ``sm_*`` target makes NVRTC produce a cubin, so ptxas limits (shared
+    memory, registers) are checked too.
+
+    Raises:
+        RuntimeError: the compile failed; the message carries NVRTC's log.
+        ImportError: CuPy (or its NVRTC library) is missing.
+    """
+    from cupy_backends.cuda.libs import nvrtc  # noqa: PLC0415  (optional dependency)
+
+    prog = nvrtc.createProgram(source, name, [], [])
+    try:
+        for expr in name_expressions:
+            nvrtc.addNameExpression(prog, expr)
+        try:
+            nvrtc.compileProgram(prog, [*options, f"--gpu-architecture={arch}"])
+        except nvrtc.NVRTCError as exc:
+            raise RuntimeError(f"NVRTC failed for {name} ({arch}): {exc}\n{nvrtc.getProgramLog(prog)}") from exc
+        return {expr: nvrtc.getLoweredName(prog, expr) for expr in name_expressions}
+    finally:
+        nvrtc.destroyProgram(prog)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -98,10 +99,19 @@ class LpDistFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, p, backend):
-        impl = get_backend(backend)
+        # auto_LiRPA builds its graph with torch.jit tracing, which records this
+        # Function through `symbolic`; the fast path's integer bit views cannot
+        # be traced, and the traced values are only used for shapes.
+        tracing = torch.jit.is_tracing()
+        impl = get_backend("reference" if tracing else backend)
         x, w = x.contiguous(), w.contiguous()
         need_aux = any(ctx.needs_input_grad[:2])
-        if x.shape[0] == 0 or w.shape[0] == 0:
+        if tracing:
+            # The reference's chunk sizes come from (traced) shapes; harmless here.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                y, aux = impl.forward(x, w, p, need_aux=need_aux)
+        elif x.shape[0] == 0 or w.shape[0] == 0:
             y, aux = x.new_zeros(x.shape[0], w.shape[0]), None
         else:
             y, aux = impl.forward(x, w, p, need_aux=need_aux)
@@ -123,7 +133,15 @@ class LpDistFunction(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, w, p, backend):
-        return g.op("custom::LpDist", x, w, p_f=float(p))
+        y = g.op("custom::LpDist", x, w, p_f=float(p))
+        # Tell ONNX shape inference the output is (B, N); without it torch warns
+        # that the custom op's shape is unknown.
+        from torch.onnx import symbolic_helper
+
+        xs, ws = symbolic_helper._get_tensor_sizes(x), symbolic_helper._get_tensor_sizes(w)
+        if xs and ws:
+            y.setType(x.type().with_sizes([xs[0], ws[0]]))
+        return y
 
 
 class LpDistIntervalFunction(torch.autograd.Function):
@@ -136,7 +154,7 @@ class LpDistIntervalFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, lower, upper, w, p, backend):
-        impl = get_backend(backend)
+        impl = get_backend("reference" if torch.jit.is_tracing() else backend)
         lower, upper, w = lower.contiguous(), upper.contiguous(), w.contiguous()
         need_aux = any(ctx.needs_input_grad[:3])
         if lower.shape[0] == 0 or w.shape[0] == 0:
@@ -183,6 +201,10 @@ def lp_dist(x: torch.Tensor, w: torch.Tensor, p: float = math.inf, *, backend: s
         ValueError / TypeError: bad shapes, dtypes, devices, p, or NaN input.
     """
     p = check_p(p)
+    if torch.jit.is_tracing():
+        # Shapes are traced values here (comparisons would warn); the trace
+        # only records the op, and the same call ran checked before tracing.
+        return LpDistFunction.apply(x, w, p, "reference")
     check_pair(x, w)
     name = resolve_backend(backend, x)
     return LpDistFunction.apply(x, w, p, name)

@@ -38,6 +38,12 @@ __all__ = ["TorchBackend", "COMPILE_ENV"]
 
 log = logging.getLogger(__name__)
 COMPILE_ENV = "LINF_LP_DIST_COMPILE"
+# With dynamic shapes inductor decides how many loops to parallelise from the
+# size hints of the FIRST call: a small first call would leave the graph
+# single-threaded for good.  dynamic_threads always opens a parallel region
+# (and does not specialise on the thread count); a chunk size of 1 lets it
+# collapse the row and neuron loops when a chunk has few rows.
+_INDUCTOR_OPTIONS = {"cpp.dynamic_threads": True, "cpp.min_chunk_size": 1}
 
 
 def _env_compile() -> bool | None:
@@ -93,7 +99,7 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, compile: bool | None = None, eager_budget: int = 1 << 22, compiled_budget: int = 1 << 26,
+    def __init__(self, compile: bool | None = None, eager_budget: int = 1 << 22, compiled_budget: int = 1 << 28,
                  min_compiled_work: int = 1 << 20, compile_backend="inductor"):
         self.compile = _env_compile() if compile is None else bool(compile)
         self.eager_budget = int(eager_budget)
@@ -101,6 +107,7 @@ class TorchBackend:
         self.min_compiled_work = int(min_compiled_work)
         self.compile_backend = compile_backend
         self.compile_failed: str | None = None
+        self.compiled_calls = 0          # how many chunk-calls ran compiled code (for tests and benchmarks)
         self._compiled: dict = {}
 
     # -- plumbing ----------------------------------------------------------
@@ -121,15 +128,18 @@ class TorchBackend:
             return fn
         key = (name, pv)
         if key not in self._compiled:
-            self._compiled[key] = torch.compile(fn, dynamic=True, backend=self.compile_backend)
+            options = _INDUCTOR_OPTIONS if self.compile_backend == "inductor" else None
+            self._compiled[key] = torch.compile(fn, dynamic=True, backend=self.compile_backend, options=options)
         return self._compiled[key]
 
     def _run(self, name: str, pv: int | None, compiled: bool, *args):
         if compiled and args[0].shape[0] >= 2 and self.compile_failed is None:
             try:
-                return self._fn(name, pv, True)(*args)
+                out = self._fn(name, pv, True)(*args)
+                self.compiled_calls += 1
+                return out
             except Exception as exc:  # noqa: BLE001  (any compile failure -> eager, once)
-                self.compile_failed = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                self.compile_failed = _describe(exc)
                 log.warning("lp_dist: torch.compile failed (%s); the torch backend runs eagerly from now on",
                             self.compile_failed)
         return self._fn(name, pv, False)(*args)
@@ -241,16 +251,32 @@ class TorchBackend:
         pm1 = self._scalar(p - 1.0, w)
         r_lo = torch.where(lo > 0, 1.0 / lo, torch.zeros_like(lo))
         r_hi = torch.where(hi > 0, 1.0 / hi, torch.zeros_like(hi))
-        g_l = torch.empty_like(lower) if need_lower or need_upper else None
-        g_u = torch.empty_like(upper) if need_lower or need_upper else None
+        g_l = torch.empty_like(lower) if need_lower else None
+        g_u = torch.empty_like(upper) if need_upper else None
         g_w = torch.zeros_like(w) if need_w else None
         for sl in self._chunks(B, N, D, comp):
             args = (lower[sl], upper[sl], w, grad_lo[sl], r_lo[sl], grad_hi[sl], r_hi[sl], pm1)
-            if g_l is not None:
-                g_l[sl], g_u[sl] = self._run("ival_grad_box", pv, comp, *args)
+            if need_lower:
+                g_l[sl] = self._run("ival_grad_lower", pv, comp, *args)
+            if need_upper:
+                g_u[sl] = self._run("ival_grad_upper", pv, comp, *args)
             if need_w:
                 g_w += self._run("ival_grad_w", pv, comp, *args)
-        return (g_l if need_lower else None, g_u if need_upper else None, g_w)
+        return g_l, g_u, g_w
+
+
+def _describe(exc: BaseException) -> str:
+    """One line: the exception and its root cause (dynamo wraps compiler errors)."""
+    root = exc
+    for _ in range(10):
+        inner = getattr(root, "inner_exception", None) or root.__cause__
+        if inner is None or inner is root:
+            break
+        root = inner
+    text = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    if root is not exc:
+        text = f"{type(root).__name__}: {' '.join(str(root).split())} (via {type(exc).__name__})"
+    return text[:400]
 
 
 def _linf_scatter(grad_y, x, w, idx, need_x, need_w):

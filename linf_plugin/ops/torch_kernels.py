@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["p_variant", "linf_max", "linf_key", "decode_key", "linf_argmax", "l1_sum", "lp_sum", "lp_grad_x", "lp_grad_w",
-           "ival_max", "ival_key", "ival_argmax", "ival_l1", "ival_sum", "ival_grad_box", "ival_grad_w", "KERNELS"]
+           "ival_max", "ival_key", "ival_argmax", "ival_l1", "ival_sum", "ival_grad_lower", "ival_grad_upper", "ival_grad_w", "KERNELS"]
 
 _LOW32 = 4294967295  # 2**32 - 1
 
@@ -41,7 +41,7 @@ def _pow(t, pv: int, p):
         t2 = t * t
         t4 = t2 * t2
         return t4 * t4
-    return torch.pow(t, p)
+    return torch.exp2(p * torch.log2(t))          # 2.6x faster than pow() compiled; log2(0) = -inf -> 0
 
 
 def _odd_pow(t, pv: int, pm1):
@@ -53,7 +53,7 @@ def _odd_pow(t, pv: int, pm1):
     if pv == 8:
         t2 = t * t
         return t * t2 * (t2 * t2)          # t^7 keeps the sign
-    return torch.sign(t) * torch.pow(t.abs(), pm1)
+    return torch.sign(t) * torch.exp2(pm1 * torch.log2(t.abs()))
 
 
 def _grad_factor(v, r, pv: int, pm1):
@@ -66,13 +66,23 @@ def _grad_factor(v, r, pv: int, pm1):
     if pv == 8:
         t2 = t * t
         return t * t2 * (t2 * t2)
-    return torch.pow(t, pm1)
+    return torch.exp2(pm1 * torch.log2(t))
 
 
 # -- p = inf distances ------------------------------------------------------
 def linf_max(x, w):
-    """``(b, n)``: ``max_i |x[b, i] - w[n, i]|``."""
-    return _absdiff(x, w).amax(-1)
+    """``(b, n)``: ``max_i |x[b, i] - w[n, i]|``.
+
+    Written as the max of two half-width streams, columns ``[0, h)`` and
+    ``[D - h, D)`` with ``h = ceil(D / 2)`` (they overlap by one column for odd
+    D, which max ignores): the compiled loop then carries two independent
+    max chains instead of one latency-bound chain (about 20% faster on CPU).
+    """
+    D = x.shape[1]
+    h = (D + 1) // 2
+    a = (x[:, None, :h] - w[None, :, :h]).abs()
+    b = (x[:, None, D - h:] - w[None, :, D - h:]).abs()
+    return torch.maximum(a, b).amax(-1)
 
 
 def linf_key(x, w):
@@ -169,27 +179,37 @@ def ival_sum(lower, upper, w, inv_lo, inv_hi, p, pv: int):
 
 
 def _ival_coefs(lower, upper, w, g_lo, r_lo, g_hi, r_hi, pm1, pv):
+    """Gradient weights of the far and near ends and the masks that route them."""
     a, c, far, near = _terms(lower, upper, w)
     cf = g_hi[:, :, None] * _grad_factor(far, r_hi[:, :, None], pv, pm1)
     cn = g_lo[:, :, None] * _grad_factor(near, r_lo[:, :, None], pv, pm1)
-    zero = torch.zeros_like(cf)
-    up = c >= a
-    return cf, cn, zero, up, -a > 0, -c > 0
+    up = (c >= a).to(cf.dtype)             # far follows upper (ties -> upper)
+    below = (-a > 0).to(cf.dtype)          # lower > w: near = lower - w
+    above = (-c > 0).to(cf.dtype)          # w > upper: near = w - upper
+    return cf, cn, up, below, above
 
 
-def ival_grad_box(lower, upper, w, g_lo, r_lo, g_hi, r_hi, pm1, pv: int):
-    """``(g_lower, g_upper)``, each ``(b, D)``, reducing over the rows of ``w``."""
-    cf, cn, zero, up, below, above = _ival_coefs(lower, upper, w, g_lo, r_lo, g_hi, r_hi, pm1, pv)
-    g_l = (torch.where(up, zero, -cf) + torch.where(below, cn, zero)).sum(1)
-    g_u = (torch.where(up, cf, zero) - torch.where(above, cn, zero)).sum(1)
-    return g_l, g_u
+# One reduction per graph, each weight used once, routed by 0/1 masks: with two
+# outputs, or where() on shared subexpressions, inductor materialised (b, n, D)
+# buffers (checked by tests/ops/test_torch_backend.py).
+def ival_grad_lower(lower, upper, w, g_lo, r_lo, g_hi, r_hi, pm1, pv: int):
+    """``(b, D)``: gradient w.r.t. ``lower``, reducing over the rows of ``w``."""
+    cf, cn, up, below, above = _ival_coefs(lower, upper, w, g_lo, r_lo, g_hi, r_hi, pm1, pv)
+    return (cn * below - cf * (1 - up)).sum(1)
+
+
+def ival_grad_upper(lower, upper, w, g_lo, r_lo, g_hi, r_hi, pm1, pv: int):
+    """``(b, D)``: gradient w.r.t. ``upper``, reducing over the rows of ``w``."""
+    cf, cn, up, below, above = _ival_coefs(lower, upper, w, g_lo, r_lo, g_hi, r_hi, pm1, pv)
+    return (cf * up - cn * above).sum(1)
 
 
 def ival_grad_w(lower, upper, w, g_lo, r_lo, g_hi, r_hi, pm1, pv: int):
     """``(n, D)``: this chunk's part of the w-gradient."""
-    cf, cn, zero, up, below, above = _ival_coefs(lower, upper, w, g_lo, r_lo, g_hi, r_hi, pm1, pv)
-    return (torch.where(up, -cf, cf) - torch.where(below, cn, zero) + torch.where(above, cn, zero)).sum(0)
+    cf, cn, up, below, above = _ival_coefs(lower, upper, w, g_lo, r_lo, g_hi, r_hi, pm1, pv)
+    return (cf * (1 - 2 * up) + cn * (above - below)).sum(0)
 
 
 KERNELS = {f.__name__: f for f in (linf_max, linf_key, linf_argmax, l1_sum, lp_sum, lp_grad_x, lp_grad_w, ival_max,
-                                   ival_key, ival_argmax, ival_l1, ival_sum, ival_grad_box, ival_grad_w)}
+                                   ival_key, ival_argmax, ival_l1, ival_sum, ival_grad_lower, ival_grad_upper,
+                                   ival_grad_w)}

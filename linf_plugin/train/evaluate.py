@@ -42,27 +42,6 @@ def eval_mode(model: nn.Module, p: Optional[float] = math.inf):
             m.training = was
 
 
-@contextlib.contextmanager
-def _traceable_lp_layers(model: nn.Module):
-    """Run the ℓp-dist layers on the reference backend inside the block (for auto_LiRPA's graph tracing).
-
-    auto_LiRPA builds its graph with ``torch.jit`` tracing, which (torch 2.14) fails on the torch
-    backend's float-to-int bit views at p = ∞ (an internal assert in alias analysis).  The traced
-    graph is one ``custom::LpDist`` node either way and the bounds themselves do not use the layer's
-    backend, so only the clean forward passes of the evaluation run on the slower reference path.
-    """
-    layers = list(lp_dist_layers(model))
-    old = [layer.backend for layer in layers]
-    for layer in layers:
-        if layer.backend in (None, "auto", "torch"):
-            layer.backend = "reference"
-    try:
-        yield model
-    finally:
-        for layer, b in zip(layers, old):
-            layer.backend = b
-
-
 def evaluate(model: nn.Module, family: str, x: torch.Tensor, y: torch.Tensor, eps: float, *,
              data_range=(0.0, 1.0), batch_size: int = 1024) -> dict:
     """Clean and certified accuracy of ``model`` on ``(x, y)`` at ``eps`` with the family's cheap certificate.
@@ -84,7 +63,7 @@ def evaluate(model: nn.Module, family: str, x: torch.Tensor, y: torch.Tensor, ep
     method = EVAL_METHODS[family]
     data = DatasetSplit(x, y, name="eval", split="test", num_classes=int(model.num_classes),
                         data_range=tuple(data_range))
-    with eval_mode(model), (_traceable_lp_layers(model) if method != "margin" else contextlib.nullcontext()):
+    with eval_mode(model):
         res = certify(model, data, eps, method, batch_size=batch_size)
     return {"clean_acc": float(res.clean_accuracy), "cert_acc": float(res.certified_accuracy), "method": method,
             "n": int(res.n), "eval_time": float(res.wall_time)}

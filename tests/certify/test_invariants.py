@@ -43,7 +43,8 @@ def test_certified_implies_pgd_fails_and_accuracies_are_ordered(family, request,
         if "margin" in results:
             assert (results["interval"].certified | ~results["margin"].certified).all()
         assert pgd_acc < results[_methods(model)[0]].clean_accuracy + 1e-12
-        assert max(r.certified_accuracy for r in results.values()) > 0.2  # a trained model, not a vacuous check
+        if eps == EPS[0]:  # trained models certify real points: the checks above are not vacuous
+            assert max(r.certified_accuracy for r in results.values()) > 0.2
 
 
 def _random_models(seed):

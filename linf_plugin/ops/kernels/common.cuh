@@ -22,6 +22,13 @@
 // a warp on 32 distinct banks.
 #define LP_PAD 2
 
+// Unrolling of the k-loop in the kernels that raise to powers: a general p
+// costs exp2 + log2 per term, and unrolling 16 k-steps of 16 outputs each
+// would inline 256 copies (minutes of NVRTC time in double, and a kernel
+// too large for the instruction cache) for no gain: 16 independent outputs
+// per step already give the scheduler its parallelism.  Those loops say
+// '#pragma unroll((PV) == 0 ? 1 : 4)'.
+
 typedef long long lp_i64;
 
 __device__ __forceinline__ float lp_abs(float v) { return fabsf(v); }
@@ -131,5 +138,40 @@ __device__ __forceinline__ void lp_load_direct(T (*dst)[COLS + LP_PAD], const T*
         dst[k][c] = (row < rows && col < cols) ? src[(lp_i64)row * cols + col] : T(0);
     }
 }
+
+// Register staging of a transposed tile (the layout of lp_load_transposed):
+// fetch() issues the global loads of the NEXT tile into registers before the
+// current tile is computed, store() moves them to shared memory after the
+// barrier, so the load latency hides behind the arithmetic (software
+// pipelining at the cost of ROWS * LP_BK / LP_THREADS registers).
+template <typename T, int ROWS>
+struct LpTileStage {
+    static_assert((ROWS * LP_BK) % LP_THREADS == 0, "a tile must split evenly over the block");
+    static constexpr int PER = ROWS * LP_BK / LP_THREADS;
+    T v[PER];
+
+    // Thread tid always takes column tid % LP_BK (LP_THREADS is a multiple of
+    // LP_BK) and rows tid / LP_BK + q * LP_THREADS / LP_BK: one base offset and
+    // one stride, which keeps the staging cheap in registers.
+    __device__ __forceinline__ void fetch(const T* __restrict__ src, int rows, int cols, int row0, int col0) {
+        constexpr int RSTEP = LP_THREADS / LP_BK;
+        const int tid = threadIdx.y * LP_TX + threadIdx.x;
+        const int r = row0 + tid / LP_BK;
+        const int c = col0 + tid % LP_BK;
+        const lp_i64 base = (lp_i64)r * cols + c;
+        const lp_i64 step = (lp_i64)RSTEP * cols;
+#pragma unroll
+        for (int q = 0; q < PER; ++q) {
+            v[q] = (c < cols && r + q * RSTEP < rows) ? src[base + q * step] : T(0);
+        }
+    }
+
+    __device__ __forceinline__ void store(T (*dst)[ROWS + LP_PAD]) const {
+        constexpr int RSTEP = LP_THREADS / LP_BK;
+        const int tid = threadIdx.y * LP_TX + threadIdx.x;
+#pragma unroll
+        for (int q = 0; q < PER; ++q) dst[tid % LP_BK][tid / LP_BK + q * RSTEP] = v[q];
+    }
+};
 
 #endif  // LINF_PLUGIN_COMMON_CUH

@@ -143,7 +143,7 @@ interval_lp_backward_box(const T* __restrict__ lower, const T* __restrict__ uppe
         lp_load_transposed<T, BA>(sgh, Gh, B, N, b0, c0);
         lp_load_transposed<T, BA>(srh, Rh, B, N, b0, c0);
         __syncthreads();
-#pragma unroll
+#pragma unroll((PV) == 0 ? 1 : 4)
         for (int k = 0; k < LP_BK; ++k) {
             T wv[RI];
 #pragma unroll
@@ -226,7 +226,7 @@ interval_lp_backward_w(const T* __restrict__ lower, const T* __restrict__ upper,
         lp_load_direct<T, BA>(sgh, Gh, B, N, c0, n0);
         lp_load_direct<T, BA>(srh, Rh, B, N, c0, n0);
         __syncthreads();
-#pragma unroll
+#pragma unroll((PV) == 0 ? 1 : 4)
         for (int k = 0; k < LP_BK; ++k) {
             T lv[RI];
             T uv[RI];

@@ -8,6 +8,7 @@
 // shared tiles on the box side.  The clamp of near at 0 comes from starting
 // the running maximum at 0.  SAVE stores the first D-tile of each maximum in
 // tile_of (2, B, N): [0] for lo, [1] for hi; interval_resolve refines it.
+// The next tile's global loads are issued before this tile's arithmetic.
 //
 // interval_lp_forward: finite p, the pass after interval_inf_forward (lo and
 // hi hold the maxima on entry, the norms on exit), normalised as lp_forward.
@@ -16,7 +17,7 @@
 #include "common.cuh"
 
 template <typename T, int RA, int RB, bool SAVE>
-__global__ void __launch_bounds__(LP_THREADS)
+__global__ void __launch_bounds__(LP_THREADS, SAVE ? 1 : 2)
 interval_inf_forward(const T* __restrict__ lower, const T* __restrict__ upper, const T* __restrict__ w,
                      T* __restrict__ lo, T* __restrict__ hi, int* __restrict__ tile_of, int B, int N, int D) {
     constexpr int BA = LP_TY * RA;
@@ -48,11 +49,22 @@ interval_inf_forward(const T* __restrict__ lower, const T* __restrict__ upper, c
         }
     }
 
+    LpTileStage<T, BA> stage_l;
+    LpTileStage<T, BA> stage_u;
+    LpTileStage<T, BB> stage_w;
+    stage_l.fetch(lower, B, D, b0, 0);
+    stage_u.fetch(upper, B, D, b0, 0);
+    stage_w.fetch(w, N, D, n0, 0);
     for (int k0 = 0, t = 0; k0 < D; k0 += LP_BK, ++t) {
-        lp_load_transposed<T, BA>(sl, lower, B, D, b0, k0);
-        lp_load_transposed<T, BA>(su, upper, B, D, b0, k0);
-        lp_load_transposed<T, BB>(sw, w, N, D, n0, k0);
+        stage_l.store(sl);
+        stage_u.store(su);
+        stage_w.store(sw);
         __syncthreads();
+        if (k0 + LP_BK < D) {  // next tile's loads in flight during this tile's arithmetic
+            stage_l.fetch(lower, B, D, b0, k0 + LP_BK);
+            stage_u.fetch(upper, B, D, b0, k0 + LP_BK);
+            stage_w.fetch(w, N, D, n0, k0 + LP_BK);
+        }
         if constexpr (SAVE) {
 #pragma unroll
             for (int i = 0; i < RA; ++i) {
@@ -175,7 +187,7 @@ interval_lp_forward(const T* __restrict__ lower, const T* __restrict__ upper, co
         lp_load_transposed<T, BA>(su, upper, B, D, b0, k0);
         lp_load_transposed<T, BB>(sw, w, N, D, n0, k0);
         __syncthreads();
-#pragma unroll
+#pragma unroll((PV) == 0 ? 1 : 4)
         for (int k = 0; k < LP_BK; ++k) {
             T lv[RA];
             T uv[RA];

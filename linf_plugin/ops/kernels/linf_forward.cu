@@ -10,11 +10,12 @@
 // tile with a strict '>', so earlier tiles win ties.  linf_resolve (in
 // linf_backward.cu) turns the tile into the exact lowest argmax, which keeps
 // the argmax bookkeeping out of the per-triple loop.  Zero padding past D
-// cannot change a maximum, since every |d| >= 0.
+// cannot change a maximum, since every |d| >= 0.  The global loads of tile
+// t + 1 are issued before the arithmetic of tile t (LpTileStage).
 #include "common.cuh"
 
 template <typename T, int RA, int RB, bool SAVE>
-__global__ void __launch_bounds__(LP_THREADS)
+__global__ void __launch_bounds__(LP_THREADS, SAVE ? 1 : 2)
 linf_forward(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y, int* __restrict__ tile_of,
              int B, int N, int D) {
     constexpr int BA = LP_TY * RA;
@@ -38,10 +39,18 @@ linf_forward(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y
         }
     }
 
+    LpTileStage<T, BA> stage_x;
+    LpTileStage<T, BB> stage_w;
+    stage_x.fetch(x, B, D, b0, 0);
+    stage_w.fetch(w, N, D, n0, 0);
     for (int k0 = 0, t = 0; k0 < D; k0 += LP_BK, ++t) {
-        lp_load_transposed<T, BA>(sx, x, B, D, b0, k0);
-        lp_load_transposed<T, BB>(sw, w, N, D, n0, k0);
+        stage_x.store(sx);
+        stage_w.store(sw);
         __syncthreads();
+        if (k0 + LP_BK < D) {  // next tile's loads in flight during this tile's arithmetic
+            stage_x.fetch(x, B, D, b0, k0 + LP_BK);
+            stage_w.fetch(w, N, D, n0, k0 + LP_BK);
+        }
         if constexpr (SAVE) {
 #pragma unroll
             for (int i = 0; i < RA; ++i) {

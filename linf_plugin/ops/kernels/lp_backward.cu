@@ -49,7 +49,7 @@ lp_backward(const T* __restrict__ A, const T* __restrict__ C, const T* __restric
             lp_load_transposed<T, BA>(sr, R, NA, NC, a0, c0);
         }
         __syncthreads();
-#pragma unroll
+#pragma unroll((PV) == 0 ? 1 : 4)
         for (int k = 0; k < LP_BK; ++k) {
             T cv[RI];
             T gv[RA];

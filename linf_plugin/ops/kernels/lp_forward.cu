@@ -43,7 +43,7 @@ lp_forward(const T* __restrict__ x, const T* __restrict__ w, T* y, int B, int N,
         lp_load_transposed<T, BA>(sx, x, B, D, b0, k0);
         lp_load_transposed<T, BB>(sw, w, N, D, n0, k0);
         __syncthreads();
-#pragma unroll
+#pragma unroll((PV) == 0 ? 1 : 4)
         for (int k = 0; k < LP_BK; ++k) {
             T xv[RA];
             T wv[RB];

@@ -33,7 +33,7 @@ from linf_plugin.ops.kernel_specs import all_module_specs, full_source
 __all__ = ["compiler", "harness_source", "build_library", "EmulatedLauncher", "symbol"]
 
 SHIM = Path(__file__).with_name("cuda_shim.h")
-CXXFLAGS = ("-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas",
+CXXFLAGS = ("-std=c++20", "-O0", "-pthread", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas",
             "-Wno-unused-variable", "-Wno-unused-but-set-variable")
 _TORCH_DTYPES = {"float": torch.float32, "double": torch.float64}
 

@@ -1,0 +1,224 @@
+"""The CUDA kernels, run on the CPU emulator, against the plain reference.
+
+``emu_backend`` is the real :class:`CupyBackend` (its buffers, kernel order
+and launch grids) with a launcher that executes the very ``.cu`` sources the
+GPU gets, compiled by g++ under ``tests/ops/emulation/cuda_shim.h``.  See
+that header and ``emulation/harness.py`` for what this does and does not
+prove (no timing, no GPU memory model beyond barriers, no CUDA math ulps).
+
+Shapes are chosen off the tile sizes (64/128 rows, 16-deep tiles) and
+include 1s, so partial tiles, several blocks per grid dimension and the
+zero padding are all exercised.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from linf_plugin.ops.kernel_specs import all_module_specs
+from linf_plugin.ops.reference import ReferenceBackend
+
+REF = ReferenceBackend()
+PS = (1.0, 2.0, 8.0, 8.5, math.inf)
+DTYPES = (torch.float32, torch.float64)
+
+
+def _tol(dtype, p):
+    """Finite p in float32 sums D terms in a different order (and through exp2/log2 for general p)."""
+    if math.isinf(p):
+        return dict(rtol=0, atol=0)
+    return dict(rtol=3e-5, atol=3e-5) if dtype == torch.float32 else dict(rtol=1e-11, atol=1e-11)
+
+
+def _gtol(dtype):
+    return dict(rtol=5e-5, atol=5e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+
+
+def _problem(B, N, D, dtype, seed=0, ties=False):
+    g = torch.Generator().manual_seed(seed)
+    if ties:   # small integers: many equal |x - w| within a row, and equal box ends
+        x = torch.randint(-3, 4, (B, D), generator=g).to(dtype)
+        w = torch.randint(-3, 4, (N, D), generator=g).to(dtype)
+        r = torch.randint(0, 3, (B, D), generator=g).to(dtype)
+    else:
+        x = torch.randn(B, D, generator=g, dtype=dtype)
+        w = torch.randn(N, D, generator=g, dtype=dtype)
+        r = torch.rand(B, D, generator=g, dtype=dtype)
+    lower, upper = x - r, x + torch.rand(B, D, generator=g, dtype=dtype) * (0 if ties else 1) + r
+    grad = torch.randn(B, N, generator=g, dtype=dtype)
+    return x, w, lower, upper, grad
+
+
+def _check_all(backend, B, N, D, dtype, p, seed=0, ties=False):
+    x, w, lower, upper, g = _problem(B, N, D, dtype, seed, ties)
+    tol, gtol = _tol(dtype, p), _gtol(dtype)
+
+    y, aux = backend.forward(x, w, p)
+    y_ref, aux_ref = REF.forward(x, w, p)
+    torch.testing.assert_close(y, y_ref, **tol)
+    if math.isinf(p):
+        assert aux.dtype == torch.int32 and torch.equal(aux.long(), aux_ref), "argmax must be the lowest index"
+    gx, gw = backend.backward(g, x, w, y, aux, p)
+    gx_ref, gw_ref = REF.backward(g, x, w, y_ref, aux_ref, p)
+    torch.testing.assert_close(gx, gx_ref, **gtol)
+    torch.testing.assert_close(gw, gw_ref, **gtol)
+
+    lo, hi, iaux = backend.interval_forward(lower, upper, w, p)
+    lo_ref, hi_ref, iaux_ref = REF.interval_forward(lower, upper, w, p)
+    torch.testing.assert_close(lo, lo_ref, **tol)
+    torch.testing.assert_close(hi, hi_ref, **tol)
+    if math.isinf(p):
+        assert torch.equal(iaux.long(), iaux_ref)
+    g_lo, g_hi = g, torch.randn_like(g)
+    got = backend.interval_backward(g_lo, g_hi, lower, upper, w, lo, hi, iaux, p)
+    want = REF.interval_backward(g_lo, g_hi, lower, upper, w, lo_ref, hi_ref, iaux_ref, p)
+    for name, a, b in zip(("lower", "upper", "w"), got, want):
+        torch.testing.assert_close(a, b, **gtol, msg=lambda m, n=name: f"interval grad {n}: {m}")
+
+
+@pytest.mark.parametrize("p", PS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_kernel_matches_reference(emu_backend, dtype, p):
+    # 37 rows, 70 neurons, 41 features: partial tiles everywhere, 3 D-tiles, 5 c-tiles.
+    _check_all(emu_backend, 37, 70, 41, dtype, p)
+
+
+@pytest.mark.parametrize("shape", [(1, 5, 3), (4, 1, 7), (3, 4, 1), (1, 1, 1), (130, 70, 17), (9, 133, 65)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("p", (8.5, math.inf))
+def test_odd_shapes(emu_backend, shape, p):
+    # 130 rows and 133 neurons cross the 128-wide tiles; 65 features crosses the 64-wide ones.
+    _check_all(emu_backend, *shape, torch.float32, p, seed=sum(shape))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_ties_go_to_the_lowest_index(emu_backend, dtype):
+    # Integer data: most rows tie between several coordinates, across D-tiles (D = 50 > 3 tiles).
+    _check_all(emu_backend, 21, 35, 50, dtype, math.inf, seed=3, ties=True)
+    x = torch.zeros(3, 40, dtype=dtype)
+    w = torch.zeros(2, 40, dtype=dtype)
+    x[:, 5] = x[:, 17] = x[:, 33] = 2.0          # three exact ties in three different D-tiles
+    w[1, 17] = w[1, 33] = -1.0                   # row 1: the later ties grow, the first stays
+    y, aux = emu_backend.forward(x, w, math.inf)
+    assert torch.equal(y, torch.tensor([[2.0, 3.0]] * 3, dtype=dtype))
+    assert aux.tolist() == [[5, 17]] * 3
+
+
+def test_identical_rows_have_zero_output_and_zero_gradient(emu_backend):
+    x = torch.randn(5, 33)
+    w = torch.cat([x[:2], torch.randn(3, 33)])
+    for p in (1.0, 2.0, 8.0, 8.5, math.inf):
+        y, aux = emu_backend.forward(x, w, p)
+        assert y[0, 0] == 0 and y[1, 1] == 0
+        gx, gw = emu_backend.backward(torch.ones(5, 5), x, w, y, aux, p)
+        y_ref, aux_ref = REF.forward(x, w, p)
+        gx_ref, gw_ref = REF.backward(torch.ones(5, 5), x, w, y_ref, aux_ref, p)
+        torch.testing.assert_close(gx, gx_ref, rtol=5e-5, atol=5e-5)
+        torch.testing.assert_close(gw, gw_ref, rtol=5e-5, atol=5e-5)
+
+
+@pytest.mark.parametrize("scale", (1e-30, 1.0, 1e30))
+def test_large_p_neither_overflows_nor_underflows(emu_backend, scale):
+    x = torch.randn(6, 40, dtype=torch.float32) * scale
+    w = torch.randn(7, 40, dtype=torch.float32) * scale
+    for p in (100.0, 1000.0):
+        y, _ = emu_backend.forward(x, w, p)
+        y_ref = REF.forward(x.double(), w.double(), p)[0].float()
+        assert torch.isfinite(y).all() and (y > 0).all()
+        torch.testing.assert_close(y, y_ref, rtol=3e-5, atol=0)
+
+
+def test_need_aux_false_skips_the_argmax(emu_backend, harness, emulator_lib):
+    launcher = harness.EmulatedLauncher(emulator_lib)
+    backend = type(emu_backend)(launcher=launcher)
+    x, w = torch.randn(9, 20), torch.randn(11, 20)
+    y, aux = backend.forward(x, w, math.inf, need_aux=False)
+    assert aux is None
+    assert [name for name, _ in launcher.calls] == ["linf_forward<float, 8, 8, false>"]
+    torch.testing.assert_close(y, REF.forward(x, w, math.inf)[0], rtol=0, atol=0)
+
+
+def test_nan_rows_give_nan_outputs(emu_backend):
+    x, w = torch.randn(4, 19), torch.randn(6, 19)
+    x[1, 3] = float("nan")
+    w[2, 0] = float("nan")
+    for p in (math.inf, 8.0):
+        y, _ = emu_backend.forward(x, w, p)
+        bad = torch.zeros(4, 6, dtype=torch.bool)
+        bad[1, :] = True
+        bad[:, 2] = True
+        assert torch.isnan(y[bad]).all() and not torch.isnan(y[~bad]).any()
+
+
+@pytest.mark.parametrize("schedule", ("ascending", "descending", "threads"))
+def test_results_do_not_depend_on_the_thread_schedule(harness, emulator_lib, schedule):
+    """Shared-memory races would make results depend on the order of threads between barriers."""
+    from linf_plugin.ops.cupy_backend import CupyBackend
+
+    backend = CupyBackend(launcher=harness.EmulatedLauncher(emulator_lib, schedule))
+    _check_all(backend, 19, 23, 21, torch.float32, math.inf, seed=11)
+    _check_all(backend, 19, 23, 21, torch.float64, 8.5, seed=12)
+
+
+def test_barrier_divergence_is_detected(harness, tmp_path):
+    src = '#include "cuda_shim.h"\n' + """
+template <typename T> __global__ void divergent(T* out) {
+    if (threadIdx.x < 3) __syncthreads();
+    out[threadIdx.x] = T(1);
+}
+extern "C" int run(int mode, float* out) {
+    emu_configure(mode, 1);
+    return emu::launch(dim3(2), dim3(8), [&] { divergent<float>(out); });
+}
+"""
+    lib = harness.build_library(tmp_path, src)
+    out = torch.zeros(8)
+    import ctypes
+    for mode in (0, 2):
+        assert lib.run(mode, ctypes.c_void_p(out.data_ptr())) == 1
+
+
+def test_a_shared_memory_race_changes_with_the_schedule(harness, tmp_path):
+    """The schedule test above has teeth: a kernel that reads its neighbour's shared slot
+    without a barrier gives different results under different schedules."""
+    src = '#include "cuda_shim.h"\n' + """
+template <typename T> __global__ void racy(T* out) {
+    __shared__ T s[64];
+    s[threadIdx.x] = T(threadIdx.x + 1);
+    out[threadIdx.x] = s[(threadIdx.x + 1) % 64];   // missing __syncthreads() before this read
+}
+extern "C" int run(int mode, float* out) {
+    emu_configure(mode, 5);
+    return emu::launch(dim3(1), dim3(64), [&] { racy<float>(out); });
+}
+"""
+    lib = harness.build_library(tmp_path, src)
+    import ctypes
+    results = []
+    for mode in (0, 1):
+        out = torch.zeros(64)
+        assert lib.run(mode, ctypes.c_void_p(out.data_ptr())) == 0
+        results.append(out)
+    assert not torch.equal(results[0], results[1])
+
+
+def test_every_catalogue_kernel_was_launched(harness, emulator_lib):
+    """The emulation covers the whole catalogue: run each variant once and compare the call log."""
+    from linf_plugin.ops.cupy_backend import CupyBackend
+
+    launcher = harness.EmulatedLauncher(emulator_lib)
+    backend = CupyBackend(launcher=launcher)
+    for dtype in DTYPES:
+        for p in (1.0, 2.0, 8.0, 8.5, math.inf):
+            x, w, lower, upper, g = _problem(3, 4, 5, dtype)
+            y, aux = backend.forward(x, w, p, need_aux=True)
+            backend.forward(x, w, p, need_aux=False)
+            backend.backward(g, x, w, y, aux, p)
+            lo, hi, iaux = backend.interval_forward(lower, upper, w, p, need_aux=True)
+            backend.interval_forward(lower, upper, w, p, need_aux=False)
+            backend.interval_backward(g, g, lower, upper, w, lo, hi, iaux, p)
+    launched = {name for name, _ in launcher.calls}
+    catalogue = {k.name for spec in all_module_specs() for k in spec.kernels.values()}
+    assert launched == catalogue
