@@ -11,11 +11,11 @@ is the CLI.
 """
 from .config import FAMILIES, RUNTIME_FIELDS, ConfigError, TrainConfig, sanitize_name
 from .losses import MixtureLoss, bound_loss, clipped_hinge, margin_spec, robust_cross_entropy
-from .presets import PresetError, get_preset, list_presets, register_preset
+from .presets import EPOCH_FIELDS, PresetError, get_preset, list_presets, register_preset, scale_epochs
 from .schedules import Schedule, ScheduleState
 from .trainer import TrainingDivergedError, TrainResult, train
 
 __all__ = ["train", "TrainConfig", "TrainResult", "TrainingDivergedError", "ConfigError", "PresetError",
            "get_preset", "list_presets", "register_preset", "Schedule", "ScheduleState", "MixtureLoss",
            "clipped_hinge", "bound_loss", "robust_cross_entropy", "margin_spec", "sanitize_name", "FAMILIES",
-           "RUNTIME_FIELDS"]
+           "RUNTIME_FIELDS", "scale_epochs", "EPOCH_FIELDS"]

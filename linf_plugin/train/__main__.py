@@ -144,6 +144,9 @@ def main(argv=None) -> int:
     logger = logging.getLogger("linf_plugin")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+    # the handler lives for this call only: main() may run in-process (tests, notebooks), where a
+    # handler left on a since-closed stderr would break every later log call
+    old_state = (logger.level, logger.propagate)
     logger.addHandler(handler)
     logger.setLevel(logging.WARNING if args.quiet else logging.INFO)
     logger.propagate = False
@@ -154,6 +157,10 @@ def main(argv=None) -> int:
         parser.exit(2, f"error: {e}\n")
     except TrainingDivergedError as e:
         parser.exit(3, f"error: {e}\n")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_state[0])
+        logger.propagate = old_state[1]
     m = result.final_metrics
     if m:
         cert = m.get("test_cert_acc", m.get("cert_acc"))

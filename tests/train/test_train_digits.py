@@ -45,8 +45,9 @@ def test_digits_preset_reaches_its_measured_accuracy(preset):
     result = train(cfg)
     test = load_dataset("digits", "test")
     # margin certificate (ℓ∞-dist) or IBP through auto_LiRPA (hybrid, ReLU), via linf_plugin.certify
-    r1 = evaluate(result.model, cfg.family, test.x, test.y, 0.1)
-    r2 = evaluate(result.model, cfg.family, test.x, test.y, 0.2)
+    family = result.config.family
+    r1 = evaluate(result.model, family, test.x, test.y, 0.1)
+    r2 = evaluate(result.model, family, test.x, test.y, 0.2)
     clean, c1, c2 = THRESHOLDS[preset]
     got = (r1["clean_acc"], r1["cert_acc"], r2["cert_acc"])
     print(preset, got)
