@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
-from linf_plugin.train import TrainConfig, get_preset, list_presets
+from linf_plugin.train import EPOCH_FIELDS, TrainConfig, get_preset, list_presets, scale_epochs
 
 __all__ = ["ModelSpec", "Suite", "SUITES", "get_suite", "select_models", "training_label", "scale_epochs",
            "parse_overrides", "apply_overrides", "build_config", "eps_label_list", "EPOCH_FIELDS"]
@@ -120,39 +120,6 @@ def training_label(config: TrainConfig) -> str:
 
 
 # Fields counted in epochs: scaled together by --epochs so that short runs keep the recipe's shape.
-EPOCH_FIELDS = ("p_ramp_start", "p_ramp_epochs", "eps_ramp_start", "eps_ramp_epochs", "lr_cosine_start")
-
-
-def scale_epochs(config: TrainConfig, epochs: int) -> TrainConfig:
-    """The recipe squeezed (or stretched) to ``epochs`` epochs, phases in proportion.
-
-    Every epoch-valued field is scaled by ``epochs / config.epochs`` (rounded);
-    an ℓp-relaxation schedule keeps at least its last epoch at p = ∞, so the
-    trained ℓ∞-dist net can be margin-certified.
-
-    Args:
-        config: a preset's config.
-        epochs: the new number of epochs (>= 1).
-
-    Returns:
-        A new config.
-    """
-    if not (isinstance(epochs, int) and epochs >= 1):
-        raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
-    f = epochs / config.epochs
-    kw = {name: int(round(getattr(config, name) * f)) for name in EPOCH_FIELDS}
-    kw["lr_milestones"] = tuple(sorted({max(1, int(round(m * f))) for m in config.lr_milestones}))
-    kw["eval_every"] = 0 if config.eval_every == 0 else max(1, int(round(config.eval_every * f)))
-    if config.p_start is not None:
-        end = kw["p_ramp_start"] + kw["p_ramp_epochs"]
-        if end > epochs - 1:  # leave the last epoch at p = inf
-            over = end - (epochs - 1)
-            cut = min(over, kw["p_ramp_epochs"])
-            kw["p_ramp_epochs"] -= cut
-            kw["p_ramp_start"] = max(0, kw["p_ramp_start"] - (over - cut))
-    return config.replace(epochs=epochs, **kw)
-
-
 def parse_overrides(items: Optional[Sequence[str]]) -> Dict[str, dict]:
     """``["epochs=2", "linf.model_kwargs={\"width\": 16}"]`` → ``{"*": {"epochs": 2}, "linf": {...}}``.
 
