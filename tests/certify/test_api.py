@@ -115,3 +115,38 @@ def test_bisection_radius_is_certified_and_tight(linf_net, data):
     # bisection can only lose what lies within one tolerance of the grid point
     for a, b in zip(curve.certified_accuracy, per_eps.certified_accuracy):
         assert a <= b + 1e-12
+
+
+def test_alpha_crown_batch_limit_follows_the_nonlinear_sizes(monkeypatch):
+    from linf_plugin.certify.bound_prop import ALPHA_MEMORY_ENV, alpha_crown_batch_limit
+
+    info = load_dataset("digits", "test")
+    mlp = create_model("mlp_3layer", input_shape=(1, 8, 8), num_classes=10, mean=info.mean, std=info.std).eval()
+    x = info.x[:3]
+    per_sample = 9 / 4 * 4 * (256 + 128) ** 2  # ReLU outputs 256 and 128, float32
+    assert alpha_crown_batch_limit(mlp, x, budget_gb=1.0) == int(2 ** 30 // per_sample)
+    assert alpha_crown_batch_limit(mlp.double(), x.double(), budget_gb=1.0) == int(2 ** 30 // (2 * per_sample))
+    mlp.float()
+    assert alpha_crown_batch_limit(mlp, x, budget_gb=1e-9) == 1
+    monkeypatch.setenv(ALPHA_MEMORY_ENV, "0.5")
+    assert alpha_crown_batch_limit(mlp, x) == int(2 ** 29 // per_sample)
+    monkeypatch.setenv(ALPHA_MEMORY_ENV, "-1")
+    with pytest.raises(ValueError, match=ALPHA_MEMORY_ENV):
+        alpha_crown_batch_limit(mlp, x)
+
+
+def test_alpha_crown_in_capped_batches_is_still_sound(monkeypatch, data):
+    """A budget that forces one sample per batch still gives one verdict per point, none of them broken."""
+    from linf_plugin.attacks import pgd_attack
+    from linf_plugin.certify.bound_prop import ALPHA_MEMORY_ENV
+
+    info = load_dataset("digits", "test")
+    torch.manual_seed(0)
+    mlp = create_model("mlp_3layer", input_shape=(1, 8, 8), num_classes=10, mean=info.mean, std=info.std).eval()
+    monkeypatch.setenv(ALPHA_MEMORY_ENV, "1e-9")
+    pts = info.subset(6)
+    res = certify(mlp, pts, 0.01, "alpha-crown", batch_size=256, alpha_iterations=3)
+    assert res.n == 6 and res.certified.shape == (6,)
+    assert not np.any(res.certified & ~res.correct)
+    adv = pgd_attack(mlp, pts.x, pts.y, 0.01, steps=20)
+    assert not np.any(res.certified & adv.success.numpy())
