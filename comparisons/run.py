@@ -333,6 +333,7 @@ def run_comparison(settings: RunSettings):
     for m, n in settings.method_points.items():
         if m not in METHODS or int(n) < 1:
             raise ValueError(f"--points {m}={n}: need a method of {list(METHODS)} and n >= 1")
+    method_points = {**dict(suite.points), **settings.method_points}  # the user's --points win
     run_dir = make_run_dir("run", settings.out)
     cache = CheckpointCache(settings.cache_dir, enabled=settings.use_cache, scratch=run_dir)
     with torch_threads(settings.num_threads):
@@ -341,7 +342,7 @@ def run_comparison(settings: RunSettings):
             test = test.subset(int(settings.test_subset))
         results = {"schema": "comparisons.run", "schema_version": SCHEMA_VERSION, "command": "run",
                    "environment": environment(device),
-                   "settings": nan_to_none({**asdict(settings), "eps": eps_grid, "suite": suite.name,
+                   "settings": nan_to_none({**asdict(settings), "method_points": method_points, "eps": eps_grid, "suite": suite.name,
                                             "dataset": suite.dataset, "test_points": len(test),
                                             "methods": methods or list(METHODS)}),
                    "models": []}
@@ -371,7 +372,7 @@ def run_comparison(settings: RunSettings):
                         alpha_iterations=settings.alpha_iterations, bisect=settings.bisect,
                         bisect_steps=settings.bisect_steps, pgd_steps=settings.pgd_steps,
                         pgd_restarts=settings.pgd_restarts, seed=settings.seed,
-                        method_points=settings.method_points, bar=bar)
+                        method_points=method_points, bar=bar)
                 bar.close()
                 rec["evaluation"]["time"] = t_eval.seconds
                 results["models"].append(nan_to_none(rec))

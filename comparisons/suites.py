@@ -44,6 +44,7 @@ class Suite:
     models: tuple
     goal_eps: tuple = ()
     note: str = ""
+    points: tuple = ()  # ((method, n), ...): default --points (a method too slow for the whole test set)
 
     def spec(self, key: str) -> ModelSpec:
         for m in self.models:
@@ -51,6 +52,8 @@ class Suite:
                 return m
         raise KeyError(key)
 
+
+ALPHA_CROWN_CPU_POINTS = 60
 
 SUITES: Dict[str, Suite] = {
     "digits": Suite(
@@ -60,7 +63,9 @@ SUITES: Dict[str, Suite] = {
          ModelSpec("ibp", "digits-ibp", "ReLU CNN (IBP)"),
          ModelSpec("crown-ibp", "digits-crown-ibp", "ReLU CNN (CROWN-IBP)")),
         goal_eps=(0.1, 0.2),
-        note="scikit-learn digits (8x8, embedded), CPU-sized presets"),
+        note="scikit-learn digits (8x8, embedded), CPU-sized presets",
+        # α-CROWN (dense α on auto_LiRPA 0.3) costs seconds per point on the ReLU CNN on a CPU
+        points=(("alpha-crown", ALPHA_CROWN_CPU_POINTS),)),
     "mnist-0.3": Suite(
         "mnist-0.3", "mnist", (0.1, 0.2, 0.3),
         (ModelSpec("linf", "mnist-0.3", "ℓ∞-dist net 5×5120"),
