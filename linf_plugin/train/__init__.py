@@ -1,0 +1,21 @@
+"""Training of both families: ℓ∞-dist nets (the 2022 paper's recipe) and IBP / CROWN-IBP baselines.
+
+``train(config) -> TrainResult`` trains any registry model with its family's
+recipe (ℓ∞-dist: mixture loss with the ℓp relaxation; hybrids: robust CE
+on interval bounds; ReLU nets: auto_LiRPA IBP / CROWN-IBP), with
+checkpoints after every epoch, exact resume, progress bars, JSON-lines logs,
+periodic certified evaluation and DDP under ``torchrun``.
+``get_preset(name)`` / ``list_presets()`` give the paper's and the baselines'
+recipes; ``python -m linf_plugin.train --preset digits-linf --out runs/x``
+is the CLI.
+"""
+from .config import FAMILIES, RUNTIME_FIELDS, ConfigError, TrainConfig, sanitize_name
+from .losses import MixtureLoss, bound_loss, clipped_hinge, margin_spec, robust_cross_entropy
+from .presets import EPOCH_FIELDS, PresetError, get_preset, list_presets, register_preset, scale_epochs
+from .schedules import Schedule, ScheduleState
+from .trainer import TrainingDivergedError, TrainResult, train
+
+__all__ = ["train", "TrainConfig", "TrainResult", "TrainingDivergedError", "ConfigError", "PresetError",
+           "get_preset", "list_presets", "register_preset", "Schedule", "ScheduleState", "MixtureLoss",
+           "clipped_hinge", "bound_loss", "robust_cross_entropy", "margin_spec", "sanitize_name", "FAMILIES",
+           "RUNTIME_FIELDS", "scale_epochs", "EPOCH_FIELDS"]

@@ -1,0 +1,143 @@
+"""The trainer end to end on tiny digits runs: files, checkpoints, exact resume after a SIGKILL, NaN stop."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from linf_plugin.models import create_model, load_checkpoint
+from linf_plugin.train import ConfigError, TrainingDivergedError, get_preset, train
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Tiny versions of the digits presets (same code paths, seconds per epoch).
+TINY = {
+    "linf_dist": ["--preset", "digits-linf", "--model-kwargs", '{"depth": 3, "width": 32}', "--epochs", "3",
+                  "--p-ramp-start", "1", "--p-ramp-epochs", "1", "--crop-padding", "1"],
+    "hybrid": ["--preset", "digits-hybrid", "--model-kwargs", '{"depth": 2, "width": 32, "head_hidden": 16}',
+               "--epochs", "3", "--p-ramp-start", "1", "--p-ramp-epochs", "1", "--eps-ramp-epochs", "2",
+               "--lr-cosine-start", "1"],
+    "relu": ["--preset", "digits-crown-ibp", "--model", "cnn_7layer_bn", "--model-kwargs",
+             '{"width": 4, "linear_size": 32}', "--epochs", "3", "--eps-ramp-start", "0", "--eps-ramp-epochs", "2",
+             "--lr-milestones", "2"],
+}
+COMMON = ["--train-subset", "256", "--batch-size", "64", "--eval-subset", "64", "--eval-every", "1",
+          "--num-threads", "1", "--progress", "false", "--seed", "3"]
+
+
+def _tiny_config(family: str, tmp_path, **kw):
+    from linf_plugin.train.__main__ import build_parser, config_from_args
+
+    args = build_parser().parse_args(TINY[family] + COMMON + ["--out", str(tmp_path)])
+    return config_from_args(args).replace(**kw)
+
+
+def _run_cli(args, check=True):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "linf_plugin.train", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def test_train_writes_logs_checkpoint_and_final_metrics(tmp_path):
+    cfg = _tiny_config("linf_dist", tmp_path / "run")
+    result = train(cfg)
+    out = tmp_path / "run"
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3] == [r["epoch"] for r in result.history]
+    for key in ("train_loss", "train_acc", "p", "lam", "lr", "time", "scale", "eval_eps", "test_clean_acc",
+                "test_cert_acc"):
+        assert key in records[-1], key
+    # p and λ of each epoch's last step: p = 8 in epoch 1, the ramp in epoch 2, ∞ (and λ = 0) in epoch 3
+    assert records[0]["p"] == 8.0 and 8.0 < records[1]["p"] < 1000.0 and records[1]["lam"] > 0
+    assert records[2]["p"] == "inf" and records[2]["lam"] == 0.0
+    assert json.loads((out / "config.json").read_text())["name"] == "digits-linf"
+    final = json.loads((out / "final.json").read_text())
+    assert final["final_metrics"]["method"] == "margin"
+    assert 0.0 <= result.final_metrics["cert_acc"] <= result.final_metrics["clean_acc"] <= 1.0
+    ckpt = load_checkpoint(result.checkpoint_path)
+    assert ckpt.epoch == 3 and ckpt.extra["train_config"]["model"] == "linf_dist_mlp"
+    x = torch.rand(5, 1, 8, 8)
+    result.model.eval()
+    assert torch.equal(ckpt.model(x), result.model(x))
+    assert not result.model.training
+
+
+def test_train_without_out_dir_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = _tiny_config("linf_dist", tmp_path / "unused", epochs=1).replace(out_dir=None)
+    result = train(cfg)
+    assert result.checkpoint_path is None and result.out_dir is None and list(tmp_path.iterdir()) == []
+    assert len(result.history) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["linf_dist", "hybrid", "relu"])
+def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path, family):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    _run_cli(TINY[family] + COMMON + ["--out", str(full)])
+    killed = _run_cli(TINY[family] + COMMON + ["--out", str(cut), "--stop-after-epoch", "1"], check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert load_checkpoint(cut / "checkpoint.pt").epoch == 1
+    assert len((cut / "log.jsonl").read_text().splitlines()) == 1
+    _run_cli(TINY[family] + COMMON + ["--out", str(cut), "--resume"])
+    a, b = load_checkpoint(full / "checkpoint.pt"), load_checkpoint(cut / "checkpoint.pt")
+    assert a.epoch == b.epoch == 3
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    for k, v in a.extra["objective_state"].items():
+        assert torch.equal(v, b.extra["objective_state"][k])
+    ha, hb = a.extra["history"], b.extra["history"]
+    drop = ("time", "eval_time")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in ha] == \
+           [{k: v for k, v in r.items() if k not in drop} for r in hb]
+    assert len((cut / "log.jsonl").read_text().splitlines()) == 3
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    cfg = _tiny_config("linf_dist", tmp_path, epochs=1)
+    train(cfg)
+    with pytest.raises(ConfigError, match="lr"):
+        train(cfg.replace(resume=True, lr=0.5, epochs=1))
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path):
+    cfg = _tiny_config("linf_dist", tmp_path, epochs=3)
+    steps_per_epoch = math.ceil(256 / 64)
+    model = create_model("linf_dist_mlp", input_shape=(1, 8, 8), num_classes=10, depth=3, width=32,
+                         mean=(0.3054,), std=0.3761)
+    seen = {"calls": 0, "digest": None}
+
+    def poison(module, inputs, output):
+        if module.training:
+            seen["calls"] += 1
+            if seen["calls"] == steps_per_epoch + 2:  # second step of epoch 2
+                seen["digest"] = hashlib.sha256((tmp_path / "checkpoint.pt").read_bytes()).hexdigest()
+                return output * float("nan")
+        return output
+
+    model.register_forward_hook(poison)
+    with pytest.raises(TrainingDivergedError) as e:
+        train(cfg, model=model)
+    msg = str(e.value)
+    assert "epoch 2, step 2/4" in msg and "nan" in msg.lower() and "epoch 1" in msg and "untouched" in msg
+    assert hashlib.sha256((tmp_path / "checkpoint.pt").read_bytes()).hexdigest() == seen["digest"]
+    assert load_checkpoint(tmp_path / "checkpoint.pt").epoch == 1
+    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 1
+
+
+def test_stop_after_epoch_needs_an_out_dir():
+    with pytest.raises(ConfigError, match="out_dir"):
+        train(get_preset("digits-linf", stop_after_epoch=1, epochs=2))
