@@ -97,27 +97,37 @@ def lipschitz_constant(model) -> float:
 
 
 def linf_trace(model, x: torch.Tensor):
-    """Run an l_inf-dist net layer by layer, keeping what the error bound needs.
+    """Run an l_inf-dist net once, keeping what the error bound needs.
+
+    One ``model(x)`` call with forward hooks on the input normalisation and
+    on every ℓ∞-dist layer, so the values bounded are the ones the model
+    computed.
 
     Returns:
-        ``(logits, z0, outputs)``: the logits ``(B, K)`` (checked bit-for-bit
-        against ``model(x)``), the normalised flattened input and each
-        layer's output.
+        ``(logits, z0, outputs)``: the logits ``(B, K)`` of ``model(x)``, the
+        normalised flattened input and each layer's output.
     """
     try:
         normalize, layers, negate = model.normalize, list(model.layers), bool(model.negate_output)
     except AttributeError as exc:
         raise MarginCertificateError(f"not an l_inf-dist net (needs normalize, layers, negate_output): {exc}") from None
-    z0 = normalize(x).flatten(1)
-    outs, z = [], z0
-    for layer in layers:
-        z = layer(z)
-        outs.append(z)
-    logits = -z if negate else z
-    if not torch.equal(logits, model(x)):
-        raise MarginCertificateError("the layer-by-layer trace does not reproduce model(x) bit for bit; the "
-                                     "margin certificate cannot vouch for this model's forward pass")
-    return logits, z0, outs
+    seen = {}
+    hooks = [normalize.register_forward_hook(lambda _m, _i, out: seen.__setitem__("z0", out))]
+    hooks += [layer.register_forward_hook(lambda _m, _i, out, k=k: seen.__setitem__(k, out))
+              for k, layer in enumerate(layers)]
+    try:
+        logits = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    if "z0" not in seen or any(k not in seen for k in range(len(layers))):
+        raise MarginCertificateError("the model's forward pass does not run its normalisation and every "
+                                     "l_inf-dist layer; the margin certificate cannot vouch for it")
+    outs = [seen[k] for k in range(len(layers))]
+    if not torch.equal(logits, -outs[-1] if negate else outs[-1]):
+        raise MarginCertificateError("the logits are not the last l_inf-dist layer's output; the margin "
+                                     "certificate cannot vouch for this model's forward pass")
+    return logits, seen["z0"].flatten(1), outs
 
 
 def _layer_consts(layer):

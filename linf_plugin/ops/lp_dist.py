@@ -207,6 +207,11 @@ def lp_dist(x: torch.Tensor, w: torch.Tensor, p: float = math.inf, *, backend: s
         return LpDistFunction.apply(x, w, p, "reference")
     check_pair(x, w)
     name = resolve_backend(backend, x)
+    if not torch.is_grad_enabled() and x.shape[0] and w.shape[0]:
+        # Inside no_grad, Function.apply still reports needs_input_grad for a
+        # parameter w, which would make the forward compute the argmax that
+        # only a backward uses (about a third of an inference pass at p = inf).
+        return get_backend(name).forward(x.contiguous(), w.contiguous(), p, need_aux=False)[0]
     return LpDistFunction.apply(x, w, p, name)
 
 

@@ -284,3 +284,18 @@ def test_symbolic_emits_custom_lp_dist_with_float_p():
         assert len(nodes) == 1
         assert nodes[0].f("p") == p
         assert nodes[0].output().type().sizes() == [4, 5]
+
+@pytest.mark.parametrize("p", [math.inf, 8.0, 1.0])
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_no_grad_inference_matches_the_autograd_path(backend, p):
+    """Under no_grad lp_dist skips the autograd Function (and the argmax it would save);
+    the values must be bit-identical to the differentiable call."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(37, 50, generator=g)
+    w = torch.randn(21, 50, generator=g).requires_grad_(True)
+    y = lp_dist(x, w, p, backend=backend)
+    assert y.requires_grad
+    with torch.no_grad():
+        y0 = lp_dist(x, w, p, backend=backend)
+    assert not y0.requires_grad
+    assert torch.equal(y0, y.detach())
