@@ -10,7 +10,7 @@ Rows:
   compared with the authors' published 0.1133 s (p = 8) and 0.0796 s
   (p = ∞) per iteration on an RTX 3090.
 
-Prints a table and writes ``benchmarks/results/train_<host>_<device>.json``.
+Prints a table and writes ``benchmarks/results/train-<device>.json``.
 Usage: ``python benchmarks/train.py [--steps 20] [--warmup 3] [--no-gpu] [--no-cpu]``.
 """
 from __future__ import annotations
@@ -146,7 +146,7 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = "".join(c if c.isalnum() else "_" for c in dev.lower())
-    path = out / f"train_{tag}.json"
+    path = out / f"train-{tag}.json"
     atomic_write_json(path, result)
     print(f"wrote {path}")
     return result
