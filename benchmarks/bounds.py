@@ -121,6 +121,7 @@ def main(argv=None):
             results["rows"].append(dict(model=name, eps=eps, method="PGD (upper bound)", certified=pgd_acc,
                                         seconds=None, gap_to_pgd=0.0))
             print(f"{eps:6.3f} {'PGD (upper)':>12} {pgd_acc:9.3f}")
+        atomic_write_json(args.out, results)  # after every model: a long run cut short keeps what it measured
     atomic_write_json(args.out, results)
     print(f"\nwrote {args.out}")
 
