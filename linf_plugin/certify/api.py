@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from ..data import DatasetSplit
 from ..data.box import linf_box
-from .bound_prop import LIRPA_METHODS, BoundPropCertifier, alpha_crown_batch_limit
+from .bound_prop import LIRPA_METHODS, BoundPropCertifier
 from .interval import interval_certify
 from .margin import margin_certify
 from .result import CertResult
@@ -171,8 +171,7 @@ def certify(model: torch.nn.Module, data, eps: float, method: str, *, batch_size
             if method in _BOUND_PROP:
                 certifier = BoundPropCertifier(model, x[:1].to(dev, dtype), num_classes or int(y.max()) + 1,
                                                alpha_iterations=alpha_iterations)
-            if method == "alpha-crown":
-                batch_size = min(batch_size, alpha_crown_batch_limit(model, x[:1].to(dev, dtype)))
+                batch_size = certifier.batch_size(method, batch_size)
             batches = _batches(x, y, batch_size, dev, dtype)
             if progress:
                 from tqdm.auto import tqdm
@@ -239,8 +238,7 @@ def _bisect_radius(model, data, method, eps_max, steps, batch_size, device, alph
     with _eval_mode(model):
         cert = BoundPropCertifier(model, x[:1].to(dev, dtype), num_classes or int(y.max()) + 1,
                                   alpha_iterations=alpha_iterations)
-        if method == "alpha-crown":
-            batch_size = min(batch_size, alpha_crown_batch_limit(model, x[:1].to(dev, dtype)))
+        batch_size = cert.batch_size(method, batch_size)
         for start in range(0, x.shape[0], batch_size):
             xb = x[start:start + batch_size].to(dev, dtype)
             yb = y[start:start + batch_size].to(dev)

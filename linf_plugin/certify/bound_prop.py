@@ -117,8 +117,15 @@ class BoundPropCertifier:
             # (shape mismatch in reconstruct_full_alpha); dense alpha is correct.
             opts.update(sparse_features_alpha=False, sparse_spec_alpha=False)
         self.dtype = example.dtype
+        self.example = example
         with _default_dtype(self.dtype):
             self.bounded = bounded_module(model, example, bound_opts=opts)
+
+    def batch_size(self, method: str, requested: int) -> int:
+        """``requested``, capped for α-CROWN by :func:`alpha_crown_batch_limit`."""
+        if method != "alpha-crown":
+            return requested
+        return min(requested, alpha_crown_batch_limit(self.model, self.example))
 
     def lower_margins(self, x: torch.Tensor, y: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
                       method: str) -> torch.Tensor:
