@@ -134,7 +134,10 @@ class BoundPropCertifier:
 
         ptb = PerturbationLpNorm(norm=math.inf, eps=None, x_L=lower, x_U=upper)
         c = margin_spec(y, self.num_classes, x.dtype)
-        with _default_dtype(self.dtype):
+        # Only alpha-CROWN differentiates (through its own enable_grad); a
+        # graph through the bounds of a wide net would cost gigabytes.
+        grad = torch.enable_grad() if method == "alpha-crown" else torch.no_grad()
+        with _default_dtype(self.dtype), grad:
             lb, _ = self.bounded.compute_bounds(x=(BoundedTensor(x, ptb),), C=c, method=LIRPA_METHODS[method],
                                                 bound_upper=False)
         return lb.detach()

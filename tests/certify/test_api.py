@@ -150,3 +150,23 @@ def test_alpha_crown_in_capped_batches_is_still_sound(monkeypatch, data):
     assert not np.any(res.certified & ~res.correct)
     adv = pgd_attack(mlp, pts.x, pts.y, 0.01, steps=20)
     assert not np.any(res.certified & adv.success.numpy())
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown-ibp", "crown"])
+def test_bound_propagation_builds_no_autograd_graph(linf_net, data, method, monkeypatch):
+    # A graph through the bounds of a 6x5120 net costs gigabytes per input;
+    # only alpha-CROWN needs gradients (for its own parameters).
+    from linf_plugin.lirpa.bound import BoundLpDist
+
+    seen = []
+    for name in ("interval_propagate", "bound_backward"):
+        original = getattr(BoundLpDist, name)
+
+        def spy(self, *a, _original=original, **k):
+            seen.append(torch.is_grad_enabled())
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(BoundLpDist, name, spy)
+    res = certify(linf_net, data, 0.02, method)
+    assert seen and not any(seen)
+    assert res.n == 40
