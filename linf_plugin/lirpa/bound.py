@@ -47,7 +47,7 @@ import math
 import torch
 from auto_LiRPA.operators import Bound
 
-from ..ops import lp_dist, lp_dist_interval
+from ..ops import linf_box_argmax, lp_dist, lp_dist_interval
 from .relaxation import LOWER_POINTS, Plane, lower_plane, upper_plane
 
 try:  # identity spec objects used by some auto_LiRPA versions
@@ -152,8 +152,12 @@ class BoundLpDist(Bound):
 
     def relaxation(self, lower, upper, w):
         """``(lower_plane, upper_plane)`` for the box; see :mod:`.relaxation`."""
-        return (lower_plane(lower, upper, w, self.p, self.lower_point),
-                upper_plane(lower, upper, w, self.p))
+        idx = None
+        if math.isinf(self.p):
+            lower, upper = torch.minimum(lower, upper), torch.maximum(lower, upper)
+            idx = linf_box_argmax(lower, upper, w)  # shared by both planes
+        return (lower_plane(lower, upper, w, self.p, self.lower_point, indices=idx),
+                upper_plane(lower, upper, w, self.p, indices=idx))
 
     def _planes(self, lower, upper, w):
         """:meth:`relaxation`, computed once per input box.

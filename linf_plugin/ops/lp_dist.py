@@ -26,7 +26,7 @@ from torch.autograd.function import once_differentiable
 from .checks import check_box, check_p, check_pair
 from .reference import ReferenceBackend
 
-__all__ = ["lp_dist", "lp_dist_interval", "LpDistFunction", "LpDistIntervalFunction", "get_backend",
+__all__ = ["lp_dist", "lp_dist_interval", "linf_box_argmax", "LpDistFunction", "LpDistIntervalFunction", "get_backend",
            "resolve_backend", "BACKEND_ENV", "BACKENDS"]
 
 log = logging.getLogger(__name__)
@@ -250,3 +250,35 @@ def lp_dist_interval(lower: torch.Tensor, upper: torch.Tensor, w: torch.Tensor, 
     check_box(lower, upper, w)
     name = resolve_backend(backend, lower)
     return LpDistIntervalFunction.apply(lower, upper, w, p, name)
+
+
+def linf_box_argmax(lower: torch.Tensor, upper: torch.Tensor, w: torch.Tensor):
+    """The coordinates that decide the l_inf distance's range over a box.
+
+    Per coordinate, with the notation of :func:`lp_dist_interval`,
+    ``far_i = max(w_i - lower_i, upper_i - w_i)`` and
+    ``near_i = max(lower_i - w_i, w_i - upper_i, 0)``.  Returns the lowest
+    argmax of ``near`` (where the projection of ``w[n]`` onto the box is
+    farthest from it), of ``far``, and of ``far`` with that coordinate left
+    out (the runner-up; 0 when ``D = 1``).  CROWN's p = inf relaxation
+    (:mod:`linf_plugin.lirpa.relaxation`) needs exactly these, and finding
+    them with fused reductions avoids its ``(B, N, D)`` temporaries.
+
+    Indices only, so nothing to differentiate.  Runs the PyTorch path on every
+    device (the CuPy kernels do not implement it).
+
+    Args:
+        lower, upper: ``(B, D)`` box corners, ``lower <= upper``, no NaN.
+        w: ``(N, D)``, same dtype and device.
+
+    Returns:
+        ``(k_near, k_far, k_far2)``, each ``(B, N)`` int64.
+    """
+    check_box(lower, upper, w)
+    B, N = lower.shape[0], w.shape[0]
+    if B == 0 or N == 0:
+        empty = torch.zeros(B, N, dtype=torch.int64, device=w.device)
+        return empty, empty.clone(), empty.clone()
+    with torch.no_grad():
+        return get_backend("torch").linf_box_argmax(lower.detach().contiguous(), upper.detach().contiguous(),
+                                                    w.detach().contiguous())

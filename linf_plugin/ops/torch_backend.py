@@ -239,6 +239,28 @@ class TorchBackend:
             lo[sl], hi[sl] = m_lo * root(s_lo), m_hi * root(s_hi)
         return lo, hi, None
 
+    def linf_box_argmax(self, lower, upper, w):
+        """``(k_near, k_far, k_far2)``, each ``(B, N)`` int64: the lowest argmax of ``near``, of
+        ``far``, and of ``far`` without coordinate ``k_far`` (0 when ``D = 1``)."""
+        B, N, D = lower.shape[0], w.shape[0], w.shape[1]
+        comp = self.uses_compiled(lower, N, D)
+        out = [torch.zeros(B, N, dtype=torch.int64, device=w.device) for _ in range(3)]
+        for sl in self._chunks(B, N, D, comp):
+            l_, u_ = lower[sl], upper[sl]
+            if w.dtype == torch.float32:
+                k_lo, k_hi = self._run("ival_key", None, comp, l_, u_, w)
+                out[0][sl], out[1][sl] = K.decode_key(k_lo)[1], K.decode_key(k_hi)[1]
+                if D > 1:
+                    out[2][sl] = K.decode_key(self._run("ival_key_excl", None, comp, l_, u_, w, out[1][sl]))[1]
+                continue
+            lo, hi = self._run("ival_max", None, comp, l_, u_, w)
+            i_lo, i_hi = self._run("ival_argmax", None, comp, l_, u_, w, lo, hi)
+            out[0][sl], out[1][sl] = i_lo.to(torch.int64), i_hi.to(torch.int64)
+            if D > 1:
+                m2 = self._run("ival_max_excl", None, comp, l_, u_, w, out[1][sl])
+                out[2][sl] = self._run("ival_argmax_excl", None, comp, l_, u_, w, out[1][sl], m2).to(torch.int64)
+        return tuple(out)
+
     def interval_backward(self, grad_lo, grad_hi, lower, upper, w, lo, hi, aux, p,
                           need_lower=True, need_upper=True, need_w=True):
         grad_lo = torch.zeros_like(lo) if grad_lo is None else grad_lo

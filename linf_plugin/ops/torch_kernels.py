@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["p_variant", "linf_max", "linf_key", "decode_key", "linf_argmax", "l1_sum", "lp_sum", "lp_grad_x", "lp_grad_w",
-           "ival_max", "ival_key", "ival_argmax", "ival_l1", "ival_sum", "ival_grad_lower", "ival_grad_upper", "ival_grad_w", "KERNELS"]
+           "ival_max", "ival_key", "ival_argmax", "ival_key_excl", "ival_max_excl", "ival_argmax_excl", "ival_l1", "ival_sum", "ival_grad_lower", "ival_grad_upper", "ival_grad_w", "KERNELS"]
 
 _LOW32 = 4294967295  # 2**32 - 1
 
@@ -166,6 +166,30 @@ def ival_argmax(lower, upper, w, lo, hi):
     return (torch.where(near == lo[:, :, None], idx, D).amin(-1), torch.where(far == hi[:, :, None], idx, D).amin(-1))
 
 
+def ival_key_excl(lower, upper, w, k):
+    """float32 only: the :func:`ival_key` key of ``far`` with coordinate ``k[b, n]`` left out
+    (the runner-up of the far end; ``-1`` when ``D = 1``)."""
+    _, _, far, _ = _terms(lower, upper, w)
+    idx = torch.arange(w.shape[1], device=w.device, dtype=torch.int64)
+    key = far.view(torch.int32).to(torch.int64) * 4294967296 + (_LOW32 - idx)
+    return torch.where(idx == k[:, :, None], -1, key).amax(-1)
+
+
+def ival_max_excl(lower, upper, w, k):
+    """``max_{i != k} far_i`` (``far >= 0``, so 0 stands in for the excluded coordinate)."""
+    _, _, far, _ = _terms(lower, upper, w)
+    idx = torch.arange(w.shape[1], device=w.device, dtype=torch.int64)
+    return torch.where(idx == k[:, :, None], 0.0, far).amax(-1)
+
+
+def ival_argmax_excl(lower, upper, w, k, m2):
+    """Lowest ``i != k`` with ``far_i == m2`` (float index)."""
+    _, _, far, _ = _terms(lower, upper, w)
+    idx = torch.arange(w.shape[1], device=w.device, dtype=torch.int64)
+    hit = (far == m2[:, :, None]) & (idx != k[:, :, None])
+    return torch.where(hit, idx.to(w.dtype), w.shape[1]).amin(-1)
+
+
 def ival_l1(lower, upper, w):
     """``(lo, hi)`` for p = 1: plain sums of ``near`` and ``far``."""
     _, _, far, near = _terms(lower, upper, w)
@@ -211,5 +235,5 @@ def ival_grad_w(lower, upper, w, g_lo, r_lo, g_hi, r_hi, pm1, pv: int):
 
 
 KERNELS = {f.__name__: f for f in (linf_max, linf_key, linf_argmax, l1_sum, lp_sum, lp_grad_x, lp_grad_w, ival_max,
-                                   ival_key, ival_argmax, ival_l1, ival_sum, ival_grad_lower, ival_grad_upper,
+                                   ival_key, ival_argmax, ival_key_excl, ival_max_excl, ival_argmax_excl, ival_l1, ival_sum, ival_grad_lower, ival_grad_upper,
                                    ival_grad_w)}

@@ -129,3 +129,18 @@ def test_auto_picks_cupy_for_cuda_tensors():
     from linf_plugin.ops import resolve_backend
 
     assert resolve_backend(None, torch.zeros(1, device="cuda")) == "cupy"
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+def test_linf_box_argmax_on_cuda_matches_cpu(dtype):
+    # The p = inf CROWN relaxation's coordinates: the PyTorch path on every device.
+    from linf_plugin.ops import linf_box_argmax
+
+    for ties in (False, True):
+        x, w, _ = _inputs(37, 5120, 67, dtype, seed=11, ties=ties)
+        x, w = x.detach(), w.detach()
+        lower, upper = x - 0.5, x + 0.5
+        got = linf_box_argmax(lower, upper, w)
+        want = linf_box_argmax(lower.cpu(), upper.cpu(), w.cpu())
+        for a, b in zip(got, want):
+            assert a.is_cuda and torch.equal(a.cpu(), b)

@@ -242,3 +242,79 @@ def test_compiled_graphs_never_allocate_a_b_n_d_buffer(name):
     source = "\n".join(code)
     assert "cpp_fused" in source
     assert not re.search(r"empty_strided_cpu\(\(\w+, \w+, \w+\)", source), "a (b, n, D) buffer was allocated"
+
+
+# -- linf_box_argmax (the p = inf relaxation's coordinates) ------------------------
+def _box_argmax_oracle(lower, upper, w):
+    a = w[None] - lower[:, None]
+    c = upper[:, None] - w[None]
+    far = torch.maximum(a, c)
+    near = torch.clamp(torch.maximum(-a, -c), min=0)
+    k_far = far.argmax(-1)  # torch.argmax: the first maximal index
+    rest = far.scatter(-1, k_far.unsqueeze(-1), -1.0)
+    k2 = rest.argmax(-1) if w.shape[1] > 1 else torch.zeros_like(k_far)
+    return near.argmax(-1), k_far, k2
+
+
+def _check_box_argmax(backend, B, N, D, dtype, seed, ties):
+    _, w, lower, upper, _ = _problem(B, N, D, dtype, seed, ties)
+    if ties:  # integer boxes: many exact ties in near and far
+        lower, upper = lower.round(), lower.round() + torch.randint(0, 3, lower.shape).to(dtype)
+    got = backend.linf_box_argmax(lower, upper, w)
+    for g, want in zip(got, _box_argmax_oracle(lower, upper, w)):
+        assert g.dtype == torch.int64 and torch.equal(g, want)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+@pytest.mark.parametrize("ties", (False, True))
+@pytest.mark.parametrize("shape", ((5, 7, 9), (3, 4, 1), (1, 1, 2), (6, 3, 40)))
+def test_eager_linf_box_argmax_matches_the_oracle(dtype, ties, shape):
+    _check_box_argmax(TorchBackend(compile=False, eager_budget=50), *shape, dtype, seed=3, ties=ties)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+def test_compiled_linf_box_argmax_matches_the_oracle(compiled, dtype):
+    calls = compiled.compiled_calls
+    for ties in (False, True):
+        _check_box_argmax(compiled, 13, 17, 19, dtype, seed=4, ties=ties)
+    assert compiled.compile_failed is None, compiled.compile_failed
+    assert compiled.compiled_calls > calls
+
+
+def test_linf_box_argmax_checks_its_box():
+    from linf_plugin.ops import linf_box_argmax
+
+    w = torch.zeros(3, 4)
+    with pytest.raises(ValueError, match="empty box"):
+        linf_box_argmax(torch.ones(2, 4), torch.zeros(2, 4), w)
+    with pytest.raises(ValueError, match="NaN"):
+        linf_box_argmax(torch.full((2, 4), float("nan")), torch.zeros(2, 4), w)
+    k = linf_box_argmax(torch.zeros(0, 4), torch.zeros(0, 4), w)
+    assert all(t.shape == (0, 3) for t in k)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ival_key_excl", "ival_max_excl", "ival_argmax_excl"])
+def test_compiled_runner_up_reductions_never_allocate_a_b_n_d_buffer(name):
+    import re
+
+    from torch._inductor import config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    from linf_plugin.ops.torch_backend import _INDUCTOR_OPTIONS
+
+    kernel = K.KERNELS[name]
+
+    def fn(*args):  # a fresh code object: a real compile, not a dynamo cache hit
+        return kernel(*args)
+
+    _, w, lower, upper, _ = _problem(6, 7, 9, torch.float32)
+    k = torch.randint(0, 9, (6, 7))
+    args = (lower, upper, w, k) + ((torch.rand(6, 7),) if name == "ival_argmax_excl" else ())
+    with inductor_config.patch(fx_graph_cache=False):
+        out, code = run_and_get_code(torch.compile(fn, dynamic=True, options=_INDUCTOR_OPTIONS), *args)
+    assert torch.equal(out, kernel(*args))
+    source = "\n".join(code)
+    assert "cpp_fused" in source
+    assert not re.search(r"empty_strided_cpu\(\(\w+, \w+, \w+\)", source), "a (b, n, D) buffer was allocated"
