@@ -48,7 +48,7 @@ import torch
 from auto_LiRPA.operators import Bound
 
 from ..ops import linf_box_argmax, lp_dist, lp_dist_interval
-from .relaxation import LOWER_POINTS, Plane, lower_plane, upper_plane
+from .relaxation import LOWER_POINTS, Plane, lower_plane, sanitize_box, upper_plane
 
 try:  # identity spec objects used by some auto_LiRPA versions
     from auto_LiRPA.utils import eyeC
@@ -154,7 +154,7 @@ class BoundLpDist(Bound):
         """``(lower_plane, upper_plane)`` for the box; see :mod:`.relaxation`."""
         idx = None
         if math.isinf(self.p):
-            lower, upper = torch.minimum(lower, upper), torch.maximum(lower, upper)
+            lower, upper = sanitize_box(lower, upper)
             idx = linf_box_argmax(lower, upper, w)  # shared by both planes
         return (lower_plane(lower, upper, w, self.p, self.lower_point, indices=idx),
                 upper_plane(lower, upper, w, self.p, indices=idx))

@@ -190,15 +190,6 @@ def _eps(t: torch.Tensor) -> float:
     return torch.finfo(t.dtype).eps
 
 
-def _pnorm_last(v: torch.Tensor, p: float) -> torch.Tensor:
-    """l_p norm over the last dim of a non-negative tensor, max-normalised."""
-    m = v.amax(dim=-1)
-    if math.isinf(p):
-        return m
-    safe = torch.where(m > 0, m, torch.ones_like(m))
-    return m * ((v / safe.unsqueeze(-1)) ** p).sum(-1) ** (1.0 / p)
-
-
 def _gradient_direction(d: torch.Tensor, p: float):
     """Gradient of ``||.||_p`` at ``d`` (``(B, n, D)``), 0 where ``d = 0``.
 
