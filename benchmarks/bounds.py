@@ -1,10 +1,10 @@
 """Bound quality and speed of every certification method on our three model families (digits).
 
 Trains one model per family with its digits preset, compressed to ``--epochs``
-(``linf_plugin.train``: the ℓ∞-dist net with the paper's loss and p schedule,
+(``linf_plugin.training``: the ℓ∞-dist net with the paper's loss and p schedule,
 the hybrid with IBP-bound training, the ReLU CNN with IBP), then for each ε
 certifies the first ``--n`` test points with every method that applies
-(``linf_plugin.certify.certify``: margin, interval, IBP, CROWN-IBP, CROWN,
+(``linf_plugin.certification.certify``: margin, interval, IBP, CROWN-IBP, CROWN,
 α-CROWN) and reports
 
 * certified accuracy and wall time per method (α-CROWN on the first
@@ -31,13 +31,13 @@ import torch
 
 import linf_plugin
 from linf_plugin.attacks import pgd_attack
-from linf_plugin.certify import applicable_methods, certify
-from linf_plugin.certify.bound_prop import LIRPA_METHODS, BoundPropCertifier
+from linf_plugin.certification import applicable_methods, certify
+from linf_plugin.certification.bound_prop import LIRPA_METHODS, BoundPropCertifier
 from linf_plugin.data.box import linf_box
 from linf_plugin.data import load_dataset
 from linf_plugin.io import atomic_write_json
 from linf_plugin.lirpa import applied_operator_fixes, compat
-from linf_plugin.train import get_preset, scale_epochs, train
+from linf_plugin.training import get_preset, scale_epochs, train
 
 PRESETS = ("digits-linf", "digits-hybrid", "digits-ibp")
 def _pgd_min_margin(model, x, y, eps):

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 import linf_plugin
-from linf_plugin.certify import applicable_methods, certify
+from linf_plugin.certification import applicable_methods, certify
 from linf_plugin.data import dataset_info, load_dataset
 from linf_plugin.io import atomic_write_json
 from linf_plugin.models import create_model

@@ -33,9 +33,9 @@ from linf_plugin.data import dataset_info, load_dataset  # noqa: E402
 from linf_plugin.io import atomic_write_json  # noqa: E402
 from linf_plugin.models import create_model  # noqa: E402
 from linf_plugin.nn import set_p  # noqa: E402
-from linf_plugin.train import get_preset  # noqa: E402
-from linf_plugin.train.objectives import make_objective  # noqa: E402
-from linf_plugin.train.schedules import ScheduleState  # noqa: E402
+from linf_plugin.training import get_preset  # noqa: E402
+from linf_plugin.training.objectives import make_objective  # noqa: E402
+from linf_plugin.training.schedules import ScheduleState  # noqa: E402
 
 PAPER_3090 = {8.0: 0.1133, math.inf: 0.0796}  # s / iteration, CIFAR-10 net, batch 512 (authors' README)
 

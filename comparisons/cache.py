@@ -1,13 +1,13 @@
 """A checkpoint cache: train a model once per training configuration, reuse it afterwards.
 
 An entry is keyed by a SHA-256 of everything that decides the weights: the
-resolved :class:`~linf_plugin.train.TrainConfig` without its runtime fields
+resolved :class:`~linf_plugin.training.TrainConfig` without its runtime fields
 (model name and kwargs, data set, subsets, seed, every optimisation and
 schedule field; not the device, progress or logging settings), plus a
 format version.  Entries live in ``<cache_dir>/<preset>-<key[:16]>/``:
 
 * the trainer's own files (``checkpoint.pt``, ``config.json``,
-  ``log.jsonl``, ``final.json``), written by :func:`linf_plugin.train.train`
+  ``log.jsonl``, ``final.json``), written by :func:`linf_plugin.training.train`
   with that folder as ``out_dir``;
 * ``entry.json`` (written last, atomically): the key, the config, the
   training wall time.  An entry without it is unfinished: the next call
@@ -31,7 +31,7 @@ import torch
 
 from linf_plugin.io import atomic_write_json
 from linf_plugin.models import CheckpointError, load_checkpoint
-from linf_plugin.train import RUNTIME_FIELDS, TrainConfig, sanitize_name, train
+from linf_plugin.training import RUNTIME_FIELDS, TrainConfig, sanitize_name, train
 
 __all__ = ["CheckpointCache", "CachedModel", "config_key", "CACHE_FORMAT"]
 
@@ -132,7 +132,7 @@ class CheckpointCache:
             :class:`CachedModel`.
 
         Raises:
-            whatever :func:`linf_plugin.train.train` raises (ConfigError,
+            whatever :func:`linf_plugin.training.train` raises (ConfigError,
             TrainingDivergedError, ...): a failed training leaves no entry.json.
         """
         config = config.replace().validate()

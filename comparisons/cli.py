@@ -68,7 +68,7 @@ def _cache(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from linf_plugin.certify import METHODS
+    from linf_plugin.certification import METHODS
 
     from .suites import SUITES
 

@@ -11,7 +11,7 @@ at the middle beyond ``b/2``) and ``relu_tuned``; ReLU MLPs trained with IBP
 and with CROWN-IBP at ε = r over several sizes and seeds.
 
 Measured per point: the margin radius for ℓ∞-dist nets (one float-safe
-margin pass, :func:`linf_plugin.certify.certify`), the bisected radius for
+margin pass, :func:`linf_plugin.certification.certify`), the bisected radius for
 ``interval`` (ℓ∞-dist nets) and IBP / CROWN / α-CROWN (ReLU nets:
 ``certified_accuracy_curve(..., bisect=True)``), and in 1-D the true robust
 radius by a dense search (:func:`true_radius_1d`).
@@ -33,8 +33,8 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from linf_plugin.certify import certified_accuracy_curve, certify
-from linf_plugin.certify.bound_prop import BoundPropCertifier
+from linf_plugin.certification import certified_accuracy_curve, certify
+from linf_plugin.certification.bound_prop import BoundPropCertifier
 from linf_plugin.data import three_point_set
 from linf_plugin.io import atomic_write_json
 from linf_plugin.models import theorem32_net

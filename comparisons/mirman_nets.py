@@ -19,7 +19,7 @@ Trained nets: :class:`SmallReluNet` (Linear/ReLU MLP on vectors) trained
 with IBP or CROWN-IBP, and a small ``linf_dist_mlp`` trained with the
 paper's mixture loss and p schedule — both with :func:`train_on_points`, a
 short full-batch loop over the library's own objectives and schedules
-(:mod:`linf_plugin.train` trains registered data sets only, and the three
+(:mod:`linf_plugin.training` trains registered data sets only, and the three
 points are not one).
 """
 from __future__ import annotations
@@ -30,15 +30,15 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from linf_plugin.train import Schedule, TrainConfig
-from linf_plugin.train.objectives import make_objective
+from linf_plugin.training import Schedule, TrainConfig
+from linf_plugin.training.objectives import make_objective
 
 __all__ = ["SmallReluNet", "abs_net", "tuned_net", "train_on_points", "relu_train_config", "linf_train_config",
            "small_linf_net"]
 
 
 class SmallReluNet(nn.Module):
-    """A Linear/ReLU MLP on vectors ``(B, dim)`` with the attributes ``linf_plugin.certify`` reads.
+    """A Linear/ReLU MLP on vectors ``(B, dim)`` with the attributes ``linf_plugin.certification`` reads.
 
     There is no input normalisation layer: the three-point data needs none,
     and auto_LiRPA 0.3 cannot run CROWN through the constant subtraction of
@@ -146,9 +146,9 @@ def small_linf_net(dim: int, depth: int = 3, width: int = 16, dtype=torch.float6
 def train_on_points(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig) -> list:
     """Train ``model`` on the whole batch ``(x, y)`` for ``config.epochs`` steps with the library's objective.
 
-    The objective (:func:`linf_plugin.train.objectives.make_objective`: the
+    The objective (:func:`linf_plugin.training.objectives.make_objective`: the
     mixture loss for ℓ∞-dist nets, auto_LiRPA IBP / CROWN-IBP bounds for ReLU
-    nets) and every schedule (:class:`linf_plugin.train.Schedule`: p, λ, ε,
+    nets) and every schedule (:class:`linf_plugin.training.Schedule`: p, λ, ε,
     lr, CROWN-IBP factor) are the library's; this loop only steps Adam.
 
     Args:

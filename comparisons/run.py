@@ -5,9 +5,9 @@ For each model of the suite (:mod:`comparisons.suites`):
 1. train it with its preset, or reuse the cached checkpoint (:mod:`comparisons.cache`);
 2. clean accuracy and PGD-100 accuracy at every ε of the grid
    (:func:`linf_plugin.attacks.pgd_attack`, batched here);
-3. certified accuracy with every method of :func:`linf_plugin.certify.applicable_methods`
+3. certified accuracy with every method of :func:`linf_plugin.certification.applicable_methods`
    (or the ``--methods`` asked for): ``margin`` in ONE pass for the whole grid
-   (radius-based), the others one :func:`linf_plugin.certify.certify` call per ε
+   (radius-based), the others one :func:`linf_plugin.certification.certify` call per ε
    (or a per-sample bisection with ``--bisect``).
 
 Everything measured goes into one JSON-able dict (``results.json``); the
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from linf_plugin.attacks import pgd_attack
-from linf_plugin.certify import METHODS, applicable_methods, certified_accuracy_curve, certify
+from linf_plugin.certification import METHODS, applicable_methods, certified_accuracy_curve, certify
 from linf_plugin.data import load_dataset
 from linf_plugin.io import atomic_write_json
 

@@ -1,7 +1,7 @@
 """What ``python -m comparisons run`` trains: one suite per setting, one spec per model.
 
 A suite names a data set, an ε grid and its models; each model is a
-training preset of :mod:`linf_plugin.train` (the harness only picks presets
+training preset of :mod:`linf_plugin.training` (the harness only picks presets
 and applies the user's overrides).  ``digits`` is the default; ``mnist-0.3``
 and ``cifar10-8/255`` are the paper's settings (a GPU and a local
 ``--data-root`` are expected).
@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
-from linf_plugin.train import EPOCH_FIELDS, TrainConfig, get_preset, list_presets, scale_epochs
+from linf_plugin.training import EPOCH_FIELDS, TrainConfig, get_preset, list_presets, scale_epochs
 
 __all__ = ["ModelSpec", "Suite", "SUITES", "get_suite", "select_models", "training_label", "scale_epochs",
            "parse_overrides", "apply_overrides", "build_config", "eps_label_list", "EPOCH_FIELDS"]
@@ -25,7 +25,7 @@ class ModelSpec:
 
     Attributes:
         key: short name used by ``--models`` (``linf``, ``hybrid``, ``ibp``, ``crown-ibp``).
-        preset: the :mod:`linf_plugin.train` preset that trains it.
+        preset: the :mod:`linf_plugin.training` preset that trains it.
         label: the row name in tables and plots.
     """
 

@@ -29,7 +29,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from linf_plugin.certify import certify
+from linf_plugin.certification import certify
 from linf_plugin.data import DataNotFoundError, linf_separation, load_dataset
 from linf_plugin.io import atomic_write_json, atomic_write_text
 from linf_plugin.models import theorem32_net, theoremA2_net

@@ -34,11 +34,11 @@ _LAZY = {
     "load_checkpoint": "linf_plugin.models",
     "load_dataset": "linf_plugin.data",
     "list_datasets": "linf_plugin.data",
-    "certify": "linf_plugin.certify",
-    "certified_accuracy_curve": "linf_plugin.certify",
-    "CertResult": "linf_plugin.certify",
+    "certify": "linf_plugin.certification",
+    "certified_accuracy_curve": "linf_plugin.certification",
+    "CertResult": "linf_plugin.certification",
     "pgd_attack": "linf_plugin.attacks",
-    "train": "linf_plugin.train",
+    "train": "linf_plugin.training",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -9,7 +9,7 @@ from torch import nn
 
 __all__ = ["CertifiableModel", "CERTIFICATES", "BOUND_PROPAGATION_METHODS", "check_input"]
 
-# Names of the methods of ``linf_plugin.certify``.
+# Names of the methods of ``linf_plugin.certification``.
 CERTIFICATES = ("margin", "interval", "ibp", "crown-ibp", "crown", "alpha-crown")
 BOUND_PROPAGATION_METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown")
 
@@ -36,7 +36,7 @@ class CertifiableModel(nn.Module):
         family: ``"linf_dist"``, ``"hybrid"`` or ``"relu"``.
         lipschitz_linf: ℓ∞ → ℓ∞ Lipschitz constant of the logits in pixel
             units, or None when the model has none right now.
-        certificates: the ``linf_plugin.certify`` methods that apply now.
+        certificates: the ``linf_plugin.certification`` methods that apply now.
     """
 
     family: str = ""

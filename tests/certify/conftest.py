@@ -2,7 +2,7 @@
 
 The trainers here are deliberately small: these tests check invariants of
 certification and attacks on *trained* models, not the training recipes
-(linf_plugin.train has its own tests).
+(linf_plugin.training has its own tests).
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def _train_linf(seed: int = 0):
 def _train_relu_ibp(seed: int = 0, eps_train: float = 0.1):
     from auto_LiRPA import BoundedTensor, PerturbationLpNorm
 
-    from linf_plugin.certify.bound_prop import margin_spec
+    from linf_plugin.certification.bound_prop import margin_spec
 
     torch.manual_seed(seed)
     info = dataset_info("digits")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from linf_plugin.certify import METHODS, CertResult, applicable_methods, certified_accuracy_curve, certify
+from linf_plugin.certification import METHODS, CertResult, applicable_methods, certified_accuracy_curve, certify
 from linf_plugin.data import load_dataset
 from linf_plugin.models import create_model
 
@@ -118,7 +118,7 @@ def test_bisection_radius_is_certified_and_tight(linf_net, data):
 
 
 def test_alpha_crown_batch_limit_follows_the_nonlinear_sizes(monkeypatch):
-    from linf_plugin.certify.bound_prop import ALPHA_MEMORY_ENV, alpha_crown_batch_limit
+    from linf_plugin.certification.bound_prop import ALPHA_MEMORY_ENV, alpha_crown_batch_limit
 
     info = load_dataset("digits", "test")
     mlp = create_model("mlp_3layer", input_shape=(1, 8, 8), num_classes=10, mean=info.mean, std=info.std).eval()
@@ -138,7 +138,7 @@ def test_alpha_crown_batch_limit_follows_the_nonlinear_sizes(monkeypatch):
 def test_alpha_crown_in_capped_batches_is_still_sound(monkeypatch, data):
     """A budget that forces one sample per batch still gives one verdict per point, none of them broken."""
     from linf_plugin.attacks import pgd_attack
-    from linf_plugin.certify.bound_prop import ALPHA_MEMORY_ENV
+    from linf_plugin.certification.bound_prop import ALPHA_MEMORY_ENV
 
     info = load_dataset("digits", "test")
     torch.manual_seed(0)

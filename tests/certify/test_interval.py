@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from linf_plugin.certify import certify, interval_bounds
+from linf_plugin.certification import certify, interval_bounds
 from linf_plugin.data import linf_box
 from linf_plugin.models import create_model
 from linf_plugin.nn import set_p

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from linf_plugin.attacks import pgd_attack
-from linf_plugin.certify import certify
+from linf_plugin.certification import certify
 from linf_plugin.data import linf_box
 from linf_plugin.models import create_model
 
@@ -17,7 +17,7 @@ EPS = (0.05, 0.1)
 
 
 def _methods(model, fast=True):
-    from linf_plugin.certify import applicable_methods
+    from linf_plugin.certification import applicable_methods
 
     return [m for m in applicable_methods(model) if not (fast and m == "alpha-crown")]
 

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from linf_plugin.certify import MethodNotApplicableError, certify
-from linf_plugin.certify.margin import margin_certify
+from linf_plugin.certification import MethodNotApplicableError, certify
+from linf_plugin.certification.margin import margin_certify
 from linf_plugin.models import create_model
 from linf_plugin.nn import set_p
 

@@ -17,8 +17,8 @@ from comparisons.mirman_nets import SmallReluNet, abs_net, tuned_net
 from comparisons.mirman_report import figure1, radii_scatter
 from comparisons.plots import figure_labels
 from comparisons.schema import validate_results
-from linf_plugin.certify import certify
-from linf_plugin.certify.bound_prop import BoundPropCertifier
+from linf_plugin.certification import certify
+from linf_plugin.certification.bound_prop import BoundPropCertifier
 from linf_plugin.data import three_point_set
 from linf_plugin.models import theorem32_net
 

@@ -16,7 +16,7 @@ from comparisons.cli import main
 from comparisons.report import METHOD_TITLES
 from comparisons.schema import SchemaError, validate_results
 from comparisons.suites import build_config, get_suite, parse_overrides
-from linf_plugin.certify import METHODS
+from linf_plugin.certification import METHODS
 
 from comparisons_helpers import TINY_MODELS, check_png, load, md_tables, pct, read_csv, table_dicts, tiny_run_args
 

@@ -9,7 +9,7 @@ import pytest
 from comparisons.cache import ENTRY_NAME, CheckpointCache, config_key
 from comparisons.schema import SchemaError, check
 from comparisons.suites import SUITES, get_suite, parse_overrides, scale_epochs, select_models
-from linf_plugin.train import Schedule, get_preset
+from linf_plugin.training import Schedule, get_preset
 
 
 def _tiny_relu_config():

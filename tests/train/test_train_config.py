@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from linf_plugin.train import ConfigError, PresetError, TrainConfig, get_preset, list_presets, sanitize_name
-from linf_plugin.train.__main__ import build_parser, config_from_args, main
+from linf_plugin.training import ConfigError, PresetError, TrainConfig, get_preset, list_presets, sanitize_name
+from linf_plugin.training.__main__ import build_parser, config_from_args, main
 
 
 def test_every_preset_validates_and_names_its_family():

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from linf_plugin.train.augment import AugmentParams, apply_augment, draw_augment
-from linf_plugin.train.batches import EpochBatches
+from linf_plugin.training.augment import AugmentParams, apply_augment, draw_augment
+from linf_plugin.training.batches import EpochBatches
 
 
 def test_crop_and_flip_match_a_per_image_reference():

@@ -36,14 +36,14 @@ def _env():
 
 
 def _single(args, out):
-    proc = subprocess.run([sys.executable, "-m", "linf_plugin.train", *args, "--out", str(out)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "linf_plugin.training", *args, "--out", str(out)], cwd=ROOT,
                           env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def _torchrun(args, out):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "linf_plugin.train", *args, "--out", str(out)], cwd=ROOT, env=_env(),
+                           "-m", "linf_plugin.training", *args, "--out", str(out)], cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc

@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 
 from linf_plugin.data import load_dataset
-from linf_plugin.train import get_preset, train
-from linf_plugin.train.evaluate import evaluate
+from linf_plugin.training import get_preset, train
+from linf_plugin.training.evaluate import evaluate
 
 # preset -> overrides that shorten it
 SHORT = {
@@ -44,7 +44,7 @@ def test_digits_preset_reaches_its_measured_accuracy(preset):
     cfg = get_preset(preset, **SHORT[preset], eval_every=0, progress=False, out_dir=None, num_threads=1)
     result = train(cfg)
     test = load_dataset("digits", "test")
-    # margin certificate (ℓ∞-dist) or IBP through auto_LiRPA (hybrid, ReLU), via linf_plugin.certify
+    # margin certificate (ℓ∞-dist) or IBP through auto_LiRPA (hybrid, ReLU), via linf_plugin.certification
     family = result.config.family
     r1 = evaluate(result.model, family, test.x, test.y, 0.1)
     r2 = evaluate(result.model, family, test.x, test.y, 0.2)

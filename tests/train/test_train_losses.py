@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from linf_plugin.models import create_model
 from linf_plugin.nn import set_p
-from linf_plugin.train.bounds import HybridBounds, LirpaBounds, elided_margin_lower
-from linf_plugin.train.losses import (MixtureLoss, bound_loss, clipped_hinge, logit_margins, margin_spec,
+from linf_plugin.training.bounds import HybridBounds, LirpaBounds, elided_margin_lower
+from linf_plugin.training.losses import (MixtureLoss, bound_loss, clipped_hinge, logit_margins, margin_spec,
                                       robust_cross_entropy, theta_in_logits)
 
 

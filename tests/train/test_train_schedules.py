@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from linf_plugin.train import get_preset
-from linf_plugin.train.schedules import (Schedule, cosine_lr, crown_ibp_factor, smoothed_ramp, step_lr)
+from linf_plugin.training import get_preset
+from linf_plugin.training.schedules import (Schedule, cosine_lr, crown_ibp_factor, smoothed_ramp, step_lr)
 
 
 def _paper_schedule(name: str, n_train: int):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from linf_plugin.models import create_model, load_checkpoint
-from linf_plugin.train import ConfigError, TrainingDivergedError, get_preset, train
+from linf_plugin.training import ConfigError, TrainingDivergedError, get_preset, train
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,7 +34,7 @@ COMMON = ["--train-subset", "256", "--batch-size", "64", "--eval-subset", "64", 
 
 
 def _tiny_config(family: str, tmp_path, **kw):
-    from linf_plugin.train.__main__ import build_parser, config_from_args
+    from linf_plugin.training.__main__ import build_parser, config_from_args
 
     args = build_parser().parse_args(TINY[family] + COMMON + ["--out", str(tmp_path)])
     return config_from_args(args).replace(**kw)
@@ -42,7 +42,7 @@ def _tiny_config(family: str, tmp_path, **kw):
 
 def _run_cli(args, check=True):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "linf_plugin.train", *args], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "linf_plugin.training", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}")

@@ -1,8 +1,8 @@
 """Named training presets: the paper's Table 3, the 2021 hybrid recipe, auto_LiRPA's baselines, and digits.
 
 ``list_presets(family=None)`` names them; ``get_preset(name, **overrides)``
-returns a fresh :class:`~linf_plugin.train.config.TrainConfig`.  Names may
-contain ``/`` (``cifar10-8/255``); :func:`~linf_plugin.train.config.sanitize_name`
+returns a fresh :class:`~linf_plugin.training.config.TrainConfig`.  Names may
+contain ``/`` (``cifar10-8/255``); :func:`~linf_plugin.training.config.sanitize_name`
 makes them safe before they reach a file path.
 
 ℓ∞-dist nets (Zhang et al. 2022, Table 3 and the authors' command lines):

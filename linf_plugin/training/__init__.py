@@ -6,7 +6,7 @@ on interval bounds; ReLU nets: auto_LiRPA IBP / CROWN-IBP), with
 checkpoints after every epoch, exact resume, progress bars, JSON-lines logs,
 periodic certified evaluation and DDP under ``torchrun``.
 ``get_preset(name)`` / ``list_presets()`` give the paper's and the baselines'
-recipes; ``python -m linf_plugin.train --preset digits-linf --out runs/x``
+recipes; ``python -m linf_plugin.training --preset digits-linf --out runs/x``
 is the CLI.
 """
 from .config import FAMILIES, RUNTIME_FIELDS, ConfigError, TrainConfig, sanitize_name

@@ -31,7 +31,7 @@ class EpochBatches:
         global_batch: batch size summed over ranks; must be divisible by ``world_size``.
         world_size, rank: the DDP layout (1, 0 for one process).
         seed: the run's seed.
-        crop_padding, hflip: augmentation (see :mod:`linf_plugin.train.augment`).
+        crop_padding, hflip: augmentation (see :mod:`linf_plugin.training.augment`).
     """
 
     def __init__(self, n: int, global_batch: int, world_size: int = 1, rank: int = 0, seed: int = 0,

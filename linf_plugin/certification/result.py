@@ -15,7 +15,7 @@ class CertResult:
     """Per-sample certification results for one model, method and eps.
 
     Attributes:
-        method: one of ``linf_plugin.certify.METHODS``.
+        method: one of ``linf_plugin.certification.METHODS``.
         eps: l_inf radius in pixel units.
         model_name: the registry name of the model (or its class name).
         correct: ``(n,)`` bool, the clean prediction equals the label.

@@ -143,7 +143,7 @@ def certify(model: torch.nn.Module, data, eps: float, method: str, *, batch_size
         device: where to run (default: the model's device; the model is
             moved there for the call only if it is not already).
         float_model: margin only; also guarantee the float network as run
-            at every perturbed input (see :mod:`linf_plugin.certify.margin`).
+            at every perturbed input (see :mod:`linf_plugin.certification.margin`).
         alpha_iterations: alpha-CROWN optimisation steps.
         progress: show a tqdm bar.
 

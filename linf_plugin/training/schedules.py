@@ -162,7 +162,7 @@ class Schedule:
     """All schedules of one run, evaluated at any step.
 
     Args:
-        config: a :class:`~linf_plugin.train.config.TrainConfig` (resolved).
+        config: a :class:`~linf_plugin.training.config.TrainConfig` (resolved).
         steps_per_epoch: optimizer steps per epoch (global batches).
     """
 

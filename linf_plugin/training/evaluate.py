@@ -1,6 +1,6 @@
 """Periodic evaluation during training: clean accuracy and the family's cheap certificate.
 
-Through :func:`linf_plugin.certify.certify`:
+Through :func:`linf_plugin.certification.certify`:
 
 * ℓ∞-dist nets: the Lipschitz-margin certificate (float-safe) at p = ∞; p
   is switched to ∞ and the model put in eval mode for the evaluation, then
@@ -57,7 +57,7 @@ def evaluate(model: nn.Module, family: str, x: torch.Tensor, y: torch.Tensor, ep
     Returns:
         ``{"clean_acc", "cert_acc", "method", "n", "eval_time"}``.
     """
-    from ..certify import certify
+    from ..certification import certify
     from ..data import DatasetSplit
 
     method = EVAL_METHODS[family]

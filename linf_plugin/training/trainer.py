@@ -45,7 +45,7 @@ from .schedules import Schedule
 
 __all__ = ["train", "TrainResult", "TrainingDivergedError", "CHECKPOINT_NAME", "LOG_NAME"]
 
-log = logging.getLogger("linf_plugin.train")
+log = logging.getLogger("linf_plugin.training")
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.jsonl"
@@ -234,7 +234,7 @@ class _Run:
         ckpt = load_checkpoint(path, map_location=self.device)
         extra = ckpt.extra or {}
         if extra.get("kind") != _CHECKPOINT_KIND:
-            raise ConfigError(f"{path} is not a checkpoint written by linf_plugin.train; cannot resume from it")
+            raise ConfigError(f"{path} is not a checkpoint written by linf_plugin.training; cannot resume from it")
         saved = TrainConfig.from_dict(extra["train_config"])
         diff = saved.differences(self.config)
         if diff:

@@ -1,6 +1,6 @@
 """Multi-process training with torch DDP (launched by ``torchrun``), and batch statistics over the GLOBAL batch.
 
-``torchrun --nproc-per-node N -m linf_plugin.train ...`` sets ``RANK``,
+``torchrun --nproc-per-node N -m linf_plugin.training ...`` sets ``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous variables;
 :func:`init_distributed` joins the group (gloo on CPU, nccl on CUDA) and
 picks the device.  Rank 0 alone writes logs and checkpoints.

@@ -103,7 +103,7 @@ class HybridObjective(_BoundObjective):
 
     Args:
         model: a ``LinfDistHybrid``.
-        feature_bounds: ``lipschitz`` | ``interval`` (see :mod:`linf_plugin.train.bounds`).
+        feature_bounds: ``lipschitz`` | ``interval`` (see :mod:`linf_plugin.training.bounds`).
         data_range: pixel range of the data.
     """
 

@@ -1,6 +1,6 @@
-"""Command line: ``python -m linf_plugin.train --preset digits-linf --out runs/x [--FIELD VALUE ...]``.
+"""Command line: ``python -m linf_plugin.training --preset digits-linf --out runs/x [--FIELD VALUE ...]``.
 
-Every :class:`~linf_plugin.train.config.TrainConfig` field is an option
+Every :class:`~linf_plugin.training.config.TrainConfig` field is an option
 (``--eps-train 0.2``, ``--model-kwargs '{"width": 256}'``,
 ``--lr-milestones 70,90``, ``--resume``); a preset sets the starting values
 and options override them field by field.  Under ``torchrun`` every rank
@@ -91,7 +91,7 @@ def _converter(name: str, annotation: str):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m linf_plugin.train",
+        prog="python -m linf_plugin.training",
         description="Train an ℓ∞-dist net, a hybrid or a ReLU baseline (IBP / CROWN-IBP) with checkpoints, "
                     "resume and DDP (launch with torchrun for several processes).")
     p.add_argument("--preset", help="start from this preset (see --list-presets)")
