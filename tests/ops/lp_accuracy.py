@@ -19,6 +19,13 @@ measured 2026-11-30, commit 8b661da) the worst errors were 3.0e-5 (CuPy) and
 4.1e-5 (torch) at p = 1000, where the tolerance is 1.2e-4 to 1.3e-4; about
 5e-6 at p = 100 (tolerance 1.3e-5 to 2.1e-5); under 2e-6 at p = 8.
 
+p = inf is the exception: its values are exact in the input dtype (a max
+of IEEE differences), and float64 would resolve near-ties among the rounded
+float32 differences differently, which moves a subgradient to another
+coordinate (a different, equally valid answer, not an error).  So at p = inf
+the reference is the baseline in the input dtype, and only the gradients'
+summation order is left to the tolerance.
+
 "No less accurate": ``err(cupy) <= FACTOR * err(torch) + FLOOR_ULPS * eps``.
 The floor keeps a ratio of two errors that are both a few ulps (p = 8,
 D = 3072: 2.5e-7 against 4.3e-8) from failing the test.
@@ -73,12 +80,14 @@ def check_accuracy(run, args, p, size, candidate: str, baseline: str = "torch") 
 
     Asserts, per output: both paths within :func:`rel_tol` of the float64
     reference, and ``candidate`` no less accurate than ``baseline``
-    (:data:`FACTOR`, :data:`FLOOR_ULPS`).  For float64 inputs the reference
-    IS the baseline, so only the candidate's tolerance is checked.  Returns
+    (:data:`FACTOR`, :data:`FLOOR_ULPS`).  For float64 inputs and at
+    p = inf the reference IS the baseline, so only the candidate's
+    tolerance is checked.  Returns
     the errors ``{output: (err_candidate, err_baseline)}``.
     """
     dtype = args[0].dtype
-    ref = run(*(a.double() if a.is_floating_point() else a for a in args), p, baseline)
+    exact = math.isinf(p) or dtype == torch.float64
+    ref = run(*(a if exact or not a.is_floating_point() else a.double() for a in args), p, baseline)
     got = run(*args, p, candidate)
     base = run(*args, p, baseline)
     tol = rel_tol(dtype, p, size)
@@ -88,7 +97,7 @@ def check_accuracy(run, args, p, size, candidate: str, baseline: str = "torch") 
         e_c, e_b = rel_err(got[name], want), rel_err(base[name], want)
         errors[name] = (e_c, e_b)
         assert e_c <= tol, f"{candidate} {name}: relative error {e_c:.2e} > {tol:.2e} (p = {p}, {dtype})"
-        if dtype == torch.float64:
+        if exact:
             continue
         assert e_b <= tol, f"{baseline} {name}: relative error {e_b:.2e} > {tol:.2e} (p = {p}, {dtype})"
         assert e_c <= FACTOR * e_b + floor, \
