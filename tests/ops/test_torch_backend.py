@@ -215,10 +215,19 @@ def test_lp_dist_uses_the_compiled_path_for_large_problems(monkeypatch, compiled
     assert compiled.compiled_calls > calls
 
 
+# Inductor realises a node with several users once its inner function reads more than
+# realize_reads_threshold inputs (default 4).  Where that count lands differs between torch
+# versions: on torch 2.11 with 16 threads the interval gradients got (b, n, D) buffers, which
+# torch 2.14 reproduces at threshold 3.  "strict" compiles at threshold 2, so the graphs must
+# fuse for any torch that realises no more eagerly than that.
+_STRICTNESS = {"default": {}, "strict": {"realize_reads_threshold": 2}}
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("strictness", _STRICTNESS)
 @pytest.mark.parametrize("name", ["lp_grad_x", "lp_grad_w", "ival_grad_lower", "ival_grad_upper", "ival_grad_w",
                                   "lp_sum", "ival_sum"])
-def test_compiled_graphs_never_allocate_a_b_n_d_buffer(name):
+def test_compiled_graphs_never_allocate_a_b_n_d_buffer(name, strictness):
     """The point of the compiled path: every reduction fuses, no (b, n, D) temporary exists."""
     import re
 
@@ -234,14 +243,16 @@ def test_compiled_graphs_never_allocate_a_b_n_d_buffer(name):
     p = torch.tensor(8.0)
     args = {"lp_sum": (x, w, r, p), "ival_sum": (lower, upper, w, r, r, p)}.get(
         name, (x, w, g, r, p) if name.startswith("lp_") else (lower, upper, w, g, r, g, r, p))
-    with inductor_config.patch(fx_graph_cache=False):
+    with inductor_config.patch(fx_graph_cache=False, **_STRICTNESS[strictness]):
         out, code = run_and_get_code(compiled, *args)
     eager = fn(*args)
     for a, b in zip(out if isinstance(out, tuple) else (out,), eager if isinstance(eager, tuple) else (eager,)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     source = "\n".join(code)
     assert "cpp_fused" in source
-    assert not re.search(r"empty_strided_cpu\(\(\w+, \w+, \w+\)", source), "a (b, n, D) buffer was allocated"
+    found = re.findall(r"empty_strided_cpu\(\(\w+, \w+, \w+\)", source)
+    assert not found, f"a (b, n, D) buffer was allocated: {found} (torch {torch.__version__}, " \
+                      f"{torch.get_num_threads()} threads, {strictness})"
 
 
 # -- linf_box_argmax (the p = inf relaxation's coordinates) ------------------------
