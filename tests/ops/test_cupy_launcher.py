@@ -16,6 +16,7 @@ import numpy
 import pytest
 import torch
 from lp_accuracy import check_accuracy, interval_outputs, lp_outputs
+from oracles import box_argmax_oracle
 
 from linf_plugin.ops import linf_box_argmax, lp_dist, lp_dist_interval, use_backend
 from linf_plugin.ops.cupy_backend import CupyBackend, CupyLauncher
@@ -124,17 +125,6 @@ def test_cupy_interval_is_as_accurate_as_the_torch_path(cupy_on_cpu, p, dtype):
 
 
 # -- linf_box_argmax: the CuPy kernel against the oracle and the torch path ----------------------
-def _box_argmax_oracle(lower, upper, w):
-    a = w[None] - lower[:, None]
-    c = upper[:, None] - w[None]
-    far = torch.maximum(a, c)
-    near = torch.clamp(torch.maximum(-a, -c), min=0)
-    k_far = far.argmax(-1)                     # torch.argmax: the first maximal index
-    rest = far.scatter(-1, k_far.unsqueeze(-1), -1.0)
-    k2 = rest.argmax(-1) if w.shape[1] > 1 else torch.zeros_like(k_far)
-    return near.argmax(-1), k_far, k2
-
-
 def _box(B, N, D, dtype, seed, ties):
     g = torch.Generator().manual_seed(seed)
     if ties:   # small integers: many exact ties in near and far, boxes of width 0 included
@@ -157,7 +147,7 @@ def test_box_argmax_kernel_matches_the_oracle_and_the_torch_path(emu_backend, dt
     lower, upper, w = _box(*shape, dtype, seed=sum(shape), ties=ties)
     got = emu_backend.linf_box_argmax(lower, upper, w)
     torch_path = get_backend("torch").linf_box_argmax(lower, upper, w)
-    for k, want, t in zip(got, _box_argmax_oracle(lower, upper, w), torch_path):
+    for k, want, t in zip(got, box_argmax_oracle(lower, upper, w), torch_path):
         assert k.dtype == torch.int64 and k.shape == shape[:2]
         assert torch.equal(k, want) and torch.equal(k, t)
 
@@ -167,7 +157,7 @@ def test_box_argmax_treats_signed_zeros_as_equal(emu_backend):
     lower = torch.tensor([[1.0, 0.0, 0.0, -1.0]])
     upper = torch.tensor([[2.0, 1.0, 0.0, 1.0]])
     w = torch.tensor([[1.0, 0.5, 0.0, 0.0], [-0.0, 0.5, -0.0, 0.0]])
-    for k, want in zip(emu_backend.linf_box_argmax(lower, upper, w), _box_argmax_oracle(lower, upper, w)):
+    for k, want in zip(emu_backend.linf_box_argmax(lower, upper, w), box_argmax_oracle(lower, upper, w)):
         assert torch.equal(k, want)
 
 
@@ -175,7 +165,7 @@ def test_public_linf_box_argmax_dispatches_to_the_cupy_kernel(cupy_on_cpu):
     lower, upper, w = _box(4, 6, 5, torch.float32, seed=2, ties=True)
     got = linf_box_argmax(lower, upper, w.requires_grad_())
     assert [n for n, _ in cupy_on_cpu.launcher.calls] == ["linf_box_argmax<float, 4, 4>"]
-    for k, want in zip(got, _box_argmax_oracle(lower, upper, w.detach())):
+    for k, want in zip(got, box_argmax_oracle(lower, upper, w.detach())):
         assert torch.equal(k, want)
     before = len(cupy_on_cpu.launcher.calls)
     linf_box_argmax(lower, upper, w, backend="torch")                 # an explicit name is obeyed

@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from oracles import box_argmax_oracle
 
 from linf_plugin.ops import torch_kernels as K
 from linf_plugin.ops.reference import ReferenceBackend
@@ -256,23 +257,12 @@ def test_compiled_graphs_never_allocate_a_b_n_d_buffer(name, strictness):
 
 
 # -- linf_box_argmax (the p = inf relaxation's coordinates) ------------------------
-def _box_argmax_oracle(lower, upper, w):
-    a = w[None] - lower[:, None]
-    c = upper[:, None] - w[None]
-    far = torch.maximum(a, c)
-    near = torch.clamp(torch.maximum(-a, -c), min=0)
-    k_far = far.argmax(-1)  # torch.argmax: the first maximal index
-    rest = far.scatter(-1, k_far.unsqueeze(-1), -1.0)
-    k2 = rest.argmax(-1) if w.shape[1] > 1 else torch.zeros_like(k_far)
-    return near.argmax(-1), k_far, k2
-
-
 def _check_box_argmax(backend, B, N, D, dtype, seed, ties):
     _, w, lower, upper, _ = _problem(B, N, D, dtype, seed, ties)
     if ties:  # integer boxes: many exact ties in near and far
         lower, upper = lower.round(), lower.round() + torch.randint(0, 3, lower.shape).to(dtype)
     got = backend.linf_box_argmax(lower, upper, w)
-    for g, want in zip(got, _box_argmax_oracle(lower, upper, w)):
+    for g, want in zip(got, box_argmax_oracle(lower, upper, w)):
         assert g.dtype == torch.int64 and torch.equal(g, want)
 
 
