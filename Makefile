@@ -6,7 +6,12 @@ PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: env run test report bench clean-env
+# make gpu-check OUT=dir [WHEELS=dir] [SEED_REPO=path] [PYTHON=python3] [DRY_RUN=1]
+#   every GPU check (pytest -m gpu, the CUDA benchmarks, a short comparisons run) with the
+#   machine's own Python (torch + CuPy), not the venv; see scripts/gpu_check.py
+PYTHON ?= python3
+
+.PHONY: env run test report bench clean-env gpu-check
 
 env:
 	@VENV=$(VENV) bash scripts/setup_env.sh
@@ -28,3 +33,8 @@ bench: env
 
 clean-env:
 	rm -rf $(VENV)
+
+gpu-check:
+	@test -n "$(OUT)" || { echo "usage: make gpu-check OUT=dir [WHEELS=dir] [SEED_REPO=path] [PYTHON=python3]"; exit 2; }
+	$(PYTHON) scripts/gpu_check.py --out "$(OUT)" --python "$(PYTHON)" $(if $(WHEELS),--wheels "$(WHEELS)") \
+		$(if $(SEED_REPO),--seed-repo "$(SEED_REPO)") $(if $(DRY_RUN),--dry-run)

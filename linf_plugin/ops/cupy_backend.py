@@ -5,15 +5,16 @@ imports it).  Kernels are compiled with NVRTC through
 ``cupy.RawModule(code=..., options=..., name_expressions=...)`` once per
 (device, family, dtype, p-variant) and kept in a dict (CuPy also caches the
 binaries on disk).  Tensors reach the kernels through DLPack
-(``cupy.from_dlpack``: no copies), and every kernel is launched on torch's
-current stream (``cupy.cuda.ExternalStream``), so nothing here synchronises
-with the host.
+(``cupy.from_dlpack(t.detach())``: no copies, whatever the requires-grad
+state), and every kernel is launched on torch's current stream (CuPy's
+``Stream.from_external``), so nothing here synchronises with the host.
 
 The orchestration (which kernels, in which order, on which buffers) is
-plain torch code around a *launcher*; :class:`CupyLauncher` launches on the
-GPU, and the test suite substitutes a launcher that runs the same kernel
-sources on the CPU (tests/ops/emulation), so this file's logic is tested
-without a GPU.
+plain torch code around a *launcher*; :class:`CupyLauncher` marshals the
+arguments and launches through a *device layer*, the real CuPy by default.
+The test suite runs the same :class:`CupyLauncher` over a CPU stand-in for
+CuPy whose kernels are the same ``.cu`` sources compiled by g++
+(tests/ops/emulation), so everything in this file is tested without a GPU.
 
 p = inf: the forward saves the int32 argmax (ties: lowest index) only when a
 backward will follow; the backward is a sparse atomicAdd scatter.  Finite
@@ -35,28 +36,66 @@ _CTYPES = {torch.float32: "float", torch.float64: "double"}
 _INT_MAX = 2 ** 31 - 1
 
 
+def _torch_current_stream(device: torch.device) -> int:
+    """The raw ``cudaStream_t`` of torch's current stream on ``device``."""
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+class _StreamHandle:
+    """A raw stream handle behind the CUDA stream protocol (``__cuda_stream__``)."""
+
+    __slots__ = ("handle",)
+
+    def __init__(self, handle: int):
+        self.handle = int(handle)
+
+    def __cuda_stream__(self):
+        return (0, self.handle)
+
+
 class CupyLauncher:
-    """Launch catalogue kernels on the GPU with CuPy.
+    """Launch catalogue kernels with CuPy on torch's current stream.
+
+    ``launcher(module_spec, kernel_spec, grid, args)``: ``args`` follow
+    ``kernel_spec.params`` (tensors for ``T*``/``int*``, ``None`` for a null
+    pointer, Python numbers for ``int``/``T``); every tensor must live on the
+    same device.  Tensors are handed over as ``device.from_dlpack(t.detach())``:
+    DLPack refuses tensors that require grad, and the kernels only read and
+    write storage, so what autograd records is irrelevant here (the
+    ``torch.autograd.Function`` around the backend owns the graph).
+
+    Args:
+        device: the device layer, a module-like object with CuPy's interface
+            (``cuda.runtime.getDeviceCount``, ``cuda.Device``,
+            ``cuda.Stream.from_external`` or ``cuda.ExternalStream``,
+            ``from_dlpack``, ``RawModule``); default the real ``cupy``.  The
+            test suite passes a CPU stand-in that runs the kernels compiled
+            by g++ (tests/ops/emulation/device.py), so this class's own code
+            runs in the CPU suite.
+        current_stream: ``torch.device -> int``, the raw stream handle to
+            launch on; default torch's current CUDA stream.
 
     Raises:
-        ImportError: CuPy is not installed.
-        RuntimeError: CuPy sees no CUDA device.
+        ImportError: CuPy is not installed (default device layer).
+        RuntimeError: the device layer sees no device.
     """
 
-    def __init__(self):
-        import cupy  # noqa: PLC0415  (optional dependency, imported on first use)
+    def __init__(self, device=None, current_stream=None):
         import numpy
 
+        if device is None:
+            import cupy as device  # noqa: PLC0415  (optional dependency, imported on first use)
         try:
-            count = cupy.cuda.runtime.getDeviceCount()
+            count = device.cuda.runtime.getDeviceCount()
         except Exception as exc:  # noqa: BLE001  (CUDA driver missing or broken)
             raise RuntimeError(f"CuPy cannot reach a CUDA device: {exc}") from exc
         if count < 1:
             raise RuntimeError("CuPy sees no CUDA device")
-        self._cp, self._np = cupy, numpy
+        self._cp, self._np = device, numpy
+        self._current_stream = current_stream if current_stream is not None else _torch_current_stream
         self._modules: dict = {}
 
-    def function(self, spec, kernel, device_index: int):
+    def function(self, spec, kernel, device_index):
         """The compiled kernel (compiles the module on first use for this device)."""
         key = (device_index, spec.key)
         module = self._modules.get(key)
@@ -68,25 +107,38 @@ class CupyLauncher:
             self._modules[key] = module
         return module.get_function(kernel.name)
 
+    def _stream(self, handle: int, device_index):
+        cuda = self._cp.cuda
+        from_external = getattr(getattr(cuda, "Stream", None), "from_external", None)
+        if from_external is not None:       # CuPy >= 14 (ExternalStream is deprecated there)
+            return from_external(_StreamHandle(handle))
+        return cuda.ExternalStream(handle, device_index)
+
     def __call__(self, spec, kernel, grid, args):
         cp, np = self._cp, self._np
-        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        if len(args) != len(kernel.params):
+            raise TypeError(f"{kernel.name}: {len(args)} arguments for {len(kernel.params)} parameters")
+        devices = {a.device for a in args if isinstance(a, torch.Tensor)}
+        if len(devices) != 1:
+            raise ValueError(f"{kernel.name}: the tensor arguments must share one device, got {sorted(map(str, devices))}")
+        device = devices.pop()
         scalar = np.float32 if spec.ctype == "float" else np.float64
+        cargs = []
+        for kind, arg in zip(kernel.params, args):
+            if arg is None:
+                cargs.append(np.uint64(0))           # null pointer
+            elif kind in ("T*", "int*"):
+                cargs.append(arg.detach())
+            elif kind == "int":
+                cargs.append(np.int32(arg))
+            else:
+                cargs.append(scalar(arg))
         with cp.cuda.Device(device.index):
-            stream = cp.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream, device.index)
-            with stream:
+            with self._stream(self._current_stream(device), device.index):
                 fn = self.function(spec, kernel, device.index)
-                cargs = []
-                for kind, arg in zip(kernel.params, args):
-                    if arg is None:
-                        cargs.append(np.uint64(0))           # null pointer
-                    elif kind in ("T*", "int*"):
-                        cargs.append(cp.from_dlpack(arg))
-                    elif kind == "int":
-                        cargs.append(np.int32(arg))
-                    else:
-                        cargs.append(scalar(arg))
-                fn(grid, kernel.block, tuple(cargs))
+                # from_dlpack inside the stream: the exporter orders its pending work before it
+                cargs = [cp.from_dlpack(a) if isinstance(a, torch.Tensor) else a for a in cargs]
+                fn(tuple(int(g) for g in grid), kernel.block, tuple(cargs))
 
 
 class CupyBackend:
@@ -200,6 +252,16 @@ class CupyBackend:
             self._launch("interval_lp", dt, pv, "backward_w", N, D, lower, upper, w, grad_lo, r_lo, grad_hi, r_hi,
                          g_w, B, N, D, p - 1.0)
         return (g_l if need_lower else None, g_u if need_upper else None, g_w)
+
+    # -- the p = inf relaxation's coordinates ---------------------------------
+    def linf_box_argmax(self, lower, upper, w):
+        """``(k_near, k_far, k_far2)``, each ``(B, N)`` int64 (see :func:`linf_plugin.ops.linf_box_argmax`)."""
+        B, N, D = lower.shape[0], w.shape[0], w.shape[1]
+        self._check_sizes(B, N, D)
+        out = torch.empty(3, B, N, dtype=torch.int32, device=w.device)
+        self._launch("box_argmax", w.dtype, None, "argmax", B, N, lower, upper, w, out, B, N, D)
+        k = out.to(torch.int64)
+        return k[0], k[1], k[2]
 
 
 def _propagate_nan(y, x, w):

@@ -16,6 +16,7 @@ linf           linf_forward, linf_backward             forward, forward_save, re
 lp (pv)        lp_forward, lp_backward                 forward, backward_x, backward_w
 interval_inf   interval_forward, interval_backward     forward, forward_save, resolve, backward
 interval_lp    interval_forward, interval_backward     forward, backward_box, backward_w
+box_argmax     linf_box_argmax                         argmax
 =============  ======================================  ===================================
 
 p-variants ``pv``: 1, 2, 8 (exact multiplication chains) and 0 (general p).
@@ -44,6 +45,7 @@ _FAMILY_FILES = {
     "lp": ("lp_forward.cu", "lp_backward.cu"),
     "interval_inf": ("interval_forward.cu", "interval_backward.cu"),
     "interval_lp": ("interval_forward.cu", "interval_backward.cu"),
+    "box_argmax": ("linf_box_argmax.cu",),
 }
 FAMILIES = tuple(_FAMILY_FILES)
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"common\.cuh"\s*$', re.M)
@@ -178,6 +180,11 @@ def _build(family: str, ctype: str, pv: int | None) -> dict:
             "backward_w": tiled("interval_lp_backward_w", "backward_w", lambda a, b: (pv, a, b),
                                 (_TP,) * 8 + (_I, _I, _I, _S)),
         }
+    if family == "box_argmax":
+        # six accumulators per output: (4, 2) keeps the double version out of local memory
+        ra, rb = (4, 4) if ctype == "float" else (4, 2)
+        return {"argmax": KernelSpec("linf_box_argmax", ctype, (ra, rb), (_TP, _TP, _TP, _IP, _I, _I, _I),
+                                     (TILE_THREADS * ra, TILE_THREADS * rb))}
     raise ValueError(f"unknown kernel family {family!r}; choose from {FAMILIES}")
 
 

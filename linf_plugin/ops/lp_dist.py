@@ -12,9 +12,15 @@ logging.  Backends:
 * ``reference`` (:mod:`.reference`): plain and slow, the test oracle.
 
 All three follow the conventions written down in :mod:`.reference`.
+
+:func:`use_backend` routes the calls on one device type to a backend
+*instance* for the duration of a ``with`` block; the test suite uses it to
+run models on CPU tensors through the CuPy backend's real launcher with the
+kernels emulated on the CPU.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -27,7 +33,7 @@ from .checks import check_box, check_p, check_pair
 from .reference import ReferenceBackend
 
 __all__ = ["lp_dist", "lp_dist_interval", "linf_box_argmax", "LpDistFunction", "LpDistIntervalFunction", "get_backend",
-           "resolve_backend", "BACKEND_ENV", "BACKENDS"]
+           "resolve_backend", "use_backend", "BACKEND_ENV", "BACKENDS"]
 
 log = logging.getLogger(__name__)
 BACKEND_ENV = "LINF_LP_DIST_BACKEND"
@@ -36,6 +42,7 @@ BACKENDS = ("auto", "torch", "cupy", "reference")
 _instances: dict = {"reference": ReferenceBackend()}
 _unavailable: dict = {}
 _announced: set = set()
+_routes: dict = {}          # device type -> (backend name it stands for, key in _instances)
 
 
 def get_backend(name: str):
@@ -70,6 +77,9 @@ def resolve_backend(backend, tensor: torch.Tensor) -> str:
     name = backend or os.environ.get(BACKEND_ENV) or "auto"
     if name not in BACKENDS:
         raise ValueError(f"unknown lp_dist backend {name!r}; choose from {BACKENDS}")
+    route = _routes.get(tensor.device.type)
+    if route is not None and name in ("auto", route[0]):
+        return route[1]
     if name == "auto":
         name = "torch"
         if tensor.is_cuda:
@@ -85,6 +95,43 @@ def resolve_backend(backend, tensor: torch.Tensor) -> str:
     elif name == "cupy" and not tensor.is_cuda:
         raise ValueError("the CuPy backend needs CUDA tensors; use backend='torch' for CPU tensors")
     return name
+
+
+@contextlib.contextmanager
+def use_backend(instance, device_type: str = "cpu"):
+    """Within the block, calls on ``device_type`` tensors use the backend object ``instance``.
+
+    Applies to :func:`lp_dist`, :func:`lp_dist_interval` and
+    :func:`linf_box_argmax` when their backend resolves to ``"auto"`` or to
+    ``instance.name``; an explicit other name (``backend="torch"``) is
+    obeyed.  Process-wide (not per thread); blocks nest, the innermost wins.
+    This is how the CPU suite runs whole models through
+    ``CupyBackend(launcher=...)`` with emulated kernels.
+
+    Args:
+        instance: an object with the backend protocol of
+            :class:`linf_plugin.ops.reference.ReferenceBackend` and a ``name``
+            in :data:`BACKENDS`.
+        device_type: ``"cpu"``, ``"cuda"``, ...
+
+    Raises:
+        ValueError: ``instance.name`` is not a concrete backend name.
+    """
+    name = getattr(instance, "name", None)
+    if name not in BACKENDS or name == "auto":
+        raise ValueError(f"use_backend needs an instance whose name is one of {BACKENDS[1:]}, got {name!r}")
+    key = f"{name}@{device_type}#{id(instance)}"
+    saved = _routes.get(device_type)
+    _instances[key] = instance
+    _routes[device_type] = (name, key)
+    try:
+        yield instance
+    finally:
+        if saved is None:
+            _routes.pop(device_type, None)
+        else:
+            _routes[device_type] = saved
+        _instances.pop(key, None)
 
 
 class LpDistFunction(torch.autograd.Function):
@@ -252,7 +299,7 @@ def lp_dist_interval(lower: torch.Tensor, upper: torch.Tensor, w: torch.Tensor, 
     return LpDistIntervalFunction.apply(lower, upper, w, p, name)
 
 
-def linf_box_argmax(lower: torch.Tensor, upper: torch.Tensor, w: torch.Tensor):
+def linf_box_argmax(lower: torch.Tensor, upper: torch.Tensor, w: torch.Tensor, *, backend: str | None = None):
     """The coordinates that decide the l_inf distance's range over a box.
 
     Per coordinate, with the notation of :func:`lp_dist_interval`,
@@ -260,25 +307,32 @@ def linf_box_argmax(lower: torch.Tensor, upper: torch.Tensor, w: torch.Tensor):
     ``near_i = max(lower_i - w_i, w_i - upper_i, 0)``.  Returns the lowest
     argmax of ``near`` (where the projection of ``w[n]`` onto the box is
     farthest from it), of ``far``, and of ``far`` with that coordinate left
-    out (the runner-up; 0 when ``D = 1``).  CROWN's p = inf relaxation
+    out (the runner-up; 0 when ``D = 1``).  Values compare as numbers
+    (``-0.0 == 0.0``).  CROWN's p = inf relaxation
     (:mod:`linf_plugin.lirpa.relaxation`) needs exactly these, and finding
     them with fused reductions avoids its ``(B, N, D)`` temporaries.
 
-    Indices only, so nothing to differentiate.  Runs the PyTorch path on every
-    device (the CuPy kernels do not implement it).
+    Indices only, so nothing to differentiate.  Dispatch as :func:`lp_dist`:
+    the CuPy backend runs one kernel (``kernels/linf_box_argmax.cu``), the
+    torch backend fused reductions; ``reference`` uses the torch backend.
 
     Args:
         lower, upper: ``(B, D)`` box corners, ``lower <= upper``, no NaN.
         w: ``(N, D)``, same dtype and device.
+        backend: as :func:`lp_dist`.
 
     Returns:
         ``(k_near, k_far, k_far2)``, each ``(B, N)`` int64.
     """
     check_box(lower, upper, w)
+    name = resolve_backend(backend, lower)
     B, N = lower.shape[0], w.shape[0]
     if B == 0 or N == 0:
         empty = torch.zeros(B, N, dtype=torch.int64, device=w.device)
         return empty, empty.clone(), empty.clone()
+    impl = get_backend(name)
+    if not hasattr(impl, "linf_box_argmax"):
+        impl = get_backend("torch")
     with torch.no_grad():
-        return get_backend("torch").linf_box_argmax(lower.detach().contiguous(), upper.detach().contiguous(),
-                                                    w.detach().contiguous())
+        return impl.linf_box_argmax(lower.detach().contiguous(), upper.detach().contiguous(),
+                                    w.detach().contiguous())

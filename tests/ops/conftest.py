@@ -42,10 +42,22 @@ def emulator_lib(harness, request, tmp_path_factory):
 
 @pytest.fixture
 def emu_backend(harness, emulator_lib):
-    """``CupyBackend`` whose kernels run on the CPU emulator (shuffled fiber schedule)."""
+    """``CupyBackend`` on the real ``CupyLauncher`` whose device layer is the CPU emulator
+    (``harness.EmulatedCupy``, shuffled fiber schedule)."""
     from linf_plugin.ops.cupy_backend import CupyBackend
 
     return CupyBackend(launcher=harness.EmulatedLauncher(emulator_lib, "shuffled", seed=7))
+
+
+@pytest.fixture
+def cupy_on_cpu(emu_backend):
+    """``emu_backend`` serving every ``auto``/``cupy`` call on CPU tensors
+    (:func:`linf_plugin.ops.use_backend`): lp_dist, lp_dist_interval and
+    linf_box_argmax, inside models too, run the CuPy path with emulated kernels."""
+    from linf_plugin.ops import use_backend
+
+    with use_backend(emu_backend, "cpu"):
+        yield emu_backend
 
 
 def _preload_nvrtc() -> None:

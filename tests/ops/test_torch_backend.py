@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from oracles import box_argmax_oracle
 
 from linf_plugin.ops import torch_kernels as K
 from linf_plugin.ops.reference import ReferenceBackend
@@ -215,10 +216,19 @@ def test_lp_dist_uses_the_compiled_path_for_large_problems(monkeypatch, compiled
     assert compiled.compiled_calls > calls
 
 
+# Inductor realises a node with several users once its inner function reads more than
+# realize_reads_threshold inputs (default 4).  Where that count lands differs between torch
+# versions: on torch 2.11 with 16 threads the interval gradients got (b, n, D) buffers, which
+# torch 2.14 reproduces at threshold 3.  "strict" compiles at threshold 2, so the graphs must
+# fuse for any torch that realises no more eagerly than that.
+_STRICTNESS = {"default": {}, "strict": {"realize_reads_threshold": 2}}
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("strictness", _STRICTNESS)
 @pytest.mark.parametrize("name", ["lp_grad_x", "lp_grad_w", "ival_grad_lower", "ival_grad_upper", "ival_grad_w",
                                   "lp_sum", "ival_sum"])
-def test_compiled_graphs_never_allocate_a_b_n_d_buffer(name):
+def test_compiled_graphs_never_allocate_a_b_n_d_buffer(name, strictness):
     """The point of the compiled path: every reduction fuses, no (b, n, D) temporary exists."""
     import re
 
@@ -234,34 +244,25 @@ def test_compiled_graphs_never_allocate_a_b_n_d_buffer(name):
     p = torch.tensor(8.0)
     args = {"lp_sum": (x, w, r, p), "ival_sum": (lower, upper, w, r, r, p)}.get(
         name, (x, w, g, r, p) if name.startswith("lp_") else (lower, upper, w, g, r, g, r, p))
-    with inductor_config.patch(fx_graph_cache=False):
+    with inductor_config.patch(fx_graph_cache=False, **_STRICTNESS[strictness]):
         out, code = run_and_get_code(compiled, *args)
     eager = fn(*args)
     for a, b in zip(out if isinstance(out, tuple) else (out,), eager if isinstance(eager, tuple) else (eager,)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     source = "\n".join(code)
     assert "cpp_fused" in source
-    assert not re.search(r"empty_strided_cpu\(\(\w+, \w+, \w+\)", source), "a (b, n, D) buffer was allocated"
+    found = re.findall(r"empty_strided_cpu\(\(\w+, \w+, \w+\)", source)
+    assert not found, f"a (b, n, D) buffer was allocated: {found} (torch {torch.__version__}, " \
+                      f"{torch.get_num_threads()} threads, {strictness})"
 
 
 # -- linf_box_argmax (the p = inf relaxation's coordinates) ------------------------
-def _box_argmax_oracle(lower, upper, w):
-    a = w[None] - lower[:, None]
-    c = upper[:, None] - w[None]
-    far = torch.maximum(a, c)
-    near = torch.clamp(torch.maximum(-a, -c), min=0)
-    k_far = far.argmax(-1)  # torch.argmax: the first maximal index
-    rest = far.scatter(-1, k_far.unsqueeze(-1), -1.0)
-    k2 = rest.argmax(-1) if w.shape[1] > 1 else torch.zeros_like(k_far)
-    return near.argmax(-1), k_far, k2
-
-
 def _check_box_argmax(backend, B, N, D, dtype, seed, ties):
     _, w, lower, upper, _ = _problem(B, N, D, dtype, seed, ties)
     if ties:  # integer boxes: many exact ties in near and far
         lower, upper = lower.round(), lower.round() + torch.randint(0, 3, lower.shape).to(dtype)
     got = backend.linf_box_argmax(lower, upper, w)
-    for g, want in zip(got, _box_argmax_oracle(lower, upper, w)):
+    for g, want in zip(got, box_argmax_oracle(lower, upper, w)):
         assert g.dtype == torch.int64 and torch.equal(g, want)
 
 

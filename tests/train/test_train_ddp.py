@@ -32,7 +32,8 @@ COMMON = ["--train-subset", "256", "--batch-size", "64", "--eval-subset", "64", 
 
 
 def _env():
-    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH")))),
+                OMP_NUM_THREADS="1")
 
 
 def _single(args, out):
@@ -72,3 +73,12 @@ def test_torchrun_two_processes_match_one_process(tmp_path, family):
     for ra, rb in zip(la, lb):
         assert abs(ra["train_loss"] - rb["train_loss"]) < 1e-4 * max(1.0, abs(ra["train_loss"]))
         assert ra["train_acc"] == pytest.approx(rb["train_acc"], abs=1.5 / 256)
+
+
+def test_child_processes_keep_the_callers_pythonpath(tmp_path, monkeypatch):
+    """A machine whose auto_LiRPA comes from a wheel directory on PYTHONPATH (make gpu-check WHEELS=...)
+    must hand that directory to torchrun's children too; the repository goes first."""
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", "import sys; print('\\n'.join(sys.path))"], env=_env(),
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert str(tmp_path) in out and out.index(str(ROOT)) < out.index(str(tmp_path))

@@ -40,9 +40,14 @@ def _tiny_config(family: str, tmp_path, **kw):
     return config_from_args(args).replace(**kw)
 
 
+def _env():
+    # prepend, never replace: carried wheels (make gpu-check WHEELS=...) reach the child through PYTHONPATH
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH")))),
+                OMP_NUM_THREADS="1")
+
+
 def _run_cli(args, check=True):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "linf_plugin.training", *args], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "linf_plugin.training", *args], cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=300)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}")
@@ -141,3 +146,12 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_p
 def test_stop_after_epoch_needs_an_out_dir():
     with pytest.raises(ConfigError, match="out_dir"):
         train(get_preset("digits-linf", stop_after_epoch=1, epochs=2))
+
+
+
+def test_cli_children_keep_the_callers_pythonpath(tmp_path, monkeypatch):
+    """The training CLI's child sees the caller's PYTHONPATH (carried wheels), after the repository."""
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", "import sys; print('\\n'.join(sys.path))"], env=_env(),
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert str(tmp_path) in out and out.index(str(ROOT)) < out.index(str(tmp_path))

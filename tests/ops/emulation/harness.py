@@ -7,7 +7,8 @@ included after ``cuda_shim.h``, plus one ``extern "C"`` launcher per template
 instance.  :class:`EmulatedLauncher` has the signature of
 :class:`linf_plugin.ops.cupy_backend.CupyLauncher`, so
 ``CupyBackend(launcher=EmulatedLauncher(lib))`` runs the backend's own
-orchestration and launch grids with CPU tensors.
+orchestration, the real launcher (:class:`EmulatedCupy` stands in for the
+``cupy`` module) and the launch grids with CPU tensors.
 
 What this proves: the kernels' index arithmetic, tiling, bounds handling,
 barriers (placement and that all threads reach them), the resolve and
@@ -26,16 +27,18 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import torch
+from typing import NamedTuple
 
+import numpy
+
+from linf_plugin.ops.cupy_backend import CupyLauncher
 from linf_plugin.ops.kernel_specs import all_module_specs, full_source
 
-__all__ = ["compiler", "harness_source", "build_library", "EmulatedLauncher", "symbol"]
+__all__ = ["compiler", "harness_source", "build_library", "EmulatedCupy", "EmulatedLauncher", "Launch", "symbol"]
 
 SHIM = Path(__file__).with_name("cuda_shim.h")
 CXXFLAGS = ("-std=c++20", "-O0", "-pthread", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas",
             "-Wno-unused-variable", "-Wno-unused-but-set-variable")
-_TORCH_DTYPES = {"float": torch.float32, "double": torch.float64}
 
 
 def compiler() -> str | None:
@@ -109,50 +112,173 @@ def build_library(directory: Path, source: str | None = None) -> ctypes.CDLL:
     return ctypes.CDLL(str(lib))
 
 
-class EmulatedLauncher:
-    """``launcher(module_spec, kernel_spec, grid, args)`` running on the CPU emulator.
+class _Namespace:
+    def __init__(self, **attrs):
+        self.__dict__.update(attrs)
 
-    Checks every argument against the kernel's declared parameter kinds
-    (dtype, contiguity, CPU) before the call, and fails on barrier divergence.
+
+class _Context:
+    """``with``-able entry on one of the stand-in's stacks (current device, current stream)."""
+
+    def __init__(self, stack: list, value):
+        self.stack, self.value = stack, value
+
+    def __enter__(self):
+        self.stack.append(self.value)
+        return self
+
+    def __exit__(self, *exc):
+        assert self.stack.pop() is self.value, "device/stream contexts must nest"
+
+
+class Launch(NamedTuple):
+    """One kernel launch as the stand-in saw it."""
+
+    name: str
+    grid: tuple
+    block: tuple
+    stream: int
+    device: object
+
+
+class EmulatedCupy:
+    """A CPU stand-in for the part of the ``cupy`` module :class:`CupyLauncher` uses.
+
+    ``CupyLauncher(device=EmulatedCupy(lib), current_stream=emu.current_stream)``
+    runs the launcher's real code (argument marshalling, device and stream
+    contexts, module cache, grid and dtype dispatch) with CPU tensors, and the
+    kernels it names run from the g++-built library ``lib``
+    (:func:`build_library`).  It is as strict as CuPy and the CUDA ABI, so a
+    launcher bug fails here the way it would on a GPU:
+
+    * ``from_dlpack`` is ``numpy.from_dlpack``: like ``cupy.from_dlpack`` it
+      goes through ``tensor.__dlpack__``, so a tensor that requires grad
+      raises ``BufferError``;
+    * ``RawModule`` accepts only a catalogue module's exact source, options
+      and name expressions; ``get_function`` only a compiled module's names,
+      inside a ``cuda.Device`` context;
+    * a launch needs a current device and a current stream (recorded in
+      :attr:`calls`), the kernel's block shape, a 3-D grid, and argument
+      types matching the kernel's parameters: C-contiguous arrays of the
+      module dtype (``int32`` for ``int*``) or the null ``numpy.uint64(0)``,
+      ``numpy.int32`` for ``int``, ``numpy.float32``/``float64`` for ``T``
+      (a Python float would be marshalled as a double by CuPy).
+    """
+
+    def __init__(self, lib: ctypes.CDLL, schedule: str = "shuffled", seed: int = 1):
+        self.lib = lib
+        self.calls: list = []
+        self.compiled: list = []
+        self.stream_handle = 0x5151           # what "torch's current stream" is; tests may change it
+        self._devices: list = []
+        self._streams: list = []
+        self._specs = {tuple(s.name_expressions): s for s in all_module_specs()}
+        self.configure(schedule, seed)
+        stream = _Namespace(from_external=self._from_external)
+        self.cuda = _Namespace(runtime=_Namespace(getDeviceCount=lambda: 1), Device=self._device, Stream=stream)
+
+    def configure(self, schedule: str, seed: int = 1) -> None:
+        """How a block's threads run: fibers (``ascending``, ``descending``, ``shuffled`` per barrier
+        phase) or real ``threads``."""
+        self.lib.emu_configure.argtypes = [ctypes.c_int, ctypes.c_ulonglong]
+        self.lib.emu_configure(EmulatedLauncher.MODES[schedule], seed)
+        self.schedule = schedule
+
+    def current_stream(self, device) -> int:
+        """The ``current_stream`` hook for :class:`CupyLauncher`: the pretend torch stream."""
+        return self.stream_handle
+
+    # -- the cupy interface ---------------------------------------------------
+    def _device(self, index):
+        return _Context(self._devices, index)
+
+    def _from_external(self, obj):
+        version, handle = obj.__cuda_stream__()
+        if version != 0 or not isinstance(handle, int):
+            raise TypeError(f"__cuda_stream__ must return (0, int), got {(version, handle)!r}")
+        return _Context(self._streams, handle)
+
+    @staticmethod
+    def from_dlpack(obj):
+        return numpy.from_dlpack(obj)
+
+    def RawModule(self, code, options, name_expressions):  # noqa: N802  (cupy's name)
+        spec = self._specs.get(tuple(name_expressions))
+        if spec is None:
+            raise ValueError(f"no catalogue module has the name expressions {name_expressions}")
+        if code != spec.source or tuple(options) != tuple(spec.options):
+            raise ValueError(f"module {spec.key}: source or options differ from the catalogue's")
+        return _EmulatedModule(self, spec)
+
+    def _launch(self, kernel, grid, block, args):
+        if not self._devices or not self._streams:
+            raise RuntimeError(f"{kernel.name}: launched outside a device or stream context")
+        if len(grid) != 3 or not all(type(g) is int and g >= 1 for g in grid):
+            raise ValueError(f"{kernel.name}: grid must be three positive ints, got {grid!r}")
+        if tuple(block) != kernel.block:
+            raise ValueError(f"{kernel.name}: block {block!r}, the kernel is written for {kernel.block}")
+        if len(args) != len(kernel.params):
+            raise TypeError(f"{kernel.name}: {len(args)} arguments for {len(kernel.params)} parameters")
+        scalar = numpy.float32 if kernel.ctype == "float" else numpy.float64
+        cargs = [ctypes.c_uint(g) for g in grid] + [ctypes.c_uint(b) for b in kernel.block]
+        for pos, (kind, arg) in enumerate(zip(kernel.params, args)):
+            where = f"{kernel.name} argument {pos} ({kind})"
+            if kind in ("T*", "int*"):
+                if isinstance(arg, numpy.uint64) and int(arg) == 0:
+                    cargs.append(ctypes.c_void_p(None))
+                    continue
+                want = numpy.int32 if kind == "int*" else scalar
+                if not isinstance(arg, numpy.ndarray) or arg.dtype != want or not arg.flags.c_contiguous:
+                    raise TypeError(f"{where}: want a C-contiguous {numpy.dtype(want)} array, got "
+                                    f"{type(arg).__name__} {getattr(arg, 'dtype', '')}")
+                cargs.append(ctypes.c_void_p(arg.ctypes.data))
+            elif kind == "int":
+                if type(arg) is not numpy.int32:
+                    raise TypeError(f"{where}: want numpy.int32, got {type(arg).__name__}")
+                cargs.append(ctypes.c_int(int(arg)))
+            else:
+                if type(arg) is not scalar:
+                    raise TypeError(f"{where}: want {scalar.__name__}, got {type(arg).__name__}")
+                cargs.append(ctypes.c_float(arg) if kernel.ctype == "float" else ctypes.c_double(arg))
+        fn = getattr(self.lib, symbol(kernel.name))
+        fn.restype = ctypes.c_int
+        self.calls.append(Launch(kernel.name, tuple(grid), tuple(block), self._streams[-1], self._devices[-1]))
+        if fn(*cargs) != 0:
+            raise AssertionError(f"{kernel.name}: threads of a block passed different numbers of __syncthreads()")
+
+
+class _EmulatedModule:
+    def __init__(self, emu: EmulatedCupy, spec):
+        self.emu, self.spec, self.is_compiled = emu, spec, False
+
+    def compile(self):
+        if not self.emu._devices:
+            raise RuntimeError("RawModule.compile() needs a current device")
+        self.is_compiled = True
+        self.emu.compiled.append((self.emu._devices[-1], self.spec.key))
+
+    def get_function(self, name):
+        kernel = next((k for k in self.spec.kernels.values() if k.name == name), None)
+        if kernel is None or not self.is_compiled:
+            raise ValueError(f"{name!r} is not a compiled name expression of module {self.spec.key}")
+        return lambda grid, block, args: self.emu._launch(kernel, grid, block, args)
+
+
+class EmulatedLauncher(CupyLauncher):
+    """The real :class:`CupyLauncher` over :class:`EmulatedCupy` (same signature, CPU tensors).
+
+    ``calls`` lists ``(kernel name, grid)`` per launch; ``device`` is the stand-in.
     """
 
     MODES = {"ascending": 0, "descending": 1, "shuffled": 2, "threads": 3}
 
     def __init__(self, lib: ctypes.CDLL, schedule: str = "shuffled", seed: int = 1):
-        self.lib = lib
-        self.calls: list = []
-        self.configure(schedule, seed)
+        self.device = EmulatedCupy(lib, schedule, seed)
+        super().__init__(device=self.device, current_stream=self.device.current_stream)
+
+    @property
+    def calls(self) -> list:
+        return [(c.name, c.grid) for c in self.device.calls]
 
     def configure(self, schedule: str, seed: int = 1) -> None:
-        """Select how a block's threads run: fibers (``ascending``, ``descending``,
-        ``shuffled`` per barrier phase) or real ``threads``."""
-        self.lib.emu_configure.argtypes = [ctypes.c_int, ctypes.c_ulonglong]
-        self.lib.emu_configure(self.MODES[schedule], seed)
-        self.schedule = schedule
-
-    def __call__(self, spec, kernel, grid, args):
-        if len(args) != len(kernel.params):
-            raise TypeError(f"{kernel.name}: {len(args)} arguments for {len(kernel.params)} parameters")
-        fn = getattr(self.lib, symbol(kernel.name))
-        fn.restype = ctypes.c_int
-        cargs = [ctypes.c_uint(int(g)) for g in grid] + [ctypes.c_uint(b) for b in kernel.block]
-        keep = []
-        for pos, (kind, arg) in enumerate(zip(kernel.params, args)):
-            if kind in ("T*", "int*"):
-                if arg is None:
-                    cargs.append(ctypes.c_void_p(None))
-                    continue
-                want = torch.int32 if kind == "int*" else _TORCH_DTYPES[kernel.ctype]
-                if not isinstance(arg, torch.Tensor) or arg.dtype != want or arg.device.type != "cpu" \
-                        or not arg.is_contiguous():
-                    raise TypeError(f"{kernel.name} argument {pos}: want a contiguous CPU {want} tensor, got "
-                                    f"{getattr(arg, 'dtype', type(arg))}")
-                keep.append(arg)
-                cargs.append(ctypes.c_void_p(arg.data_ptr()))
-            elif kind == "int":
-                cargs.append(ctypes.c_int(int(arg)))
-            else:
-                cargs.append(ctypes.c_float(arg) if kernel.ctype == "float" else ctypes.c_double(arg))
-        self.calls.append((kernel.name, tuple(int(g) for g in grid)))
-        if fn(*cargs) != 0:
-            raise AssertionError(f"{kernel.name}: threads of a block passed different numbers of __syncthreads()")
+        self.device.configure(schedule, seed)

@@ -1,0 +1,191 @@
+"""The real ``CupyLauncher`` on the CPU: autograd, streams, devices, dtypes, module cache, linf_box_argmax.
+
+``CupyLauncher`` takes its device layer as an argument; here it is
+``harness.EmulatedCupy``, a stand-in for the ``cupy`` module that consumes
+tensors through DLPack exactly as CuPy does (``numpy.from_dlpack`` refuses a
+tensor that requires grad, as ``cupy.from_dlpack`` does) and runs the kernels
+compiled by g++ from the same ``.cu`` sources.  So the launcher's own code
+(argument marshalling, device and stream contexts, grid, dtype dispatch)
+runs in the CPU suite; on a GPU the same code runs over the real CuPy.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy
+import pytest
+import torch
+from lp_accuracy import check_accuracy, interval_outputs, lp_outputs
+from oracles import box_argmax_oracle
+
+from linf_plugin.ops import linf_box_argmax, lp_dist, lp_dist_interval, use_backend
+from linf_plugin.ops.cupy_backend import CupyBackend, CupyLauncher
+from linf_plugin.ops.reference import ReferenceBackend
+
+INF = math.inf
+REF = ReferenceBackend()
+
+
+def test_the_stand_in_refuses_tensors_that_require_grad_as_cupy_does(harness, emulator_lib):
+    emu = harness.EmulatedCupy(emulator_lib)
+    with pytest.raises(BufferError):
+        emu.from_dlpack(torch.randn(3, requires_grad=True))
+    assert emu.from_dlpack(torch.randn(3)).shape == (3,)
+
+
+@pytest.mark.parametrize("p", (INF, 8.0, 8.5))
+def test_lp_dist_under_autograd_through_the_launcher(cupy_on_cpu, p):
+    """The failure every GPU run hit (BufferError from cp.from_dlpack on a parameter)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 9, generator=g, requires_grad=True)
+    w = torch.nn.Parameter(torch.randn(7, 9, generator=g))
+    y = lp_dist(x, w, p)
+    y.square().sum().backward()
+    calls = cupy_on_cpu.launcher.calls
+    assert calls and all(name.startswith(("linf_", "lp_")) for name, _ in calls), calls
+    x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    lp_dist(x2, w2, p, backend="reference").square().sum().backward()
+    for a, b in ((y, lp_dist(x2, w2, p, backend="reference")), (x.grad, x2.grad), (w.grad, w2.grad)):
+        torch.testing.assert_close(a, b, rtol=5e-5, atol=5e-5)
+
+
+@pytest.mark.parametrize("p", (INF, 2.0))
+def test_interval_under_autograd_through_the_launcher(cupy_on_cpu, p):
+    g = torch.Generator().manual_seed(1)
+    c, r = torch.randn(4, 6, generator=g), torch.rand(4, 6, generator=g)
+    lower, upper = (c - r).requires_grad_(), (c + r).requires_grad_()
+    w = torch.nn.Parameter(torch.randn(5, 6, generator=g))
+    lo, hi = lp_dist_interval(lower, upper, w, p)
+    (lo + 2 * hi).sum().backward()
+    assert any(name.startswith("interval_") for name, _ in cupy_on_cpu.launcher.calls)
+    assert lower.grad is not None and upper.grad is not None and w.grad is not None
+
+
+def test_every_launch_runs_on_the_current_stream_and_device(emu_backend):
+    launcher = emu_backend.launcher
+    x, w = torch.randn(3, 4), torch.randn(5, 4)
+    launcher.device.stream_handle = 0xAB
+    emu_backend.forward(x, w, INF)
+    launcher.device.stream_handle = 0xCD
+    emu_backend.forward(x, w, 8.0)
+    streams = [c.stream for c in launcher.device.calls]
+    assert streams[:2] == [0xAB, 0xAB] and set(streams[2:]) == {0xCD}
+    assert {c.device for c in launcher.device.calls} == {None}       # CPU tensors: device index None
+
+
+def test_dtype_dispatch_and_module_cache(emu_backend):
+    launcher = emu_backend.launcher
+    for dtype in (torch.float32, torch.float64, torch.float32):
+        y, _ = emu_backend.forward(torch.randn(3, 4, dtype=dtype), torch.randn(5, 4, dtype=dtype), 8.5)
+        assert y.dtype == dtype
+    names = [c.name for c in launcher.device.calls]
+    assert any("<float," in n for n in names) and any("<double," in n for n in names)
+    compiled = launcher.device.compiled
+    assert len(compiled) == len(set(compiled)) == 4     # linf + lp(pv 0), per dtype, each compiled once
+
+
+def test_the_launcher_rejects_bad_calls(emu_backend):
+    from linf_plugin.ops.kernel_specs import module_spec
+
+    spec = module_spec("linf", "float")
+    kernel = spec.kernels["forward"]
+    x, w, y = torch.randn(3, 4), torch.randn(5, 4), torch.empty(3, 5)
+    with pytest.raises(TypeError, match="arguments"):
+        emu_backend.launcher(spec, kernel, (1, 1, 1), (x, w, y))
+    with pytest.raises(TypeError, match="float32"):    # a float64 tensor for a float kernel
+        emu_backend.launcher(spec, kernel, (1, 1, 1), (x.double(), w, y, None, 3, 5, 4))
+    with pytest.raises(ValueError, match="one device"):
+        emu_backend.launcher(spec, kernel, (1, 1, 1), (x, w.to("meta"), y, None, 3, 5, 4))
+
+
+def test_the_launcher_needs_a_device(harness, emulator_lib):
+    emu = harness.EmulatedCupy(emulator_lib)
+    emu.cuda.runtime.getDeviceCount = lambda: 0
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        CupyLauncher(device=emu)
+
+
+# -- accuracy against float64, on the CPU (the GPU runs the same checks in test_gpu.py) ----------
+@pytest.mark.parametrize("shape", [(17, 23, 1), (37, 70, 41), (9, 33, 300)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("p", (1.0, 2.0, 8.0, 8.5, 100.0, 1000.0, INF))
+def test_cupy_path_is_as_accurate_as_the_torch_path(cupy_on_cpu, shape, p):
+    g = torch.Generator().manual_seed(sum(shape))
+    B, N, D = shape
+    x, w, gy = torch.randn(B, D, generator=g), torch.randn(N, D, generator=g), torch.randn(B, N, generator=g)
+    check_accuracy(lp_outputs, (x, w, gy), p, max(shape), candidate="cupy")
+
+
+@pytest.mark.parametrize("p", (1.0, 8.0, 1000.0, INF))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+def test_cupy_interval_is_as_accurate_as_the_torch_path(cupy_on_cpu, p, dtype):
+    g = torch.Generator().manual_seed(3)
+    c, r, w = (torch.randn(30, 41, generator=g, dtype=dtype), torch.rand(30, 41, generator=g, dtype=dtype),
+               torch.randn(43, 41, generator=g, dtype=dtype))
+    check_accuracy(interval_outputs, (c - r, c + r, w), p, 43, candidate="cupy")
+
+
+# -- linf_box_argmax: the CuPy kernel against the oracle and the torch path ----------------------
+def _box(B, N, D, dtype, seed, ties):
+    g = torch.Generator().manual_seed(seed)
+    if ties:   # small integers: many exact ties in near and far, boxes of width 0 included
+        lower = torch.randint(-2, 3, (B, D), generator=g).to(dtype)
+        upper = lower + torch.randint(0, 3, (B, D), generator=g).to(dtype)
+        w = torch.randint(-2, 3, (N, D), generator=g).to(dtype)
+    else:
+        c, r = torch.randn(B, D, generator=g, dtype=dtype), torch.rand(B, D, generator=g, dtype=dtype)
+        lower, upper, w = c - r, c + r, torch.randn(N, D, generator=g, dtype=dtype)
+    return lower, upper, w
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+@pytest.mark.parametrize("ties", (False, True))
+@pytest.mark.parametrize("shape", [(5, 7, 9), (3, 4, 1), (1, 1, 2), (70, 37, 40), (6, 3, 17)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_box_argmax_kernel_matches_the_oracle_and_the_torch_path(emu_backend, dtype, ties, shape):
+    from linf_plugin.ops import get_backend
+
+    lower, upper, w = _box(*shape, dtype, seed=sum(shape), ties=ties)
+    got = emu_backend.linf_box_argmax(lower, upper, w)
+    torch_path = get_backend("torch").linf_box_argmax(lower, upper, w)
+    for k, want, t in zip(got, box_argmax_oracle(lower, upper, w), torch_path):
+        assert k.dtype == torch.int64 and k.shape == shape[:2]
+        assert torch.equal(k, want) and torch.equal(k, t)
+
+
+def test_box_argmax_treats_signed_zeros_as_equal(emu_backend):
+    # w on a box face: near = max(-0.0, negative, 0) ties +0.0 elsewhere -> the lowest index
+    lower = torch.tensor([[1.0, 0.0, 0.0, -1.0]])
+    upper = torch.tensor([[2.0, 1.0, 0.0, 1.0]])
+    w = torch.tensor([[1.0, 0.5, 0.0, 0.0], [-0.0, 0.5, -0.0, 0.0]])
+    for k, want in zip(emu_backend.linf_box_argmax(lower, upper, w), box_argmax_oracle(lower, upper, w)):
+        assert torch.equal(k, want)
+
+
+def test_public_linf_box_argmax_dispatches_to_the_cupy_kernel(cupy_on_cpu):
+    lower, upper, w = _box(4, 6, 5, torch.float32, seed=2, ties=True)
+    got = linf_box_argmax(lower, upper, w.requires_grad_())
+    assert [n for n, _ in cupy_on_cpu.launcher.calls] == ["linf_box_argmax<float, 4, 4>"]
+    for k, want in zip(got, box_argmax_oracle(lower, upper, w.detach())):
+        assert torch.equal(k, want)
+    before = len(cupy_on_cpu.launcher.calls)
+    linf_box_argmax(lower, upper, w, backend="torch")                 # an explicit name is obeyed
+    assert len(cupy_on_cpu.launcher.calls) == before
+
+
+def test_use_backend_restores_the_dispatch():
+    backend = CupyBackend(launcher=lambda *a: pytest.fail("launched outside the block"))
+    with use_backend(backend, "cpu"):
+        pass
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(lp_dist(x, x), REF.forward(x, x, INF)[0])
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        lp_dist(x, x, backend="cupy")
+    with pytest.raises(ValueError, match="use_backend needs"):
+        with use_backend(object()):
+            pass
+
+
+def test_numpy_is_what_the_stand_in_hands_to_the_kernels(harness, emulator_lib):
+    # the marshalled arguments are arrays (from DLPack), not tensors: what CuPy receives
+    emu = harness.EmulatedCupy(emulator_lib)
+    assert isinstance(emu.from_dlpack(torch.zeros(2, dtype=torch.int32)), numpy.ndarray)
