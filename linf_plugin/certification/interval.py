@@ -83,7 +83,14 @@ def interval_bounds(model, lower: torch.Tensor, upper: torch.Tensor):
             lo, hi = _out(layer.mean_shift(lo), layer.mean_shift(hi), gamma)
         if layer.bias is not None:
             lo, hi = _out(lo + layer.bias, hi + layer.bias, gamma)
+        lo, hi = _widest_where_nan(lo, hi)
     return (-hi, -lo) if negate else (lo, hi)
+
+
+def _widest_where_nan(lo, hi):
+    """Overflow (inf - inf) gives NaN; (-inf, inf) contains everything, so it stays sound and never certifies."""
+    return (torch.nan_to_num(lo, nan=-math.inf, posinf=math.inf, neginf=-math.inf),
+            torch.nan_to_num(hi, nan=math.inf, posinf=math.inf, neginf=-math.inf))
 
 
 @torch.no_grad()
