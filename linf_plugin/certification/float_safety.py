@@ -149,8 +149,11 @@ def _magnitude(node, mags, kind: str):
             raise _Unsupported("division by zero")
         return mags[0] / den
     if kind == "BoundLinear":
-        if float(getattr(node, "alpha", 1.0)) < 0 or float(getattr(node, "beta", 1.0)) < 0:
-            raise _Unsupported("Gemm with a negative alpha or beta")
+        # Gemm's scalars: alpha/beta on 0.3, alpha_linear/beta_linear on 0.7 (where alpha is alpha-CROWN's)
+        scalars = [getattr(node, name, 1.0) for name in ("alpha_linear", "beta_linear")] if \
+            hasattr(node, "alpha_linear") else [getattr(node, name, 1.0) for name in ("alpha", "beta")]
+        if any(not isinstance(v, (int, float)) or v < 0 for v in scalars):
+            raise _Unsupported("Gemm with a negative or unknown alpha or beta")
         return _forward_without_side_effects(node, *mags)
     if kind in _MULTILINEAR:
         return _forward_without_side_effects(node, *mags)
