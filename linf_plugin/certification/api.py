@@ -12,14 +12,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from ..data import DatasetSplit
-from ..data.box import linf_box
+from ..data.box import check_data_range, linf_box
 from .bound_prop import LIRPA_METHODS, BoundPropCertifier
+from .float_safety import exact_float
 from .interval import interval_certify
 from .margin import margin_certify
 from .result import CertResult
 
 __all__ = ["certify", "certified_accuracy_curve", "applicable_methods", "METHODS", "CurveResult",
-           "MethodNotApplicableError"]
+           "MethodNotApplicableError", "eval_mode"]
 
 METHODS = ("margin", "interval", "ibp", "crown-ibp", "crown", "alpha-crown")
 _BOUND_PROP = tuple(LIRPA_METHODS)
@@ -30,13 +31,19 @@ class MethodNotApplicableError(ValueError):
 
 
 @contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module):
-    was = model.training
+def eval_mode(model: torch.nn.Module):
+    """Every submodule in eval mode inside the block; each one's own previous mode after it.
+
+    (``model.train(was)`` would flatten a mix of train and eval submodules
+    into one state.)
+    """
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         yield model
     finally:
-        model.train(was)
+        for m, was in modes:
+            m.training = was
 
 
 def _name(model) -> str:
@@ -45,7 +52,7 @@ def _name(model) -> str:
 
 def applicable_methods(model: torch.nn.Module) -> tuple:
     """The methods of :data:`METHODS` that apply to ``model`` in eval mode."""
-    with _eval_mode(model):
+    with eval_mode(model):
         certs = getattr(model, "certificates", None)
     if certs is None:
         return _BOUND_PROP
@@ -72,12 +79,15 @@ def _check_eps(eps) -> float:
     return eps
 
 
-def _as_tensors(data, model):
-    """-> (x, y, data_range, num_classes) from a DatasetSplit, (x, y), Dataset or DataLoader."""
-    data_range, num_classes = (0.0, 1.0), getattr(model, "num_classes", None)
+def _as_tensors(data, model, data_range=None):
+    """-> (x, y, data_range) from a DatasetSplit, (x, y), Dataset or DataLoader, checked.
+
+    ``data_range`` defaults to the DatasetSplit's own, else ``(0, 1)``; every
+    input must lie inside it (the box is clipped to it).
+    """
+    own_range = None
     if isinstance(data, DatasetSplit):
-        x, y, data_range = data.x, data.y, data.data_range
-        num_classes = num_classes or data.num_classes
+        x, y, own_range = data.x, data.y, data.data_range
     elif isinstance(data, (tuple, list)) and len(data) == 2 and all(torch.is_tensor(t) for t in data):
         x, y = data
     elif isinstance(data, TensorDataset):
@@ -92,6 +102,7 @@ def _as_tensors(data, model):
     else:
         raise TypeError("data must be a DatasetSplit, an (x, y) pair of tensors, a TensorDataset or a DataLoader, "
                         f"got {type(data).__name__}")
+    data_range = check_data_range(data_range if data_range is not None else own_range or (0.0, 1.0))
     if x.shape[0] == 0:
         raise ValueError("the data set is empty")
     if y.dim() != 1 or y.shape[0] != x.shape[0]:
@@ -100,14 +111,47 @@ def _as_tensors(data, model):
         raise TypeError(f"inputs must be floating point, got {x.dtype}")
     if torch.isnan(x).any():
         raise ValueError("the inputs contain NaN")
+    if not torch.isfinite(x).all():
+        raise ValueError("the inputs contain inf")
+    lo, hi = data_range
+    x_min, x_max = float(x.min()), float(x.max())
+    if x_min < lo or x_max > hi:
+        raise ValueError(f"the inputs lie in [{x_min:g}, {x_max:g}], outside data_range=({lo:g}, {hi:g}); "
+                         "certify(..., data_range=(low, high)) must name the range your inputs live in "
+                         "(the l_inf box is clipped to it)")
     shape = getattr(model, "input_shape", None)
     if shape is not None and tuple(x.shape[1:]) != tuple(shape):
         raise ValueError(f"{_name(model)} expects inputs of shape {tuple(shape)}, got {tuple(x.shape[1:])}")
-    y = y.long()
-    if num_classes is not None and (y.min() < 0 or y.max() >= num_classes):
-        raise ValueError(f"labels must lie in [0, {num_classes}) for {_name(model)}, got "
+    return x, y.long(), data_range
+
+
+def _check_model(model, x, y, device) -> tuple:
+    """-> (device, dtype, K), with the model moved to the device (in eval mode: the forward must not train).
+
+    Refuses half precision and non-finite parameters before any bound is
+    computed; K comes from one forward pass, never from the labels.
+    """
+    dev, dtype = _model_device_dtype(model, device)
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"certification needs a float32 or float64 model, {_name(model)} is {dtype} (bounds in "
+                        "half precision cannot be made rigorous); call model.float() first")
+    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in named:
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise ValueError(f"the model's {kind} {name!r} contains NaN or inf; no certificate can hold")
+    model.to(dev)
+    with torch.no_grad():
+        out = model(x[:1].to(dev, dtype))
+    if out.dim() != 2:
+        raise ValueError(f"{_name(model)} returns logits of shape {tuple(out.shape)} for one input; "
+                         "certification needs (batch, num_classes)")
+    k = int(out.shape[1])
+    if k < 2:
+        raise ValueError(f"{_name(model)} has {k} output; certifying a prediction needs at least 2 classes")
+    if y.min() < 0 or y.max() >= k:
+        raise ValueError(f"labels must lie in [0, {k}) for {_name(model)} ({k} outputs), got "
                          f"[{int(y.min())}, {int(y.max())}]")
-    return x, y, tuple(data_range), num_classes
+    return dev, dtype, k
 
 
 def _model_device_dtype(model, device):
@@ -116,61 +160,79 @@ def _model_device_dtype(model, device):
     return dev, (p.dtype if p is not None else torch.float32)
 
 
+def _predict(model, xb, yb):
+    """``correct`` flags: finite logits whose argmax is the label (the same verdict on every device)."""
+    with torch.no_grad():
+        logits = model(xb)
+    return torch.isfinite(logits).all(dim=1) & (logits.argmax(dim=1) == yb)
+
+
 def _batches(x, y, batch_size: int, device, dtype) -> Iterable:
     for start in range(0, x.shape[0], batch_size):
         yield (x[start:start + batch_size].to(device=device, dtype=dtype),
                y[start:start + batch_size].to(device=device))
 
 
-def certify(model: torch.nn.Module, data, eps: float, method: str, *, batch_size: int = 256,
+def certify(model: torch.nn.Module, data, eps: float, method: str, *, data_range=None, batch_size: int = 256,
             device: Optional[Union[str, torch.device]] = None, float_model: bool = True,
-            alpha_iterations: int = 20, progress: bool = False) -> CertResult:
+            alpha_iterations: int = 20, rigorous: bool = True, progress: bool = False) -> CertResult:
     """Certify ``model`` on ``data`` at radius ``eps`` with one method.
 
     Args:
         model: any model of the registry (or any ``nn.Module`` for the
-            bound-propagation methods).  Run in eval mode; its train/eval
-            state is restored afterwards.
-        data: a :class:`~linf_plugin.data.DatasetSplit` (its data range clips
-            the box), an ``(x, y)`` pair of tensors (data range ``[0, 1]``), a
-            ``TensorDataset`` or a ``DataLoader``.
+            bound-propagation methods), float32 or float64, returning
+            ``(batch, K)`` logits (K is read from one forward pass).  Run in
+            eval mode; each submodule's train/eval state is restored afterwards.
+        data: a :class:`~linf_plugin.data.DatasetSplit`, an ``(x, y)`` pair
+            of tensors, a ``TensorDataset`` or a ``DataLoader``.
         eps: l_inf radius in pixel units, finite and >= 0.
         method: ``"margin"`` (Lipschitz margin, l_inf-dist nets at p = inf),
             ``"interval"`` (exact interval propagation, l_inf-dist nets),
             ``"ibp"``, ``"crown-ibp"``, ``"crown"``, ``"alpha-crown"``
             (auto_LiRPA, every model).
-        batch_size: samples per batch.
+        data_range: ``(low, high)`` the inputs live in; the box is clipped to
+            it.  Default: the DatasetSplit's own, else ``(0, 1)``.  Inputs
+            outside it raise (a clipped box would not contain them).
+        batch_size: samples per batch (capped for CROWN, CROWN-IBP and
+            alpha-CROWN by a memory estimate, ``$LINF_BOUND_MEMORY_GB``).
         device: where to run (default: the model's device; the model is
             moved there for the call only if it is not already).
         float_model: margin only; also guarantee the float network as run
             at every perturbed input (see :mod:`linf_plugin.certification.margin`).
         alpha_iterations: alpha-CROWN optimisation steps.
+        rigorous: bound propagation only; re-check every candidate in
+            float64 with a derived rounding slack (default).  ``False`` trusts
+            the float32 bound up to a relative slack and marks the result
+            ``float_rigorous=False``.
         progress: show a tqdm bar.
 
     Returns:
         :class:`CertResult` with per-sample ``correct`` / ``certified``
-        (and ``radius`` for ``margin``).
+        (and ``radius`` for ``margin``) and ``float_rigorous``.
 
     Raises:
         ValueError: unknown method, bad eps, data that does not match the
-            model; :class:`MethodNotApplicableError` for a method that does
-            not apply (e.g. margin on a hybrid or a p = 8 net).
+            model or lies outside ``data_range``, NaN/inf inputs or
+            parameters, fewer than 2 classes;
+            TypeError: a float16/bfloat16 model;
+            :class:`MethodNotApplicableError` for a method that does not
+            apply (e.g. margin on a hybrid or a p = 8 net).
     """
     eps = _check_eps(eps)
     _check_method(model, method)
-    x, y, data_range, num_classes = _as_tensors(data, model)
-    dev, dtype = _model_device_dtype(model, device)
+    x, y, data_range = _as_tensors(data, model, data_range)
     corrects, certs, radii, extra = [], [], [], {}
     start = time.perf_counter()
     orig_device = _model_device_dtype(model, None)[0]
-    model.to(dev)
+    rigorous_flag, reason = True, ""
     try:
-        with _eval_mode(model):
+        with eval_mode(model), exact_float():
+            dev, dtype, num_classes = _check_model(model, x, y, device)
             certifier = None
             also_margin = method == "interval" and "margin" in applicable_methods(model)
             if method in _BOUND_PROP:
-                certifier = BoundPropCertifier(model, x[:1].to(dev, dtype), num_classes or int(y.max()) + 1,
-                                               alpha_iterations=alpha_iterations)
+                certifier = BoundPropCertifier(model, x[:1].to(dev, dtype), num_classes,
+                                               alpha_iterations=alpha_iterations, rigorous=rigorous)
                 batch_size = certifier.batch_size(method, batch_size)
             batches = _batches(x, y, batch_size, dev, dtype)
             if progress:
@@ -181,6 +243,7 @@ def certify(model: torch.nn.Module, data, eps: float, method: str, *, batch_size
             for xb, yb in batches:
                 if method == "margin":
                     c, k, r, info = margin_certify(model, xb, yb, eps, float_model=float_model)
+                    k = k & torch.isfinite(r)
                     radii.append(r)
                     extra["max_logit_error"] = max(extra.get("max_logit_error", 0.0), info["max_logit_error"])
                     extra.update(lipschitz=info["lipschitz"], float_model=float_model)
@@ -188,20 +251,24 @@ def certify(model: torch.nn.Module, data, eps: float, method: str, *, batch_size
                     lower, upper = linf_box(xb, eps, data_range, outward=True)
                     c, k = interval_certify(model, xb, yb, lower, upper)
                     if also_margin:  # both are sound, so their union is (see interval.py)
-                        k = k | margin_certify(model, xb, yb, eps, float_model=False)[1]
+                        k = k | (c & margin_certify(model, xb, yb, eps, float_model=False)[1])
                 else:
-                    with torch.no_grad():
-                        c = model(xb).argmax(dim=1) == yb
+                    c = _predict(model, xb, yb)
                     k = certifier.certify(xb, yb, eps, method, data_range, correct=c).cpu()
                     c = c.cpu()
                 corrects.append(c)
                 certs.append(k)
+            if certifier is not None:
+                rigorous_flag, reason = certifier.float_rigorous, certifier.reason
     finally:
         model.to(orig_device)
+    if reason:
+        extra["float_rigorous_reason"] = reason
     wall = time.perf_counter() - start
     radius = torch.cat(radii).numpy() if radii else None
     return CertResult(method=method, eps=eps, model_name=_name(model), correct=torch.cat(corrects).numpy(),
-                      certified=torch.cat(certs).numpy(), radius=radius, wall_time=wall, extra=extra)
+                      certified=torch.cat(certs).numpy(), radius=radius, wall_time=wall, extra=extra,
+                      float_rigorous=rigorous_flag)
 
 
 @dataclass
@@ -229,38 +296,41 @@ def _curve_from_radius(method, name, radius, correct, eps_grid, wall, extra=None
     return CurveResult(method, name, list(eps_grid), acc, float(np.mean(correct)), wall, radius, extra or {})
 
 
-def _bisect_radius(model, data, method, eps_max, steps, batch_size, device, alpha_iterations):
+def _bisect_radius(model, data, method, eps_max, steps, batch_size, device, alpha_iterations, data_range, rigorous):
     """Largest eps in [0, eps_max] certified per sample, to ``eps_max / 2**steps``."""
-    x, y, data_range, num_classes = _as_tensors(data, model)
-    dev, dtype = _model_device_dtype(model, device)
+    x, y, data_range = _as_tensors(data, model, data_range)
     radius = torch.zeros(x.shape[0], dtype=torch.float64)
     correct = torch.zeros(x.shape[0], dtype=torch.bool)
-    with _eval_mode(model):
-        cert = BoundPropCertifier(model, x[:1].to(dev, dtype), num_classes or int(y.max()) + 1,
-                                  alpha_iterations=alpha_iterations)
-        batch_size = cert.batch_size(method, batch_size)
-        for start in range(0, x.shape[0], batch_size):
-            xb = x[start:start + batch_size].to(dev, dtype)
-            yb = y[start:start + batch_size].to(dev)
-            with torch.no_grad():
-                c = model(xb).argmax(dim=1) == yb
-            lo = torch.zeros(xb.shape[0], dtype=torch.float64, device=dev)
-            hi = torch.full_like(lo, eps_max)
-            top = cert.certify(xb, yb, hi, method, data_range, correct=c)
-            lo = torch.where(top, hi, lo)
-            for _ in range(steps):
-                mid = (lo + hi) / 2
-                ok = cert.certify(xb, yb, mid, method, data_range, correct=c)
-                lo = torch.where(ok & ~top, mid, lo)
-                hi = torch.where(ok | top, hi, mid)
-            radius[start:start + xb.shape[0]] = torch.where(c, lo, torch.zeros_like(lo)).cpu()
-            correct[start:start + xb.shape[0]] = c.cpu()
-    return radius.numpy(), correct.numpy()
+    orig_device = _model_device_dtype(model, None)[0]
+    try:
+        with eval_mode(model), exact_float():
+            dev, dtype, num_classes = _check_model(model, x, y, device)
+            cert = BoundPropCertifier(model, x[:1].to(dev, dtype), num_classes, alpha_iterations=alpha_iterations,
+                                      rigorous=rigorous)
+            batch_size = cert.batch_size(method, batch_size)
+            for start in range(0, x.shape[0], batch_size):
+                xb = x[start:start + batch_size].to(dev, dtype)
+                yb = y[start:start + batch_size].to(dev)
+                c = _predict(model, xb, yb)
+                lo = torch.zeros(xb.shape[0], dtype=torch.float64, device=dev)
+                hi = torch.full_like(lo, eps_max)
+                top = cert.certify(xb, yb, hi, method, data_range, correct=c)
+                lo = torch.where(top, hi, lo)
+                for _ in range(steps):
+                    mid = (lo + hi) / 2
+                    ok = cert.certify(xb, yb, mid, method, data_range, correct=c)
+                    lo = torch.where(ok & ~top, mid, lo)
+                    hi = torch.where(ok | top, hi, mid)
+                radius[start:start + xb.shape[0]] = torch.where(c, lo, torch.zeros_like(lo)).cpu()
+                correct[start:start + xb.shape[0]] = c.cpu()
+    finally:
+        model.to(orig_device)
+    return radius.numpy(), correct.numpy(), cert.float_rigorous, cert.reason
 
 
 def certified_accuracy_curve(result_or_model, data=None, eps_grid: Sequence[float] = (), method: str = "margin", *,
                              bisect: bool = False, bisect_steps: int = 12, batch_size: int = 256, device=None,
-                             alpha_iterations: int = 20) -> CurveResult:
+                             alpha_iterations: int = 20, data_range=None, rigorous: bool = True) -> CurveResult:
     """Certified accuracy at every eps of ``eps_grid``.
 
     * From a :class:`CertResult` with radii, or for ``method="margin"``: ONE
@@ -268,6 +338,9 @@ def certified_accuracy_curve(result_or_model, data=None, eps_grid: Sequence[floa
     * Bound propagation: one certification per eps, or with ``bisect=True``
       a per-sample bisection of the radius on ``[0, max(eps_grid)]``
       (``bisect_steps`` halvings; the radius found is a proven lower bound).
+
+    ``data_range`` and ``rigorous`` as in :func:`certify`; ``extra`` holds
+    ``float_rigorous``.
 
     Returns:
         :class:`CurveResult`.
@@ -280,22 +353,25 @@ def certified_accuracy_curve(result_or_model, data=None, eps_grid: Sequence[floa
         if res.radius is None:
             raise ValueError(f"this {res.method} result holds no radii; pass the model and data instead")
         return _curve_from_radius(res.method, res.model_name, res.radius, res.correct, eps_grid, res.wall_time,
-                                  res.extra)
+                                  {**res.extra, "float_rigorous": res.float_rigorous})
     model = result_or_model
     if data is None:
         raise ValueError("data is required when a model is given")
     _check_method(model, method)
     start = time.perf_counter()
     if method == "margin":
-        res = certify(model, data, 0.0, "margin", batch_size=batch_size, device=device)
+        res = certify(model, data, 0.0, "margin", batch_size=batch_size, device=device, data_range=data_range)
         return _curve_from_radius(method, res.model_name, res.radius, res.correct, eps_grid,
-                                  time.perf_counter() - start, res.extra)
+                                  time.perf_counter() - start, {**res.extra, "float_rigorous": res.float_rigorous})
     if bisect and method in _BOUND_PROP:
-        radius, correct = _bisect_radius(model, data, method, max(eps_grid), bisect_steps, batch_size, device,
-                                         alpha_iterations)
+        radius, correct, exact, why = _bisect_radius(model, data, method, max(eps_grid), bisect_steps, batch_size,
+                                                     device, alpha_iterations, data_range, rigorous)
+        extra = {"bisect_steps": bisect_steps, "bisect_tolerance": max(eps_grid) / 2 ** bisect_steps,
+                 "float_rigorous": exact, **({"float_rigorous_reason": why} if why else {})}
         return _curve_from_radius(method, _name(model), radius, correct, eps_grid, time.perf_counter() - start,
-                                  {"bisect_steps": bisect_steps, "bisect_tolerance": max(eps_grid) / 2 ** bisect_steps})
-    results = [certify(model, data, e, method, batch_size=batch_size, device=device,
-                       alpha_iterations=alpha_iterations) for e in eps_grid]
+                                  extra)
+    results = [certify(model, data, e, method, batch_size=batch_size, device=device, data_range=data_range,
+                       alpha_iterations=alpha_iterations, rigorous=rigorous) for e in eps_grid]
     return CurveResult(method, _name(model), eps_grid, [r.certified_accuracy for r in results],
-                       results[0].clean_accuracy, time.perf_counter() - start)
+                       results[0].clean_accuracy, time.perf_counter() - start,
+                       extra={"float_rigorous": all(r.float_rigorous for r in results)})

@@ -3,18 +3,25 @@
 Each method bounds the margins ``logit_y - logit_j`` (j != y) over the
 input box with a margin specification ``C`` of shape ``(B, K-1, K)``; a
 sample is certified when it is classified correctly and every lower bound
-is > 0.  ℓp-dist layers are bounded by :class:`linf_plugin.lirpa.BoundLpDist`.
+is positive.  ℓp-dist layers are bounded by :class:`linf_plugin.lirpa.BoundLpDist`.
 
-What is guaranteed: auto_LiRPA's relaxations are sound in real arithmetic;
-its arithmetic is ordinary floating point without directed rounding, so a
-lower bound within a few ulps of 0 is not a proof in the strict sense.  We
-therefore require ``lower > tol`` with ``tol = 64 u * (1 + |lower|)``
-relative to the unit roundoff ``u`` of the computation dtype, and offer
-``dtype=torch.float64`` to run the bound computation in double precision.
+Floating point (see :mod:`.float_safety` and the README): a float32 pass
+finds the candidates; every candidate is re-bounded in float64 (model and
+box cast to float64, the box widened outward) and certified only when each
+float64 lower bound exceeds :func:`~.float_safety.rounding_slack`, a bound
+on the float64 rounding error derived from the magnitudes of the terms.
+Graphs with operators outside that argument fall back to a relative slack
+``64 u (1 + |lb|)`` and are reported as not float-rigorous.
+
+Memory: CROWN, CROWN-IBP and alpha-CROWN run in batches sized by an
+estimate of their per-sample memory (:func:`bound_batch_limit`) under a
+budget, ``$LINF_BOUND_MEMORY_GB`` (alpha-CROWN: ``$LINF_ALPHA_CROWN_MEMORY_GB``
+first).
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 from typing import Optional
@@ -22,9 +29,10 @@ from typing import Optional
 import torch
 
 from ..data.box import linf_box
-from .margin import unit_roundoff
+from .float_safety import exact_float, rounding_slack, unit_roundoff_of, widen_box
 
-__all__ = ["LIRPA_METHODS", "margin_spec", "BoundPropCertifier", "alpha_crown_batch_limit", "ALPHA_MEMORY_ENV"]
+__all__ = ["LIRPA_METHODS", "margin_spec", "BoundPropCertifier", "alpha_crown_batch_limit", "bound_batch_limit",
+           "ALPHA_MEMORY_ENV", "BOUND_MEMORY_ENV"]
 
 # α-CROWN keeps, per sample, CROWN matrices and α variables whose size grows with the product of the
 # numbers of neurons of the nonlinear layers (dense α on 0.3: one α per (neuron, start neuron) pair).
@@ -32,6 +40,45 @@ __all__ = ["LIRPA_METHODS", "margin_spec", "BoundPropCertifier", "alpha_crown_ba
 # 9·(Σn)² bytes in float32.  The batch is capped so that estimate stays under a budget.
 ALPHA_MEMORY_ENV = "LINF_ALPHA_CROWN_MEMORY_GB"
 _ALPHA_BYTES_PER_PAIR = 9 / 4  # × itemsize × (Σn)²
+# CROWN bounds every intermediate layer by a backward pass that starts from an identity of the layer's
+# width n: per sample a few (n, n') matrices at once.  Measured on an H200 on the 6x5120 net (float32):
+# 2.6 / 7.5 / 27.2 / 122 GiB peak at 1 / 4 / 16 / 74 inputs, i.e. 1.64 GiB = 16.8·4·5120² bytes per
+# input.  CROWN-IBP only goes backward from the K logits: 1.6 / 1.7 GiB at 16 / 64 inputs.
+BOUND_MEMORY_ENV = "LINF_BOUND_MEMORY_GB"
+_CROWN_BYTES_PER_PAIR = 20  # × itemsize × n_max²  (16.8 measured, + 20 %)
+_CROWN_IBP_BYTES = 16  # × itemsize × K × Σn  (conservative: ~2 MB per input measured at Σn = 6·5120)
+_DEFAULT_BUDGET_GB = {"cuda": 16.0, "cpu": 8.0}
+
+
+def _budget(env: str, device: torch.device, fallback_env: Optional[str] = None, default: Optional[float] = None):
+    raw = os.environ.get(env)
+    name = env
+    if raw is None and fallback_env is not None:
+        raw, name = os.environ.get(fallback_env), fallback_env
+    if raw is None:
+        return default if default is not None else _DEFAULT_BUDGET_GB.get(device.type, 8.0)
+    try:
+        budget = float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number of GiB, got {raw!r}") from None
+    if not (budget > 0) or math.isinf(budget):
+        raise ValueError(f"{name} must be > 0 GiB, got {budget}")
+    return budget
+
+
+def _output_sizes(model: torch.nn.Module, example: torch.Tensor, kinds=None) -> list:
+    """Per-sample output sizes of the modules of ``kinds`` (default: every leaf module), one forward pass."""
+    mods = [m for m in model.modules() if (isinstance(m, kinds) if kinds else not any(True for _ in m.children()))]
+    sizes = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: sizes.append(out[0].numel()) if torch.is_tensor(out)
+                                     else None) for m in mods]
+    try:
+        with torch.no_grad():
+            model(example[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    return sizes
 
 
 def alpha_crown_batch_limit(model: torch.nn.Module, example: torch.Tensor, budget_gb: Optional[float] = None) -> int:
@@ -40,27 +87,55 @@ def alpha_crown_batch_limit(model: torch.nn.Module, example: torch.Tensor, budge
     The estimate is ``9/4 · itemsize · (Σ n)²`` bytes per sample, with ``n`` the
     per-sample output size of each nonlinear layer (ReLU-like activations and
     ℓp-dist layers), measured from one forward pass of ``example``.  The budget
-    defaults to ``$LINF_ALPHA_CROWN_MEMORY_GB`` or 4 GiB.  A heuristic: it only
-    bounds the batch, it never changes a bound.
+    defaults to ``$LINF_ALPHA_CROWN_MEMORY_GB``, else ``$LINF_BOUND_MEMORY_GB``,
+    else 4 GiB.  A heuristic: it only bounds the batch, it never changes a bound.
     """
     from ..nn import LpDistLinear
 
     if budget_gb is None:
-        budget_gb = float(os.environ.get(ALPHA_MEMORY_ENV, "4"))
+        budget_gb = _budget(ALPHA_MEMORY_ENV, example.device, BOUND_MEMORY_ENV, default=4.0)
     if not (budget_gb > 0):
         raise ValueError(f"{ALPHA_MEMORY_ENV} must be > 0 GiB, got {budget_gb}")
     kinds = (torch.nn.ReLU, torch.nn.LeakyReLU, torch.nn.Tanh, torch.nn.Sigmoid, torch.nn.ELU, LpDistLinear)
-    sizes = []
-    hooks = [m.register_forward_hook(lambda _m, _i, out: sizes.append(out[0].numel()))
-             for m in model.modules() if isinstance(m, kinds)]
-    try:
-        with torch.no_grad():
-            model(example[:1])
-    finally:
-        for h in hooks:
-            h.remove()
+    sizes = _output_sizes(model, example, kinds)
     per_sample = _ALPHA_BYTES_PER_PAIR * example.element_size() * float(sum(sizes)) ** 2
     return max(1, int(budget_gb * 2 ** 30 // max(per_sample, 1.0)))
+
+
+def bound_batch_limit(method: str, model: torch.nn.Module, example: torch.Tensor,
+                      budget_gb: Optional[float] = None) -> Optional[int]:
+    """The largest batch whose estimated bound memory fits ``budget_gb`` (``None``: no cap, IBP).
+
+    Per sample, with ``n`` the output sizes of the model's leaf modules
+    (measured by one forward pass of ``example``), ``K`` the number of logits
+    and ``s`` the itemsize:
+
+    * ``crown``: ``20 s n_max²`` (an identity of every intermediate layer's
+      width goes backward; measured 16.8 s·5120² on the 6x5120 net);
+    * ``crown-ibp``: ``16 s K Σn``;
+    * ``alpha-crown``: :func:`alpha_crown_batch_limit`.
+
+    The budget defaults to ``$LINF_BOUND_MEMORY_GB``, else 16 GiB on CUDA and
+    8 GiB elsewhere.  It bounds the batch only; bounds never depend on it.
+    """
+    if method == "alpha-crown":
+        return alpha_crown_batch_limit(model, example, budget_gb)
+    if method not in ("crown", "crown-ibp"):
+        return None
+    if budget_gb is None:
+        budget_gb = _budget(BOUND_MEMORY_ENV, example.device)
+    if not (budget_gb > 0):
+        raise ValueError(f"{BOUND_MEMORY_ENV} must be > 0 GiB, got {budget_gb}")
+    sizes = _output_sizes(model, example) + [example[0].numel()]
+    s = example.element_size()
+    if method == "crown":
+        per_sample = _CROWN_BYTES_PER_PAIR * s * float(max(sizes)) ** 2
+    else:
+        with torch.no_grad():
+            num_logits = model(example[:1]).shape[-1]
+        per_sample = _CROWN_IBP_BYTES * s * num_logits * float(sum(sizes))
+    return max(1, int(budget_gb * 2 ** 30 // max(per_sample, 1.0)))
+
 
 def _is_03() -> bool:
     import auto_LiRPA
@@ -75,9 +150,18 @@ LIRPA_METHODS = {"ibp": "IBP", "crown-ibp": "CROWN-IBP", "crown": "CROWN", "alph
 
 
 def margin_spec(y: torch.Tensor, num_classes: int, dtype=torch.float32) -> torch.Tensor:
-    """``C (B, K-1, K)`` with rows ``e_y - e_j`` for every ``j != y``."""
+    """auto_LiRPA's specification matrix of the margins ``z_y − z_j``, ``j ≠ y``.
+
+    Args:
+        y: ``(B,)`` int64 labels.
+        num_classes: ``K``.
+
+    Returns:
+        ``C`` of shape ``(B, K−1, K)`` with rows ``e_y − e_j`` for every ``j ≠ y``
+        in increasing order; ``C @ logits`` are the margins.
+    """
     eye = torch.eye(num_classes, dtype=dtype, device=y.device)
-    c = eye[y].unsqueeze(1) - eye.unsqueeze(0)
+    c = eye[y].unsqueeze(1) - eye.unsqueeze(0)  # (B, K, K): row j = e_y - e_j
     keep = torch.arange(num_classes, device=y.device).unsqueeze(0) != y.unsqueeze(1)
     return c[keep].view(y.shape[0], num_classes - 1, num_classes)
 
@@ -94,20 +178,49 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
+class _Bounder:
+    """One ``BoundedModule`` of one model in one dtype."""
+
+    def __init__(self, model, example, opts):
+        from ..lirpa import bounded_module
+
+        self.model, self.example, self.dtype = model, example, example.dtype
+        with _default_dtype(self.dtype):
+            self.bounded = bounded_module(model, example, bound_opts=opts)
+
+    def lower(self, x, y, lower, upper, method, num_classes):
+        from auto_LiRPA import BoundedTensor, PerturbationLpNorm
+
+        ptb = PerturbationLpNorm(norm=math.inf, eps=None, x_L=lower, x_U=upper)
+        c = margin_spec(y, num_classes, x.dtype)
+        # Only alpha-CROWN differentiates (through its own enable_grad); a
+        # graph through the bounds of a wide net would cost gigabytes.
+        grad = torch.enable_grad() if method == "alpha-crown" else torch.no_grad()
+        with _default_dtype(self.dtype), grad, exact_float():
+            lb, _ = self.bounded.compute_bounds(x=(BoundedTensor(x, ptb),), C=c, method=LIRPA_METHODS[method],
+                                                bound_upper=False)
+        return lb.detach()
+
+
 class BoundPropCertifier:
-    """One ``BoundedModule`` for a model, reused across batches and eps.
+    """Bound-propagation certificates for one model, reused across batches and eps.
 
     Args:
-        model: any registered model (in eval mode; the caller restores state).
+        model: any model (in eval mode; the caller restores state), float32 or float64.
         example: one input ``(1, *input_shape)`` for tracing.
-        num_classes: K.
+        num_classes: K (the model's output width).
         alpha_iterations, alpha_lr: alpha-CROWN optimisation settings.
+        rigorous: re-check every float32 candidate in float64 with the
+            magnitude-derived slack (see the module docstring); ``False``
+            keeps the float32 bound and a relative slack (not float-rigorous).
+
+    Attributes:
+        float_rigorous: every certificate so far is float-rigorous.
+        reason: why not, when not.
     """
 
     def __init__(self, model: torch.nn.Module, example: torch.Tensor, num_classes: int,
-                 alpha_iterations: int = 20, alpha_lr: float = 0.1):
-        from ..lirpa import bounded_module
-
+                 alpha_iterations: int = 20, alpha_lr: float = 0.1, rigorous: bool = True):
         self.model = model
         self.num_classes = num_classes
         opts = {"optimize_bound_args": {"iteration": int(alpha_iterations), "lr_alpha": float(alpha_lr)}}
@@ -116,37 +229,71 @@ class BoundPropCertifier:
             # unstable ReLUs differs between the init pass and the optimisation
             # (shape mismatch in reconstruct_full_alpha); dense alpha is correct.
             opts.update(sparse_features_alpha=False, sparse_spec_alpha=False)
+        self.opts = opts
         self.dtype = example.dtype
         self.example = example
-        with _default_dtype(self.dtype):
-            self.bounded = bounded_module(model, example, bound_opts=opts)
+        self.rigorous = rigorous
+        self.float_rigorous = rigorous
+        self.reason = "" if rigorous else "not float-rigorous: rigorous=False (float32 bounds, relative slack)"
+        self._main = _Bounder(model, example, opts)
+        self._double = self._main if self.dtype == torch.float64 else None
 
     def batch_size(self, method: str, requested: int) -> int:
-        """``requested``, capped for α-CROWN by :func:`alpha_crown_batch_limit`."""
-        if method != "alpha-crown":
-            return requested
-        return min(requested, alpha_crown_batch_limit(self.model, self.example))
+        """``requested``, capped by :func:`bound_batch_limit` for CROWN, CROWN-IBP and α-CROWN."""
+        limit = bound_batch_limit(method, self.model, self.example)
+        return requested if limit is None else max(1, min(requested, limit))
 
     def lower_margins(self, x: torch.Tensor, y: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
                       method: str) -> torch.Tensor:
-        """Lower bounds ``(B, K-1)`` on ``logit_y - logit_j`` over ``[lower, upper]``."""
-        from auto_LiRPA import BoundedTensor, PerturbationLpNorm
+        """Lower bounds ``(B, K-1)`` on ``logit_y - logit_j`` over ``[lower, upper]``, in the model's dtype."""
+        return self._main.lower(x, y, lower, upper, method, self.num_classes)
 
-        ptb = PerturbationLpNorm(norm=math.inf, eps=None, x_L=lower, x_U=upper)
-        c = margin_spec(y, self.num_classes, x.dtype)
-        # Only alpha-CROWN differentiates (through its own enable_grad); a
-        # graph through the bounds of a wide net would cost gigabytes.
-        grad = torch.enable_grad() if method == "alpha-crown" else torch.no_grad()
-        with _default_dtype(self.dtype), grad:
-            lb, _ = self.bounded.compute_bounds(x=(BoundedTensor(x, ptb),), C=c, method=LIRPA_METHODS[method],
-                                                bound_upper=False)
-        return lb.detach()
+    def _float64(self) -> _Bounder:
+        if self._double is None:
+            model64 = copy.deepcopy(self.model).double()
+            self._double = _Bounder(model64, self.example.double(), self.opts)
+        return self._double
+
+    def _rigorous_ok(self, bounder: _Bounder, x64, y, eps, method, data_range):
+        """Certified flags from float64 bounds over the widened box and the rounding slack."""
+        lower, upper = widen_box(*linf_box(x64, eps, data_range, outward=True))
+        lb = bounder.lower(x64, y, lower, upper, method, self.num_classes)
+        slack, info = rounding_slack(bounder.bounded, lower, upper)
+        if slack is None:
+            self.float_rigorous, self.reason = False, info.reason
+            slack = 64 * unit_roundoff_of(torch.float64) * (1 + lb.abs())
+        else:
+            slack = slack.unsqueeze(1)
+        return (torch.isfinite(lb) & (lb > slack)).all(dim=1)
+
+    def _recheck(self, x, y, eps, method, data_range, idx):
+        """Certified flags for ``x[idx]``, re-bounded in float64."""
+        b64 = self._float64()
+        ok = torch.zeros(idx.shape[0], dtype=torch.bool, device=x.device)
+        per_eps = torch.is_tensor(eps) and eps.dim() > 0
+        step = max(1, self.batch_size(method, idx.shape[0]) // 2)  # float64: twice the bytes
+        for s in range(0, idx.shape[0], step):
+            sub = idx[s:s + step]
+            ok[s:s + step] = self._rigorous_ok(b64, x[sub].double(), y[sub], eps[sub] if per_eps else eps, method,
+                                               data_range)
+        return ok
 
     def certify(self, x, y, eps, method, data_range, correct: Optional[torch.Tensor] = None):
         """Certified flags ``(B,)`` at one eps (per-sample eps tensors allowed)."""
-        lower, upper = linf_box(x, eps, data_range, outward=True)
+        if self.rigorous and self.dtype == torch.float64:
+            ok = self._rigorous_ok(self._main, x, y, eps, method, data_range)
+            return ok if correct is None else ok & correct
+        lower, upper = widen_box(*linf_box(x, eps, data_range, outward=True))
         lb = self.lower_margins(x, y, lower, upper, method)
-        tol = 64 * unit_roundoff(lb.dtype) * (1 + lb.abs())
-        ok = (lb > tol).all(dim=1)
-        return ok if correct is None else ok & correct
-
+        if not self.rigorous:
+            tol = 64 * unit_roundoff_of(lb.dtype) * (1 + lb.abs())
+            ok = (torch.isfinite(lb) & (lb > tol)).all(dim=1)
+            return ok if correct is None else ok & correct
+        cand = (torch.isfinite(lb) & (lb > 0)).all(dim=1)
+        if correct is not None:
+            cand &= correct
+        ok = torch.zeros_like(cand)
+        idx = torch.nonzero(cand).flatten()
+        if idx.numel():
+            ok[idx] = self._recheck(x, y, eps, method, data_range, idx)
+        return ok

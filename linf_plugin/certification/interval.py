@@ -57,8 +57,11 @@ def interval_bounds(model, lower: torch.Tensor, upper: torch.Tensor):
         normalize, layers, negate = model.normalize, list(model.layers), bool(model.negate_output)
     except AttributeError as exc:
         raise MarginCertificateError(f"'interval' needs an l_inf-dist net: {exc}") from None
-    if model.training:
-        raise ValueError("interval bounds need the model in eval mode (mean shift must be a constant)")
+    training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
+    if training:
+        # Checked before any forward: a mean shift in train mode would update its running mean.
+        raise MarginCertificateError(f"interval bounds need every submodule in eval mode (a mean shift must be a constant); "
+                         f"in train mode: {training[:5]}{' ...' if len(training) > 5 else ''} -- call model.eval()")
     u = unit_roundoff(lower.dtype)
     gamma = 2 * u
     lo, hi = _out(normalize(lower).flatten(1), normalize(upper).flatten(1), 2 * gamma)
@@ -80,7 +83,14 @@ def interval_bounds(model, lower: torch.Tensor, upper: torch.Tensor):
             lo, hi = _out(layer.mean_shift(lo), layer.mean_shift(hi), gamma)
         if layer.bias is not None:
             lo, hi = _out(lo + layer.bias, hi + layer.bias, gamma)
+        lo, hi = _widest_where_nan(lo, hi)
     return (-hi, -lo) if negate else (lo, hi)
+
+
+def _widest_where_nan(lo, hi):
+    """Overflow (inf - inf) gives NaN; (-inf, inf) contains everything, so it stays sound and never certifies."""
+    return (torch.nan_to_num(lo, nan=-math.inf, posinf=math.inf, neginf=-math.inf),
+            torch.nan_to_num(hi, nan=math.inf, posinf=math.inf, neginf=-math.inf))
 
 
 @torch.no_grad()
@@ -90,9 +100,10 @@ def interval_certify(model, x: torch.Tensor, y: torch.Tensor, lower: torch.Tenso
     Returns:
         ``(correct, certified)``, bool ``(B,)`` each.
     """
-    pred = model(x).argmax(dim=1)
-    correct = pred == y
-    lo, hi = interval_bounds(model, lower, upper)
+    lo, hi = interval_bounds(model, lower, upper)  # first: it refuses a model with a submodule in train mode
+    logits = model(x)
+    correct = torch.isfinite(logits).all(dim=1) & (logits.argmax(dim=1) == y)
     true_lo = lo.gather(1, y[:, None]).squeeze(1).double()
     others = hi.double().scatter(1, y[:, None], -math.inf).amax(dim=1)
-    return correct.cpu(), (correct & (true_lo > others)).cpu()
+    finite = torch.isfinite(lo).all(dim=1) & torch.isfinite(hi).all(dim=1)
+    return correct.cpu(), (correct & finite & (true_lo > others)).cpu()

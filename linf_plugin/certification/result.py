@@ -25,7 +25,15 @@ class CertResult:
             sample is certified at every eps strictly below its radius; 0
             for misclassified samples.
         wall_time: seconds spent certifying (model forward passes included).
-        extra: method details (e.g. the rounding-error bound used).
+        extra: method details (e.g. the rounding-error bound used; for a
+            result that is not float-rigorous, ``float_rigorous_reason``).
+        float_rigorous: every certificate holds for the real-arithmetic
+            network whatever the rounding of the computation (margin,
+            interval, and bound propagation re-checked in float64 with a
+            derived slack; see the README, "What a certificate promises").
+            ``False``: the float computation was trusted up to a heuristic
+            slack.  Results saved before this field existed load as
+            ``False`` (nothing vouched for their rounding).
     """
 
     method: str
@@ -36,8 +44,10 @@ class CertResult:
     radius: Optional[np.ndarray] = None
     wall_time: float = 0.0
     extra: dict = field(default_factory=dict)
+    float_rigorous: bool = False
 
     def __post_init__(self):
+        self.float_rigorous = bool(self.float_rigorous)
         self.correct = np.asarray(self.correct, dtype=bool)
         self.certified = np.asarray(self.certified, dtype=bool)
         if self.correct.shape != self.certified.shape or self.correct.ndim != 1:
@@ -65,7 +75,7 @@ class CertResult:
         """JSON-able dict (per-sample arrays as lists unless ``per_sample=False``)."""
         out = {"method": self.method, "eps": float(self.eps), "model_name": self.model_name, "n": self.n,
                "clean_accuracy": self.clean_accuracy, "certified_accuracy": self.certified_accuracy,
-               "wall_time": float(self.wall_time), "extra": self.extra}
+               "wall_time": float(self.wall_time), "extra": self.extra, "float_rigorous": self.float_rigorous}
         if per_sample:
             out["correct"] = self.correct.tolist()
             out["certified"] = self.certified.tolist()
@@ -76,8 +86,9 @@ class CertResult:
     def from_dict(cls, d: dict) -> "CertResult":
         return cls(method=d["method"], eps=d["eps"], model_name=d["model_name"], correct=d["correct"],
                    certified=d["certified"], radius=d.get("radius"), wall_time=d.get("wall_time", 0.0),
-                   extra=d.get("extra", {}))
+                   extra=d.get("extra", {}), float_rigorous=d.get("float_rigorous", False))
 
     def summary(self) -> str:
         return (f"{self.model_name} {self.method} eps={self.eps:g}: clean {100 * self.clean_accuracy:.2f}%, "
-                f"certified {100 * self.certified_accuracy:.2f}% ({self.n} samples, {self.wall_time:.3g} s)")
+                f"certified {100 * self.certified_accuracy:.2f}% ({self.n} samples, {self.wall_time:.3g} s"
+                f"{'' if self.float_rigorous else ', not float-rigorous'})")

@@ -26,19 +26,14 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
+from ..data.box import linf_box
 from ..nn import LpDistLinear
 from ..ops import lp_dist_interval
 from .losses import margin_spec
 
-__all__ = ["HybridBounds", "LirpaBounds", "input_box", "elided_margin_lower"]
+__all__ = ["HybridBounds", "LirpaBounds", "elided_margin_lower"]
 
 _MONOTONE = (nn.Tanh, nn.ReLU, nn.Sigmoid, nn.Identity, nn.LeakyReLU)
-
-
-def input_box(x: torch.Tensor, eps: float, data_range: Tuple[float, float]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``[x − ε, x + ε]`` clipped to the data range (pixel units)."""
-    lo, hi = data_range
-    return (x - eps).clamp(min=lo), (x + eps).clamp(max=hi)
 
 
 def elided_margin_lower(lower: torch.Tensor, upper: torch.Tensor, linear: nn.Linear, y: torch.Tensor
@@ -108,7 +103,7 @@ class HybridBounds:
         if self.mode == "lipschitz":
             lower, upper = z - eps / self.std, z + eps / self.std
         else:
-            lo, hi = input_box(x, eps, self.data_range)
+            lo, hi = linf_box(x, eps, self.data_range, outward=True)
             lower, upper = model.normalize(lo).flatten(1), model.normalize(hi).flatten(1)
             for layer, shift in zip(model.features, shifts):
                 lower, upper = lp_dist_interval(lower, upper, layer.weight, layer.p, backend=layer.backend)
@@ -177,7 +172,7 @@ class LirpaBounds(nn.Module):
 
         if eps <= 0:
             return self.bounded(x), None
-        lo, hi = input_box(x, eps, self.data_range)
+        lo, hi = linf_box(x, eps, self.data_range, outward=True)
         bx = BoundedTensor(x, PerturbationLpNorm(norm=float("inf"), eps=eps, x_L=lo, x_U=hi))
         logits = self.bounded(bx)
         c = margin_spec(y, self.num_classes, dtype=x.dtype)

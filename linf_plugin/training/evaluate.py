@@ -26,20 +26,19 @@ EVAL_METHODS = {"linf_dist": "margin", "hybrid": "ibp", "relu": "ibp"}
 @contextlib.contextmanager
 def eval_mode(model: nn.Module, p: Optional[float] = math.inf):
     """Eval mode (and every ℓp-dist layer at ``p``) inside the block; the previous state after it."""
-    modes = [(m, m.training) for m in model.modules()]
+    from ..certification import eval_mode as modules_in_eval
+
     layers = list(lp_dist_layers(model))
     ps = [layer.p for layer in layers]
-    model.eval()
-    if p is not None:
-        for layer in layers:
-            layer.p = p
-    try:
-        yield model
-    finally:
-        for layer, old in zip(layers, ps):
-            layer.p = old
-        for m, was in modes:
-            m.training = was
+    with modules_in_eval(model):
+        if p is not None:
+            for layer in layers:
+                layer.p = p
+        try:
+            yield model
+        finally:
+            for layer, old in zip(layers, ps):
+                layer.p = old
 
 
 def evaluate(model: nn.Module, family: str, x: torch.Tensor, y: torch.Tensor, eps: float, *,

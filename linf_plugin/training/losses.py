@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..certification.bound_prop import margin_spec  # one definition, shared with the certificates
+
 __all__ = ["margin_spec", "logit_margins", "clipped_hinge", "MixtureLoss", "robust_cross_entropy", "bound_loss",
            "theta_in_logits"]
 
@@ -32,23 +34,6 @@ __all__ = ["margin_spec", "logit_margins", "clipped_hinge", "MixtureLoss", "robu
 def theta_in_logits(theta: float, std: float) -> float:
     """Hinge threshold in logit units for a net that normalises inputs by the scalar ``std``."""
     return float(theta) / float(std)
-
-
-def margin_spec(y: torch.Tensor, num_classes: int, dtype=torch.float32) -> torch.Tensor:
-    """auto_LiRPA's specification matrix of the margins ``z_y − z_j``, ``j ≠ y``.
-
-    Args:
-        y: ``(B,)`` int64 labels.
-        num_classes: ``K``.
-
-    Returns:
-        ``C`` of shape ``(B, K−1, K)`` with rows ``e_y − e_j`` for every ``j ≠ y``
-        in increasing order; ``C @ logits`` are the margins.
-    """
-    eye = torch.eye(num_classes, dtype=dtype, device=y.device)
-    c = eye[y].unsqueeze(1) - eye.unsqueeze(0)  # (B, K, K): row j = e_y - e_j
-    keep = y.unsqueeze(1) != torch.arange(num_classes, device=y.device).unsqueeze(0)
-    return c[keep].view(y.shape[0], num_classes - 1, num_classes)
 
 
 def logit_margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
