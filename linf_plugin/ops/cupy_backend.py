@@ -17,8 +17,10 @@ without a GPU.
 
 p = inf: the forward saves the int32 argmax (ties: lowest index) only when a
 backward will follow; the backward is a sparse atomicAdd scatter.  Finite
-p: a p = inf pass gives the normaliser ``m``, a second pass the
-max-normalised sum (exact chains for p = 1, 2, 8, exp2/log2 otherwise).
+p: one kernel, one pass over x and w, normalised by the running maximum
+(exact chains for p = 1, 2, 8; hardware log2 and a split hardware /
+polynomial exp2 for other p in float32).  The kernels' maxima keep NaN, so
+a NaN in x or w gives NaN outputs with no extra pass.
 """
 from __future__ import annotations
 
@@ -126,11 +128,7 @@ class CupyBackend:
                 self._launch("linf", x.dtype, None, "resolve", B * N, 0, x, w, y, aux, B, N, D)
         else:
             aux = None
-            pv = p_variant(p)
-            if pv != 1:
-                self._launch("linf", x.dtype, None, "forward", B, N, x, w, y, None, B, N, D)
-            self._launch("lp", x.dtype, pv, "forward", B, N, x, w, y, B, N, D, p)
-        _propagate_nan(y, x, w)
+            self._launch("lp", x.dtype, p_variant(p), "forward", B, N, x, w, y, B, N, D, p)
         return y, aux
 
     def backward(self, grad_y, x, w, y, aux, p, need_x=True, need_w=True):
@@ -201,12 +199,3 @@ class CupyBackend:
                          g_w, B, N, D, p - 1.0)
         return (g_l if need_lower else None, g_u if need_upper else None, g_w)
 
-
-def _propagate_nan(y, x, w):
-    """NaN rows of x or w make their outputs NaN (the kernels' max ignores NaN; torch's does not).
-
-    Inputs on CUDA are not scanned for NaN (that would synchronise with the
-    host), so this keeps a NaN visible instead; it costs O(BD + ND + BN).
-    """
-    bad = torch.isnan(x).any(1)[:, None] | torch.isnan(w).any(1)[None, :]
-    y.masked_fill_(bad, float("nan"))
