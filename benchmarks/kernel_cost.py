@@ -32,7 +32,6 @@ import argparse
 import ctypes
 import glob
 import hashlib
-import json
 import math
 import os
 import re
@@ -49,10 +48,10 @@ if str(ROOT) not in sys.path:
 
 from linf_plugin.io import atomic_write_json  # noqa: E402
 from linf_plugin.ops.kernel_specs import BK, module_spec  # noqa: E402
-from linf_plugin.ops.torch_kernels import p_variant  # noqa: E402
 
-__all__ = ["find_tool", "nvrtc_cubin", "nvcc_cubin", "disassemble", "parse_ptxas_log", "hot_loop_cost",
-           "KernelCost", "our_costs", "seed_costs", "VARIANTS", "main"]
+__all__ = ["find_tool", "nvrtc_cubin", "nvcc_cubin", "disassemble", "parse_ptxas_log", "loops", "hot_loop_cost",
+           "KernelCost", "module_costs", "our_costs", "seed_plan", "seed_costs", "totals", "report", "VARIANTS",
+           "main"]
 
 ARCH = "sm_90"
 MUFU_CYCLES = 8        # sm_90: 16 MUFU lanes per SM, 4 per sub-partition -> 8 cycles per warp instruction
@@ -312,161 +311,188 @@ class KernelCost:
                 "spill_bytes": self.spill_bytes, "stack_bytes": self.stack_bytes, "per_triple": self.per_triple}
 
 
-def _kernel_costs(cubin: bytes, log: str, names: dict, triples: dict, inner: dict | None = None) -> dict:
-    """``{name: KernelCost}`` for ``names`` (readable -> mangled); ``triples[name]`` per hot-loop iteration."""
-    code, res = disassemble(cubin), parse_ptxas_log(log)
-    out = {}
-    for name, mangled in names.items():
-        r = res.get(mangled, {})
-        per = None
-        if triples.get(name):
-            per = hot_loop_cost(code[mangled], triples[name], (inner or {}).get(name, 1))
-        out[name] = KernelCost(name, mangled, r.get("registers", -1),
-                               r.get("spill_store_bytes", 0) + r.get("spill_load_bytes", 0), r.get("stack_bytes", 0),
-                               per)
-    return out
+def _resources(res: dict, mangled: str) -> dict:
+    r = res.get(mangled)
+    if r is None or "registers" not in r:
+        raise RuntimeError(f"ptxas reported nothing for {mangled}")
+    return {"registers": r["registers"], "spill_bytes": r.get("spill_store_bytes", 0) + r.get("spill_load_bytes", 0),
+            "stack_bytes": r.get("stack_bytes", 0)}
+
+
+def _sum_unroll() -> int:
+    """LP_SUM_UNROLL of common.cuh: the unrolling of the k-loops nested in our hot loops."""
+    from linf_plugin.ops.kernel_specs import read_source  # noqa: PLC0415
+
+    m = re.search(r"#define\s+LP_SUM_UNROLL\s+(\d+)", read_source("common.cuh"))
+    if m is None:
+        raise RuntimeError("LP_SUM_UNROLL not found in common.cuh")
+    return int(m.group(1))
 
 
 def module_costs(spec, cache: Path | None = None, arch: str = ARCH) -> dict:
-    """``{role: KernelCost}`` of one catalogue module (every kernel's registers; tiled ones' counts)."""
-    from linf_plugin.ops.kernel_specs import nvrtc_compile  # noqa: PLC0415  (lowered names via CuPy's binding)
+    """``{role: KernelCost}`` of one catalogue module: every kernel's registers and spills; tiled kernels'
+    per-triple counts (one thread handles ``tile_rows * tile_cols / 256 * LP_BK`` triples per tile)."""
+    from linf_plugin.ops.kernel_specs import nvrtc_compile  # noqa: PLC0415  (CuPy's binding: the lowered names)
 
     lowered = nvrtc_compile(spec.source, spec.name_expressions, spec.options, arch)
     cubin, log = nvrtc_cubin(spec.source, spec.name_expressions, spec.options, arch, cache)
-    names = {role: lowered[k.name] for role, k in spec.kernels.items()}
-    triples = {role: k.tile[0] * k.tile[1] // 256 * BK for role, k in spec.kernels.items() if k.tile}
-    return _kernel_costs(cubin, log, names, triples)
+    code, res = disassemble(cubin), parse_ptxas_log(log)
+    trips = BK // _sum_unroll()
+    out = {}
+    for role, k in spec.kernels.items():
+        mangled = lowered[k.name]
+        per = hot_loop_cost(code[mangled], k.tile[0] * k.tile[1] // 256 * BK, trips) if k.tile else None
+        out[role] = KernelCost(k.name, mangled, per_triple=per, **_resources(res, mangled))
+    return out
 
 
-def _our_plan(p: float) -> dict:
-    """Which of our float kernels run for ``lp_dist`` at ``p``: ``{"fwd": [...], "bwd": [...]}`` of (family, pv, role)."""
-    if math.isinf(p):
-        return {"fwd": [("linf", None, "forward")],
-                "fwd_grad": [("linf", None, "forward_save")], "bwd": []}
-    pv = p_variant(p)
+def our_costs(cache: Path | None = None, ps=VARIANTS) -> dict:
+    """``{p: {"fwd": [KernelCost], "fwd+bwd": [KernelCost]}}``: the float32 kernels lp_dist launches."""
     from linf_plugin.ops.cupy_backend import CupyBackend  # noqa: PLC0415
 
-    return CupyBackend.kernel_plan(p)
-
-
-def our_costs(cache: Path | None = None) -> dict:
-    """Per variant p: the kernels of forward and backward with their counts (float32, sm_90)."""
-    result = {}
-    modules = {}
-    for p in VARIANTS:
-        plan = _our_plan(p)
-        entry = {}
-        for mode, steps in plan.items():
-            rows = []
+    modules, result = {}, {}
+    for p in ps:
+        plan = CupyBackend.kernel_plan(p)
+        rows = {}
+        for mode, steps in (("fwd", plan["fwd"]), ("fwd+bwd", plan["fwd_grad"] + plan["bwd"])):
+            rows[mode] = []
             for family, pv, role in steps:
-                key = (family, pv)
-                if key not in modules:
-                    modules[key] = module_costs(module_spec(family, "float", pv), cache)
-                rows.append(modules[key][role])
-            entry[mode] = rows
-        result[p] = entry
+                if (family, pv) not in modules:
+                    modules[(family, pv)] = module_costs(module_spec(family, "float", pv), cache)
+                rows[mode].append(modules[(family, pv)][role])
+        result[p] = rows
     return result
 
 
 # -- the seed's kernels ----------------------------------------------------------
-# What the seed launches for a fully connected layer (HW = 1, D and N multiples
-# of 32: has_hw = false, check_ci = false), read off core/cuda/norm_dist.cpp and
-# the helper macros, with the triples one thread handles per hot-loop iteration.
-def _seed_plan(p: float) -> dict:
-    if math.isinf(p):
-        return {"fwd": [("inf_dist_forward_kernel", "nograd")], "fwd_grad": [("inf_dist_forward_kernel", "pos")],
-                "bwd": []}
+# What the seed launches for a fully connected layer of these sizes (HW = 1;
+# D and N multiples of 32, so check_ci = false; B = 512 and N = 5120 make the
+# no-grad p = inf forward split D, ci_split = true), read off
+# core/cuda/norm_dist.cpp and the launch macros: the mangled instance, the
+# triples one thread handles per iteration of its hot loop, and the trips of
+# the loops nested in it (the unroll(4) loops over 16 or 32 coordinates).
+def _seed_norm_fwd(p: float) -> tuple:
     ip = int(p) if p == int(p) and 0 <= p <= 8 else -1
-    ipb = int(p - 1) if p - 1 == int(p - 1) and 0 <= p - 1 <= 8 else -1
-    fwd = ("norm_dist_forward_kernel", f"with_max<{ip}>") if p <= 10 else ("norm_dist_forward_kernel", f"tiles<{ip}>")
-    return {"fwd": [fwd], "fwd_grad": [fwd], "bwd": [("norm_dist_backward_input_weight_kernel", f"<{ipb}>")]}
-
-
-def _seed_instance(template: str, which: str, names: list) -> tuple:
-    """The mangled name of the instance the seed launches, its triples per hot-loop iteration, inner trips."""
-    def pick(pattern):
-        hits = [n for n in names if re.fullmatch(pattern, n)]
-        if len(hits) != 1:
-            raise RuntimeError(f"seed kernel {template} {which}: {len(hits)} matches for {pattern}")
-        return hits[0]
-
-    def ip_code(ip):
-        return f"Lin{-ip}E" if ip < 0 else f"Li{ip}E"
-
-    if template == "inf_dist_forward_kernel":
-        # forward_nograd / forward: <has_hw, check_ci, [ci_split,] GROUP_CI, GROUP_CO, GROUP_B>
-        cands = [n for n in names if n.startswith("_Z23inf_dist_forward_kernel")]
-        return cands, None, None
-    ip = int(re.search(r"<(-?\d+)>", which).group(1))
-    if template == "norm_dist_forward_kernel" and which.startswith("with_max"):
-        # <ip, has_hw=false, has_max=false, check_ci=false, GROUP_CO, GROUP_B=4>, pointer max_output argument
+    code = f"Li{ip}E" if ip >= 0 else "Lin1E"
+    if p <= 10:   # forward_with_max(max = null): <ip, has_hw, has_max, check_ci, GROUP_CO, GROUP_B = 4>, one pass
         group_co = 4 if ip >= 0 else 2
-        m = pick(rf"_Z24norm_dist_forward_kernelI{ip_code(ip)}Lb0ELb0ELb0ELi{group_co}ELi4EEvPKfS1_S1_iiiiiPff")
-        return m, BK * group_co * 4, 1
-    if template == "norm_dist_forward_kernel":
-        # <ip, has_hw=false, check_ci=false, GROUP_CI=2, GROUP_CO=2, GROUP_B=4>: per 32-deep tile, a max loop
-        # (unrolled by 4, 4 trips per 16 coordinates) then the sum, unrolled
-        m = pick(rf"_Z24norm_dist_forward_kernelI{ip_code(ip)}Lb0ELb0ELi2ELi2ELi4EEvPKfS1_iiiiiPff")
-        return m, 2 * BK * 2 * 4, 4
-    # backward_input_weight <ip, has_hw=false, multiple_co_block=true, GROUP_CI=4, GROUP_B=2, 64>
-    m = pick(rf"_Z38norm_dist_backward_input_weight_kernelI{ip_code(ip)}Lb0ELb1ELi4ELi2ELi64EEvPKfS1_S1_S1_iiiiiPfS2_fi")
-    return m, None, None
+        return (f"_Z24norm_dist_forward_kernelI{code}Lb0ELb0ELb0ELi{group_co}ELi4EEvPKfS1_S1_iiiiiPff",
+                BK * group_co * 4, 1)
+    # <ip, has_hw, check_ci, GROUP_CI = 2, GROUP_CO = 2, GROUP_B = 4>: per 32 coordinates a max loop then the sum
+    return f"_Z24norm_dist_forward_kernelI{code}Lb0ELb0ELi2ELi2ELi4EEvPKfS1_iiiiiPff", 2 * BK * 2 * 4, 4
 
 
-def seed_costs(seed_repo: Path, cache: Path | None = None) -> dict:
-    """Per variant p: the seed's kernels (fully connected layer) with the same counts as ours."""
-    seed_repo = Path(seed_repo)
-    cuda = seed_repo / "core" / "cuda"
+def _seed_norm_bwd(p: float) -> tuple:
+    ip = int(p - 1) if p - 1 == int(p - 1) and 0 <= p - 1 <= 8 else -1
+    code = f"Li{ip}E" if ip >= 0 else "Lin1E"
+    # <ip, has_hw, multiple_co_block, GROUP_CI = 4, GROUP_B = 2, 64>: per 32 output columns 16 t-steps
+    # (unroll 4: 4 trips) of 4 x 2 triples, both gradients from one power
+    return (f"_Z38norm_dist_backward_input_weight_kernelI{code}Lb0ELb1ELi4ELi2ELi64EEvPKfS1_S1_S1_iiiiiPfS2_fi",
+            BK * 4 * 2, 4)
+
+
+def seed_plan(p: float) -> dict:
+    """``{"fwd": [...], "fwd+bwd": [...]}`` of (mangled name, triples per hot-loop iteration, nested trips);
+    a ``None`` triple count marks a kernel whose work is per output, not per triple."""
+    if math.isinf(p):
+        nograd = ("_Z23inf_dist_forward_kernelILb0ELb0ELb1ELi1ELi4ELi4EEvPKfS1_iiiiiPf", BK * 4 * 4, 1)
+        withpos = ("_Z23inf_dist_forward_kernelILb0ELb0ELi1ELi4ELi4EEvPKfS1_iiiiiPfPi", BK * 4 * 4, 1)
+        scatter = ("_Z37inf_dist_backward_input_weight_kernelILb0ELi32ELi16EEvPKfPKiiiiiiPfS4_", None, 1)
+        return {"fwd": [nograd], "fwd+bwd": [withpos, scatter]}
+    fwd = _seed_norm_fwd(p)
+    return {"fwd": [fwd], "fwd+bwd": [fwd, _seed_norm_bwd(p)]}
+
+
+def seed_costs(seed_repo: Path, cache: Path | None = None, ps=VARIANTS) -> dict:
+    """Per variant p, the seed's kernels (fully connected layer) with the same counts as ours."""
+    cuda = Path(seed_repo) / "core" / "cuda"
     if not (cuda / "norm_dist_cuda.cu").exists():
-        raise FileNotFoundError(f"{cuda}/norm_dist_cuda.cu not found: --seed-repo must be an L_inf-dist-net-v2 checkout")
-    codes, logs = {}, {}
-    for f in SEED_FILES:
-        cubin, log = nvcc_cubin(cuda / f, cache=cache)
-        codes.update(disassemble(cubin))
-        logs.update(parse_ptxas_log(log))
-    names = list(codes)
+        raise FileNotFoundError(f"{cuda / 'norm_dist_cuda.cu'} not found: --seed-repo must be an L_inf-dist-net-v2 "
+                                "checkout")
+    code, res = {}, {}
+    for name in SEED_FILES:
+        cubin, log = nvcc_cubin(cuda / name, cache=cache)
+        code.update(disassemble(cubin))
+        res.update(parse_ptxas_log(log))
     result = {}
-    for p in VARIANTS:
-        entry = {}
-        for mode, steps in _seed_plan(p).items():
-            rows = []
-            for template, which in steps:
-                rows.append(_seed_kernel_cost(template, which, names, codes, logs))
-            entry[mode] = rows
-        result[p] = entry
+    for p in ps:
+        rows = {}
+        for mode, steps in seed_plan(p).items():
+            rows[mode] = []
+            for mangled, triples, trips in steps:
+                if mangled not in code:
+                    raise RuntimeError(f"the seed's cubin has no {mangled}: its launch configuration changed?")
+                per = hot_loop_cost(code[mangled], triples, trips) if triples else None
+                rows[mode].append(KernelCost(mangled.split("I", 1)[0][4:], mangled, per_triple=per,
+                                             **_resources(res, mangled)))
+        result[p] = rows
     return result
 
 
-def _seed_kernel_cost(template, which, names, codes, logs) -> KernelCost:
-    if template == "inf_dist_forward_kernel":
-        return _seed_inf_cost(which, names, codes, logs)
-    if template == "norm_dist_backward_input_weight_kernel":
-        mangled, _, _ = _seed_instance(template, which, names)
-        # hot loop: the t loop (no barrier), 16 / 4 trips of 4 steps x GROUP_CI 4 x GROUP_B 2 triples
-        code = codes[mangled]
-        per = _innermost_cost(code, triples=4 * 4 * 2)
-        r = logs.get(mangled, {})
-        return KernelCost(f"{template}{which}", mangled, r.get("registers", -1),
-                          r.get("spill_store_bytes", 0) + r.get("spill_load_bytes", 0), r.get("stack_bytes", 0), per)
-    mangled, triples, inner = _seed_instance(template, which, names)
-    r = logs.get(mangled, {})
-    return KernelCost(f"{template}{which}", mangled, r.get("registers", -1),
-                      r.get("spill_store_bytes", 0) + r.get("spill_load_bytes", 0), r.get("stack_bytes", 0),
-                      hot_loop_cost(codes[mangled], triples, inner))
+# -- report ----------------------------------------------------------------------
+def totals(kernels: list) -> dict:
+    """Per-triple sums over the tiled kernels of one mode (the per-output kernels add O(B N) work only)."""
+    keys = ("instructions", "mufu", "lds_words", "cycles")
+    return {k: round(sum(c.per_triple[k] for c in kernels if c.per_triple), 3) for k in keys}
 
 
-def _innermost_cost(code: list, triples: int) -> dict:
-    """Counts per triple in the largest loop with no loop inside (for kernels whose hot loop has no barrier)."""
-    found = loops(code)
-    inner = [(s, e) for s, e in found if not any(s < s2 and e2 <= e for s2, e2 in found if (s2, e2) != (s, e))]
-    start, end = max(inner, key=lambda r: r[1] - r[0])
-    marked = code[:start] + ["BAR.SYNC.MARK"] + code[start:end + 1] + [code[end]]
-    # reuse hot_loop_cost's counting on the one loop: rebuild a range with a barrier marker
-    sub = [".L_x_hot:"] + code[start:end + 1] + ["BAR.SYNC.MARK", "BRA `(.L_x_hot)"]
-    del marked
-    per = hot_loop_cost(sub, triples)
-    per["instructions"] -= 2 / triples      # the marker and the extra branch
-    per["loop_instructions"] -= 2
-    per["cycles"] = max(per["instructions"], MUFU_CYCLES * per["mufu"], HALF_RATE_CYCLES * per["half_rate"],
-                        LDS_CYCLES_PER_WORD * per["lds_words"])
-    return per
+def _label(p: float) -> str:
+    return "inf" if math.isinf(p) else f"{p:g}"
+
+
+def report(ours: dict, seed: dict | None) -> dict:
+    rows = []
+    for p in ours:
+        for mode in ("fwd", "fwd+bwd"):
+            row = {"p": _label(p), "mode": mode, "ours": totals(ours[p][mode]),
+                   "ours_kernels": [c.as_dict() for c in ours[p][mode]]}
+            if seed is not None:
+                row["seed"] = totals(seed[p][mode])
+                row["seed_kernels"] = [c.as_dict() for c in seed[p][mode]]
+                row["cycles_seed_over_ours"] = round(row["seed"]["cycles"] / row["ours"]["cycles"], 3)
+            rows.append(row)
+    return {"rows": rows}
+
+
+def print_table(result: dict) -> None:
+    seed = any("seed" in r for r in result["rows"])
+    head = f"{'p':>5} {'mode':>8} | {'ours instr':>10} {'mufu':>5} {'cycles':>6}"
+    if seed:
+        head += f" | {'seed instr':>10} {'mufu':>5} {'cycles':>6} | {'seed/ours':>9}"
+    print(head)
+    for r in result["rows"]:
+        o = r["ours"]
+        line = f"{r['p']:>5} {r['mode']:>8} | {o['instructions']:10.2f} {o['mufu']:5.2f} {o['cycles']:6.2f}"
+        if "seed" in r:
+            s = r["seed"]
+            line += (f" | {s['instructions']:10.2f} {s['mufu']:5.2f} {s['cycles']:6.2f} | "
+                     f"{r['cycles_seed_over_ours']:9.2f}")
+        print(line)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seed-repo", type=Path, help="a checkout of L_inf-dist-net-v2 (compiles core/cuda with nvcc)")
+    ap.add_argument("--out", type=Path, help="JSON path (e.g. benchmarks/results/kernel_cost.json)")
+    ap.add_argument("--cache", type=Path, default=_DEFAULT_CACHE, help="compile cache directory")
+    args = ap.parse_args(argv)
+    for tool in ("nvdisasm",) + (("nvcc",) if args.seed_repo else ()):
+        if find_tool(tool) is None:
+            ap.error(f"{tool} not found: pip install nvidia-cuda-{'nvdisasm' if tool == 'nvdisasm' else 'nvcc'}")
+    ours = our_costs(args.cache)
+    seed = seed_costs(args.seed_repo, args.cache) if args.seed_repo else None
+    result = {"benchmark": "kernel_cost", "arch": ARCH, "dtype": "float32",
+              "model": {"mufu_cycles": MUFU_CYCLES, "half_rate_cycles": HALF_RATE_CYCLES,
+                        "lds_cycles_per_word": LDS_CYCLES_PER_WORD,
+                        "note": "per (b, n, i) triple, per warp on one sm_90 sub-partition; hot loop only"},
+           "tools": {"nvdisasm": find_tool("nvdisasm"), "nvcc": find_tool("nvcc") if args.seed_repo else None},
+           **report(ours, seed)}
+    print_table(result)
+    if args.out:
+        atomic_write_json(args.out, result)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from .kernel_specs import grid_for, module_spec
+from .kernel_specs import FAST_GRAD_MAX_P, grid_for, module_spec
 from .torch_kernels import p_variant
 
 __all__ = ["CupyBackend", "CupyLauncher"]
@@ -128,7 +128,8 @@ class CupyBackend:
                 self._launch("linf", x.dtype, None, "resolve", B * N, 0, x, w, y, aux, B, N, D)
         else:
             aux = None
-            self._launch("lp", x.dtype, p_variant(p), "forward", B, N, x, w, y, B, N, D, p)
+            role = "forward" + (self._backward_suffix(p, _CTYPES[x.dtype]) if need_aux else "")
+            self._launch("lp", x.dtype, p_variant(p), role, B, N, x, w, y, B, N, D, p)
         return y, aux
 
     def backward(self, grad_y, x, w, y, aux, p, need_x=True, need_w=True):
@@ -140,14 +141,39 @@ class CupyBackend:
             return gx, gw
         pv = p_variant(p)
         r = torch.where(y > 0, 1.0 / y, torch.zeros_like(y))
+        suffix = self._backward_suffix(p, _CTYPES[x.dtype])
         gx = gw = None
         if need_x:
             gx = torch.empty_like(x)
-            self._launch("lp", x.dtype, pv, "backward_x", B, D, x, w, grad_y, r, gx, B, N, D, p - 1.0)
+            self._launch("lp", x.dtype, pv, "backward_x" + suffix, B, D, x, w, grad_y, r, gx, B, N, D, p - 1.0)
         if need_w:
             gw = torch.empty_like(w)
-            self._launch("lp", x.dtype, pv, "backward_w", N, D, w, x, grad_y, r, gw, N, B, D, p - 1.0)
+            self._launch("lp", x.dtype, pv, "backward_w" + suffix, N, D, w, x, grad_y, r, gw, N, B, D, p - 1.0)
         return gx, gw
+
+    @staticmethod
+    def _backward_suffix(p: float, ctype: str) -> str:
+        """float32 general p above FAST_GRAD_MAX_P takes the accurate-power kernels for gradients (and for
+        the forward before them: the gradient multiplies the output's relative error by p - 1)."""
+        return "_precise" if ctype == "float" and p_variant(p) == 0 and p > FAST_GRAD_MAX_P else ""
+
+    @classmethod
+    def kernel_plan(cls, p: float, ctype: str = "float") -> dict:
+        """The kernels ``lp_dist`` launches at ``p``, as ``(family, pv, role)`` lists.
+
+        Keys: ``"fwd"`` (no gradient wanted), ``"fwd_grad"`` (the forward
+        before a backward) and ``"bwd"`` (both gradients).  For the cost
+        model (benchmarks/kernel_cost.py); the methods above launch exactly
+        these.
+        """
+        if math.isinf(p):
+            return {"fwd": [("linf", None, "forward")],
+                    "fwd_grad": [("linf", None, "forward_save"), ("linf", None, "resolve")],
+                    "bwd": [("linf", None, "backward")]}
+        pv = p_variant(p)
+        suffix = cls._backward_suffix(p, ctype)
+        return {"fwd": [("lp", pv, "forward")], "fwd_grad": [("lp", pv, "forward" + suffix)],
+                "bwd": [("lp", pv, "backward_x" + suffix), ("lp", pv, "backward_w" + suffix)]}
 
     # -- interval ----------------------------------------------------------
     def interval(self, lower, upper, w, p):

@@ -6,14 +6,18 @@
 //         the factor is odd in t, so swapping the operands is the minus sign
 //         of dy/dw.
 // R = 0 where y = 0 (no gradient), and |t| <= 1 always.
+// APPROX (float, general p up to FAST_GRAD_MAX_P of kernel_specs.py): |t|^(p-1) =
+// 2^((p-1) log2|t|) with lg2.approx and the hardware / polynomial exp2 split
+// of common.cuh (relative error <= 1.65e-7 (p - 1) + 2.2e-7 per term, see
+// there); otherwise the accurate exp2/log2 (lp_odd_pow).
 //
 // Grid (ceil(D / 16 RI), ceil(NA / 16 RA)), block (16, 16).  The block's
 // A-tile stays in registers; C, G and R stream through shared memory LP_BK
 // rows of C at a time.  Zero padding past NC has G = 0 and adds 0.
 #include "common.cuh"
 
-template <typename T, int PV, int RA, int RI, bool GT>
-__global__ void __launch_bounds__(LP_THREADS)
+template <typename T, int PV, int RA, int RI, bool GT, bool APPROX>
+__global__ void __launch_bounds__(LP_THREADS, 2)
 lp_backward(const T* __restrict__ A, const T* __restrict__ C, const T* __restrict__ G, const T* __restrict__ R,
             T* __restrict__ out, int NA, int NC, int D, T pm1) {
     constexpr int BA = LP_TY * RA;
@@ -25,6 +29,8 @@ lp_backward(const T* __restrict__ A, const T* __restrict__ C, const T* __restric
     const int ty = threadIdx.y;
     const int a0 = blockIdx.y * BA;
     const int i0 = blockIdx.x * BI;
+    constexpr bool FAST = APPROX && PV == 0 && lp_is_float<T>::value;
+    const T lmin = T(LP_EXP2_FLOOR) / pm1;  // 2^((p-1) l) stays a normal float
 
     T av[RA][RI];
     T acc[RA][RI];
@@ -49,7 +55,7 @@ lp_backward(const T* __restrict__ A, const T* __restrict__ C, const T* __restric
             lp_load_transposed<T, BA>(sr, R, NA, NC, a0, c0);
         }
         __syncthreads();
-#pragma unroll((PV) == 0 ? 1 : 4)
+#pragma unroll(LP_SUM_UNROLL)
         for (int k = 0; k < LP_BK; ++k) {
             T cv[RI];
             T gv[RA];
@@ -65,7 +71,15 @@ lp_backward(const T* __restrict__ A, const T* __restrict__ C, const T* __restric
             for (int i = 0; i < RA; ++i) {
 #pragma unroll
                 for (int j = 0; j < RI; ++j) {
-                    acc[i][j] += gv[i] * lp_odd_pow<PV, T>((av[i][j] - cv[j]) * rv[i], pm1);
+                    const T t = (av[i][j] - cv[j]) * rv[i];
+                    if constexpr (FAST) {
+                        const float l = lp_max_nan(lp_lg2_approx(lp_abs(t)), lmin);
+                        const float v = lp_pow2_fast(j < LP_EX2_HW_COLS, pm1, l,
+                                                     j < LP_EX2_HW_COLS ? 0.0f : LP_EXP2_MAGIC);
+                        acc[i][j] += gv[i] * copysignf(v, t);
+                    } else {
+                        acc[i][j] += gv[i] * lp_odd_pow<PV, T>(t, pm1);
+                    }
                 }
             }
         }

@@ -18,7 +18,10 @@
 //     sum by 2^(K_old - K_new), K = p log2(1/s) + c, and
 //     y = 2^((log2 sum + c) / p) / s.  In float the power is lg2.approx plus
 //     ex2.approx or a polynomial (common.cuh, with the error analysis: values
-//     within 4.5e-7 relative for every p); double uses exp2/log2.
+//     within 4.5e-7 relative for every p) unless APPROX is false; double
+//     uses exp2/log2.  The backend turns APPROX off where a backward at
+//     p > FAST_GRAD_MAX_P follows: the gradient factor (|x - w| / y)^(p-1)
+//     multiplies y's relative error by p - 1.
 // NaN in x[b] or w[n] makes y[b, n] NaN: the term is NaN and the clamp of
 // log2 is a NaN-keeping max.
 //
@@ -68,12 +71,12 @@ __device__ __forceinline__ void lp_rescale(T& acc, T& m, T& s, T& off, T& lmin, 
     }
 }
 
-template <typename T, int PV, int RA, int RB>
-__global__ void __launch_bounds__(LP_THREADS)
+template <typename T, int PV, int RA, int RB, bool APPROX>
+__global__ void __launch_bounds__(LP_THREADS, 1)
 lp_forward(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y, int B, int N, int D, T p) {
     constexpr int BA = LP_TY * RA;
     constexpr int BB = LP_TX * RB;
-    constexpr bool FAST = PV == 0 && lp_is_float<T>::value;
+    constexpr bool FAST = APPROX && PV == 0 && lp_is_float<T>::value;
     constexpr bool NORM = PV != 1;
     constexpr bool GEN = PV == 0;
     constexpr int R1 = NORM ? RA : 1, C1 = NORM ? RB : 1, R0 = GEN ? RA : 1, C0 = GEN ? RB : 1;
