@@ -12,9 +12,9 @@ cubin (``--ptxas-options=-v`` reports registers and spills); the seed's
 are disassembled with nvdisasm (PyPI ``nvidia-cuda-nvdisasm``,
 ``nvidia-cuda-nvcc``).
 
-The hot loop of a kernel is its innermost-but-one loop that contains a
-barrier (the loop over shared-memory tiles); inner loops nested in it are
-weighted by their trip count.  Per triple it reports instructions issued,
+The hot loop of a kernel is its innermost loop that contains a barrier (the
+loop over shared-memory tiles); the k-loops nested in it (those reading
+shared memory) are weighted by their trip count, tile-copy loops by one.  Per triple it reports instructions issued,
 MUFU (special-function) instructions, shared-memory loads and an estimate
 of issue cycles per warp on one sm_90 sub-partition: one instruction issues
 per cycle, the MUFU unit takes 8 cycles per warp instruction (16 lanes per
@@ -257,8 +257,8 @@ def hot_loop_cost(code: list, triples: int, inner_trips: int = 1) -> dict:
     """Counts per triple in the hot loop: the largest loop that contains a barrier and no other such loop.
 
     ``triples`` is the number of (b, n, i) triples one thread handles per
-    iteration of that loop; loops nested in it run ``inner_trips`` times per
-    iteration.  Returns ``instructions``, ``mufu``, ``lds_words``,
+    iteration of that loop; loops nested in it that read shared memory run
+    ``inner_trips`` times per iteration, the others (tile copies) once.  Returns ``instructions``, ``mufu``, ``lds_words``,
     ``half_rate``, ``cycles`` (per triple, per warp, on one sub-partition)
     and ``loop_instructions`` (static length of the hot loop).
     """
@@ -269,7 +269,10 @@ def hot_loop_cost(code: list, triples: int, inner_trips: int = 1) -> dict:
     innermost = [(s, e) for s, e in with_bar if not any(s <= s2 and e2 <= e and (s2, e2) != (s, e)
                                                          for s2, e2 in with_bar)]
     start, end = max(innermost, key=lambda r: r[1] - r[0])
-    nested = [(s, e) for s, e in found if start <= s and e <= end and (s, e) != (start, end)]
+    # nested loops that read shared memory are the k-loops (LP_SUM_UNROLL, the seed's unroll(4)); the
+    # others copy a tile to shared memory, unrolled to one trip per tile
+    nested = [(s, e) for s, e in found if start <= s and e <= end and (s, e) != (start, end)
+              and any(_opcode(code[j]).startswith("LDS") for j in range(s, e + 1))]
     counts = {"instructions": 0.0, "mufu": 0.0, "lds_words": 0.0, "half_rate": 0.0}
     static = 0
     for j in range(start, end + 1):

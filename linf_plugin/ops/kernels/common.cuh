@@ -33,6 +33,30 @@
 
 typedef long long lp_i64;
 
+// ---- Vector loads from shared memory ----------------------------------------
+// The forward kernels give each thread CONTIGUOUS rows (ty RA + i) and
+// columns (tx RB + j) of the tile, so a k-step reads its RA + RB operands
+// with 16-byte loads (LDS.128: RA / 4 + RB / 4 instructions instead of
+// RA + RB).  A warp then reads 2 distinct x-chunks (broadcast) and 16
+// consecutive w-chunks (conflict-free).  Rows of such tiles are padded by
+// LP_VPAD(T) elements (16 bytes), which keeps every row 16-byte aligned;
+// the cost is a 2-way bank conflict in the once-per-tile stores.
+#define LP_VPAD(T) (16 / (int)sizeof(T))
+template <typename T, int N>
+struct alignas(16) LpVec {
+    T v[N];
+};
+template <int N, typename T>
+__device__ __forceinline__ void lp_load_vec(T (&out)[N], const T* src) {
+    static_assert((N * sizeof(T)) % 16 == 0, "vector loads need 16-byte multiples");
+    const LpVec<T, N> v = *reinterpret_cast<const LpVec<T, N>*>(src);
+#pragma unroll
+    for (int i = 0; i < N; ++i) out[i] = v.v[i];
+}
+// A compiler-only memory fence: loads after it are not merged with loads
+// before it (nor kept in registers across it).  Same syntax in g++.
+#define LP_COMPILER_FENCE() asm volatile("" ::: "memory")
+
 __device__ __forceinline__ float lp_abs(float v) { return fabsf(v); }
 __device__ __forceinline__ double lp_abs(double v) { return fabs(v); }
 __device__ __forceinline__ float lp_max(float a, float b) { return fmaxf(a, b); }
@@ -294,7 +318,8 @@ struct LpTileStage {
         }
     }
 
-    __device__ __forceinline__ void store(T (*dst)[ROWS + LP_PAD]) const {
+    template <int PAD = LP_PAD>
+    __device__ __forceinline__ void store(T (*dst)[ROWS + PAD]) const {
         constexpr int RSTEP = LP_THREADS / LP_BK;
         const int tid = threadIdx.y * LP_TX + threadIdx.x;
 #pragma unroll

@@ -25,8 +25,10 @@
 // NaN in x[b] or w[n] makes y[b, n] NaN: the term is NaN and the clamp of
 // log2 is a NaN-keeping max.
 //
-// Grid (ceil(N / 16 RB), ceil(B / 16 RA)), block (16, 16); the global loads
-// of tile t + 1 are issued before the arithmetic of tile t (LpTileStage).
+// Grid (ceil(N / 16 RB), ceil(B / 16 RA)), block (16, 16); thread (ty, tx)
+// owns rows ty RA + i and columns tx RB + j (vector loads, common.cuh); the
+// global loads of tile t + 1 are issued before the arithmetic of tile t
+// (LpTileStage).
 // Zero padding past D adds |0 - 0|^p = 0 and cannot raise a maximum.
 #include "common.cuh"
 
@@ -80,8 +82,9 @@ lp_forward(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y, 
     constexpr bool NORM = PV != 1;
     constexpr bool GEN = PV == 0;
     constexpr int R1 = NORM ? RA : 1, C1 = NORM ? RB : 1, R0 = GEN ? RA : 1, C0 = GEN ? RB : 1;
-    __shared__ T sx[LP_BK][BA + LP_PAD];
-    __shared__ T sw[LP_BK][BB + LP_PAD];
+    constexpr int PAD = LP_VPAD(T);
+    alignas(16) __shared__ T sx[LP_BK][BA + PAD];
+    alignas(16) __shared__ T sw[LP_BK][BB + PAD];
     const int tx = threadIdx.x;
     const int ty = threadIdx.y;
     const int b0 = blockIdx.y * BA;
@@ -116,8 +119,8 @@ lp_forward(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y, 
     stage_x.fetch(x, B, D, b0, 0);
     stage_w.fetch(w, N, D, n0, 0);
     for (int k0 = 0; k0 < D; k0 += LP_BK) {
-        stage_x.store(sx);
-        stage_w.store(sw);
+        stage_x.template store<PAD>(sx);
+        stage_w.template store<PAD>(sw);
         __syncthreads();
         if (k0 + LP_BK < D) {
             stage_x.fetch(x, B, D, b0, k0 + LP_BK);
@@ -130,18 +133,12 @@ lp_forward(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y, 
 #pragma unroll
                 for (int j = 0; j < RB; ++j) mt[i][j] = m[i][j];
             }
-            // volatile: otherwise the compiler keeps all 16 k of operands in
-            // registers from this pass to the next (and spills).
-            const volatile T(*vx)[BA + LP_PAD] = sx;
-            const volatile T(*vw)[BB + LP_PAD] = sw;
 #pragma unroll
             for (int k = 0; k < LP_BK; ++k) {
                 T xv[RA];
                 T wv[RB];
-#pragma unroll
-                for (int i = 0; i < RA; ++i) xv[i] = vx[k][ty + LP_TY * i];
-#pragma unroll
-                for (int j = 0; j < RB; ++j) wv[j] = vw[k][tx + LP_TX * j];
+                lp_load_vec(xv, &sx[k][ty * RA]);
+                lp_load_vec(wv, &sw[k][tx * RB]);
 #pragma unroll
                 for (int i = 0; i < RA; ++i) {
 #pragma unroll
@@ -167,14 +164,15 @@ lp_forward(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y, 
                 }
             }
         }
+        // otherwise the compiler keeps all 16 k of operands in registers from
+        // the max pass to the sum pass (and spills)
+        LP_COMPILER_FENCE();
 #pragma unroll(NORM ? LP_SUM_UNROLL : LP_BK)
         for (int k = 0; k < LP_BK; ++k) {
             T xv[RA];
             T wv[RB];
-#pragma unroll
-            for (int i = 0; i < RA; ++i) xv[i] = sx[k][ty + LP_TY * i];
-#pragma unroll
-            for (int j = 0; j < RB; ++j) wv[j] = sw[k][tx + LP_TX * j];
+            lp_load_vec(xv, &sx[k][ty * RA]);
+            lp_load_vec(wv, &sw[k][tx * RB]);
 #pragma unroll
             for (int i = 0; i < RA; ++i) {
 #pragma unroll
@@ -198,10 +196,10 @@ lp_forward(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y, 
 
 #pragma unroll
     for (int i = 0; i < RA; ++i) {
-        const int b = b0 + ty + LP_TY * i;
+        const int b = b0 + ty * RA + i;
 #pragma unroll
         for (int j = 0; j < RB; ++j) {
-            const int n = n0 + tx + LP_TX * j;
+            const int n = n0 + tx * RB + j;
             if (b < B && n < N) {
                 T v = acc[i][j];
                 if constexpr (NORM) {
