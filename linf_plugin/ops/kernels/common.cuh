@@ -265,8 +265,8 @@ __device__ __forceinline__ void lp_interval_terms(T l, T u, T w, T& a, T& c, T& 
 // dst[k][r] = src[(row0 + r) * cols + col0 + k] (zero outside the matrix):
 // a ROWS x LP_BK tile of a row-major (rows, cols) matrix, stored transposed.
 // Consecutive threads read consecutive columns of one row (coalesced).
-template <typename T, int ROWS>
-__device__ __forceinline__ void lp_load_transposed(T (*dst)[ROWS + LP_PAD], const T* __restrict__ src,
+template <typename T, int ROWS, int PAD = LP_PAD>
+__device__ __forceinline__ void lp_load_transposed(T (*dst)[ROWS + PAD], const T* __restrict__ src,
                                                    int rows, int cols, int row0, int col0) {
     for (int e = threadIdx.y * LP_TX + threadIdx.x; e < ROWS * LP_BK; e += LP_THREADS) {
         const int k = e % LP_BK;
@@ -279,8 +279,8 @@ __device__ __forceinline__ void lp_load_transposed(T (*dst)[ROWS + LP_PAD], cons
 
 // dst[k][c] = src[(row0 + k) * cols + col0 + c] (zero outside the matrix):
 // an LP_BK x COLS tile of a row-major (rows, cols) matrix, as is.
-template <typename T, int COLS>
-__device__ __forceinline__ void lp_load_direct(T (*dst)[COLS + LP_PAD], const T* __restrict__ src,
+template <typename T, int COLS, int PAD = LP_PAD>
+__device__ __forceinline__ void lp_load_direct(T (*dst)[COLS + PAD], const T* __restrict__ src,
                                                int rows, int cols, int row0, int col0) {
     for (int e = threadIdx.y * LP_TX + threadIdx.x; e < COLS * LP_BK; e += LP_THREADS) {
         const int c = e % COLS;
