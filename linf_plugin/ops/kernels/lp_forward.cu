@@ -114,6 +114,11 @@ lp_forward(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y, 
         }
     }
 
+    // the operands of step k: this thread's RA values of x and RB of w
+    auto load_k = [&](int k, T(&xv)[RA], T(&wv)[RB]) {
+        lp_load_vec(xv, &sx[k][ty * RA]);
+        lp_load_vec(wv, &sw[k][tx * RB]);
+    };
     LpTileStage<T, BA> stage_x;
     LpTileStage<T, BB> stage_w;
     stage_x.fetch(x, B, D, b0, 0);
@@ -135,14 +140,12 @@ lp_forward(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y, 
             }
 #pragma unroll
             for (int k = 0; k < LP_BK; ++k) {
-                T xv[RA];
-                T wv[RB];
-                lp_load_vec(xv, &sx[k][ty * RA]);
-                lp_load_vec(wv, &sw[k][tx * RB]);
+                T xv[RA], wv[RB];
+                load_k(k, xv, wv);
 #pragma unroll
-                for (int i = 0; i < RA; ++i) {
-#pragma unroll
-                    for (int j = 0; j < RB; ++j) mt[i][j] = lp_max_nan(mt[i][j], lp_abs(xv[i] - wv[j]));
+                for (int e = 0; e < RA * RB; ++e) {  // e = (i, j)
+                    T& t = mt[e / RB][e % RB];
+                    t = lp_max_nan(t, lp_abs(xv[e / RB] - wv[e % RB]));
                 }
             }
             bool grew = false;  // mt > m is false for NaN: the NaN term itself poisons acc below
@@ -169,10 +172,8 @@ lp_forward(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y, 
         LP_COMPILER_FENCE();
 #pragma unroll(NORM ? LP_SUM_UNROLL : LP_BK)
         for (int k = 0; k < LP_BK; ++k) {
-            T xv[RA];
-            T wv[RB];
-            lp_load_vec(xv, &sx[k][ty * RA]);
-            lp_load_vec(wv, &sw[k][tx * RB]);
+            T xv[RA], wv[RB];
+            load_k(k, xv, wv);
 #pragma unroll
             for (int i = 0; i < RA; ++i) {
 #pragma unroll
