@@ -49,7 +49,7 @@ if str(ROOT) not in sys.path:
 from linf_plugin.io import atomic_write_json  # noqa: E402
 from linf_plugin.ops.kernel_specs import BK, module_spec  # noqa: E402
 
-__all__ = ["find_tool", "nvrtc_cubin", "nvcc_cubin", "disassemble", "parse_ptxas_log", "loops", "hot_loop_cost",
+__all__ = ["find_tool", "lowered_names", "nvrtc_cubin", "nvcc_cubin", "disassemble", "parse_ptxas_log", "loops", "hot_loop_cost",
            "KernelCost", "module_costs", "our_costs", "seed_plan", "seed_costs", "totals", "report", "VARIANTS",
            "main"]
 
@@ -109,8 +109,14 @@ def _cached(cache: Path, key: str, build):
     return data, text
 
 
+def lowered_names(log: str) -> dict:
+    """``{name expression: mangled name}`` recorded in an :func:`nvrtc_cubin` log."""
+    return dict(m.groups() for m in re.finditer(r"^// lowered: (.+) -> (\S+)$", log, re.M))
+
+
 def nvrtc_cubin(source: str, name_expressions, options, arch: str = ARCH, cache: Path | None = None):
-    """(cubin bytes, ptxas log) of ``source`` compiled by NVRTC for ``arch``.
+    """(cubin bytes, ptxas log) of ``source`` compiled by NVRTC for ``arch``; the log ends with the
+    expressions' mangled names (:func:`lowered_names`).
 
     Calls libnvrtc through ctypes: CuPy's ``getCUBIN`` binding drops the
     last byte of the image, which nvdisasm then rejects.
@@ -137,13 +143,18 @@ def nvrtc_cubin(source: str, name_expressions, options, arch: str = ARCH, cache:
             lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
             cubin = ctypes.create_string_buffer(size.value)
             lib.nvrtcGetCUBIN(prog, cubin)
+            # the mangled name of each expression, as "// lowered: EXPR -> NAME" lines after the log
+            for expr in name_expressions:
+                name = ctypes.c_char_p()
+                lib.nvrtcGetLoweredName(prog, expr.encode(), ctypes.byref(name))
+                text += f"\n// lowered: {expr} -> {name.value.decode()}"
             return cubin.raw, text
         finally:
             lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
     if cache is None:
         return build()
-    return _cached(cache, "nvrtc\0" + "\0".join(opts) + "\0" + "\0".join(name_expressions) + "\0" + source, build)
+    return _cached(cache, "nvrtc-lowered\0" + "\0".join(opts) + "\0" + "\0".join(name_expressions) + "\0" + source, build)
 
 
 def nvcc_cubin(path: Path, arch: str = ARCH, cache: Path | None = None, nvcc: str | None = None):
@@ -335,10 +346,8 @@ def _sum_unroll() -> int:
 def module_costs(spec, cache: Path | None = None, arch: str = ARCH) -> dict:
     """``{role: KernelCost}`` of one catalogue module: every kernel's registers and spills; tiled kernels'
     per-triple counts (one thread handles ``tile_rows * tile_cols / 256 * LP_BK`` triples per tile)."""
-    from linf_plugin.ops.kernel_specs import nvrtc_compile  # noqa: PLC0415  (CuPy's binding: the lowered names)
-
-    lowered = nvrtc_compile(spec.source, spec.name_expressions, spec.options, arch)
     cubin, log = nvrtc_cubin(spec.source, spec.name_expressions, spec.options, arch, cache)
+    lowered = lowered_names(log)
     code, res = disassemble(cubin), parse_ptxas_log(log)
     trips = BK // _sum_unroll()
     out = {}
