@@ -18,8 +18,10 @@ CuPy whose kernels are the same ``.cu`` sources compiled by g++
 
 p = inf: the forward saves the int32 argmax (ties: lowest index) only when a
 backward will follow; the backward is a sparse atomicAdd scatter.  Finite
-p: a p = inf pass gives the normaliser ``m``, a second pass the
-max-normalised sum (exact chains for p = 1, 2, 8, exp2/log2 otherwise).
+p: one kernel, one pass over x and w, normalised by the running maximum
+(exact chains for p = 1, 2, 8; hardware log2 and a split hardware /
+polynomial exp2 for other p in float32).  The kernels' maxima keep NaN, so
+a NaN in x or w gives NaN outputs with no extra pass.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import math
 
 import torch
 
-from .kernel_specs import grid_for, module_spec
+from .kernel_specs import FAST_GRAD_MAX_P, grid_for, module_spec
 from .torch_kernels import p_variant
 
 __all__ = ["CupyBackend", "CupyLauncher"]
@@ -178,11 +180,8 @@ class CupyBackend:
                 self._launch("linf", x.dtype, None, "resolve", B * N, 0, x, w, y, aux, B, N, D)
         else:
             aux = None
-            pv = p_variant(p)
-            if pv != 1:
-                self._launch("linf", x.dtype, None, "forward", B, N, x, w, y, None, B, N, D)
-            self._launch("lp", x.dtype, pv, "forward", B, N, x, w, y, B, N, D, p)
-        _propagate_nan(y, x, w)
+            role = "forward" + (self._backward_suffix(p, _CTYPES[x.dtype]) if need_aux else "")
+            self._launch("lp", x.dtype, p_variant(p), role, B, N, x, w, y, B, N, D, p)
         return y, aux
 
     def backward(self, grad_y, x, w, y, aux, p, need_x=True, need_w=True):
@@ -194,14 +193,39 @@ class CupyBackend:
             return gx, gw
         pv = p_variant(p)
         r = torch.where(y > 0, 1.0 / y, torch.zeros_like(y))
+        suffix = self._backward_suffix(p, _CTYPES[x.dtype])
         gx = gw = None
         if need_x:
             gx = torch.empty_like(x)
-            self._launch("lp", x.dtype, pv, "backward_x", B, D, x, w, grad_y, r, gx, B, N, D, p - 1.0)
+            self._launch("lp", x.dtype, pv, "backward_x" + suffix, B, D, x, w, grad_y, r, gx, B, N, D, p - 1.0)
         if need_w:
             gw = torch.empty_like(w)
-            self._launch("lp", x.dtype, pv, "backward_w", N, D, w, x, grad_y, r, gw, N, B, D, p - 1.0)
+            self._launch("lp", x.dtype, pv, "backward_w" + suffix, N, D, w, x, grad_y, r, gw, N, B, D, p - 1.0)
         return gx, gw
+
+    @staticmethod
+    def _backward_suffix(p: float, ctype: str) -> str:
+        """float32 general p above FAST_GRAD_MAX_P takes the accurate-power kernels for gradients (and for
+        the forward before them: the gradient multiplies the output's relative error by p - 1)."""
+        return "_precise" if ctype == "float" and p_variant(p) == 0 and p > FAST_GRAD_MAX_P else ""
+
+    @classmethod
+    def kernel_plan(cls, p: float, ctype: str = "float") -> dict:
+        """The kernels ``lp_dist`` launches at ``p``, as ``(family, pv, role)`` lists.
+
+        Keys: ``"fwd"`` (no gradient wanted), ``"fwd_grad"`` (the forward
+        before a backward) and ``"bwd"`` (both gradients).  For the cost
+        model (benchmarks/kernel_cost.py); the methods above launch exactly
+        these.
+        """
+        if math.isinf(p):
+            return {"fwd": [("linf", None, "forward")],
+                    "fwd_grad": [("linf", None, "forward_save"), ("linf", None, "resolve")],
+                    "bwd": [("linf", None, "backward")]}
+        pv = p_variant(p)
+        suffix = cls._backward_suffix(p, ctype)
+        return {"fwd": [("lp", pv, "forward")], "fwd_grad": [("lp", pv, "forward" + suffix)],
+                "bwd": [("lp", pv, "backward_x" + suffix), ("lp", pv, "backward_w" + suffix)]}
 
     # -- interval ----------------------------------------------------------
     def interval(self, lower, upper, w, p):
@@ -262,13 +286,3 @@ class CupyBackend:
         self._launch("box_argmax", w.dtype, None, "argmax", B, N, lower, upper, w, out, B, N, D)
         k = out.to(torch.int64)
         return k[0], k[1], k[2]
-
-
-def _propagate_nan(y, x, w):
-    """NaN rows of x or w make their outputs NaN (the kernels' max ignores NaN; torch's does not).
-
-    Inputs on CUDA are not scanned for NaN (that would synchronise with the
-    host), so this keeps a NaN visible instead; it costs O(BD + ND + BN).
-    """
-    bad = torch.isnan(x).any(1)[:, None] | torch.isnan(w).any(1)[None, :]
-    y.masked_fill_(bad, float("nan"))

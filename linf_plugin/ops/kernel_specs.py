@@ -14,6 +14,8 @@ family         files                                   kernels (roles)
 =============  ======================================  ===================================
 linf           linf_forward, linf_backward             forward, forward_save, resolve, backward
 lp (pv)        lp_forward, lp_backward                 forward, backward_x, backward_w
+                                                       (+ forward/backward_x/backward_w_precise:
+                                                       float, pv 0)
 interval_inf   interval_forward, interval_backward     forward, forward_save, resolve, backward
 interval_lp    interval_forward, interval_backward     forward, backward_box, backward_w
 box_argmax     linf_box_argmax                         argmax
@@ -29,7 +31,8 @@ from functools import lru_cache
 from pathlib import Path
 
 __all__ = ["KERNEL_DIR", "NVRTC_OPTIONS", "DTYPES", "P_VARIANTS", "FAMILIES", "KernelSpec", "ModuleSpec",
-           "module_spec", "all_module_specs", "read_source", "full_source", "grid_for", "MAX_GRID_Y", "nvrtc_compile"]
+           "module_spec", "all_module_specs", "read_source", "full_source", "grid_for", "MAX_GRID_Y", "FAST_GRAD_MAX_P",
+           "nvrtc_compile"]
 
 KERNEL_DIR = Path(__file__).with_name("kernels")
 NVRTC_OPTIONS = ("--std=c++17",)
@@ -39,6 +42,7 @@ TILE_THREADS = 16            # LP_TX = LP_TY in common.cuh
 THREADS = 256                # LP_THREADS
 BK = 16                      # LP_BK
 MAX_GRID_Y = 65535
+FAST_GRAD_MAX_P = 128.0      # float gradients through lg2/ex2.approx up to this p (error analysis: common.cuh)
 
 _FAMILY_FILES = {
     "linf": ("linf_forward.cu", "linf_backward.cu"),
@@ -129,12 +133,14 @@ def full_source(files) -> str:
 _TP, _IP, _I, _S = "T*", "int*", "int", "T"
 
 
-def _tiles(family: str, role: str, ctype: str) -> tuple:
+def _tiles(family: str, role: str, ctype: str, pv: int | None = None) -> tuple:
     """Register blocking ``(RA, RB)`` per thread; 16x16 threads per block."""
     if family == "linf" and role == "forward":
         return (8, 8) if ctype == "float" else (4, 4)
     if family == "linf" and role == "forward_save":
         return (8, 4) if ctype == "float" else (4, 4)
+    if family == "lp" and role == "forward" and ctype == "double" and pv == 0:
+        return (4, 2)  # running max, scale, offset and sum per output: (4, 4) doubles spill registers
     if family == "interval_lp" and role == "backward_w" and ctype == "double":
         return (2, 4)  # six double tiles must stay under 48 KiB of static shared memory
     if family.startswith("interval") and ctype == "double":
@@ -144,7 +150,7 @@ def _tiles(family: str, role: str, ctype: str) -> tuple:
 
 def _build(family: str, ctype: str, pv: int | None) -> dict:
     def tiled(template, role, targs, params):
-        ra, rb = _tiles(family, role, ctype)
+        ra, rb = _tiles(family, role, ctype, pv)
         return KernelSpec(template, ctype, targs(ra, rb), params, (TILE_THREADS * ra, TILE_THREADS * rb))
 
     if family == "linf":
@@ -157,11 +163,18 @@ def _build(family: str, ctype: str, pv: int | None) -> dict:
         }
     if family == "lp":
         bw = (_TP, _TP, _TP, _TP, _TP, _I, _I, _I, _S)
-        return {
-            "forward": tiled("lp_forward", "forward", lambda a, b: (pv, a, b), (_TP, _TP, _TP, _I, _I, _I, _S)),
-            "backward_x": tiled("lp_backward", "backward", lambda a, b: (pv, a, b, False), bw),
-            "backward_w": tiled("lp_backward", "backward", lambda a, b: (pv, a, b, True), bw),
+        approx = pv == 0 and ctype == "float"   # hardware log2/exp2 gradients, up to FAST_GRAD_MAX_P
+        fw = (_TP, _TP, _TP, _I, _I, _I, _S)
+        kernels = {
+            "forward": tiled("lp_forward", "forward", lambda a, b: (pv, a, b, approx), fw),
+            "backward_x": tiled("lp_backward", "backward", lambda a, b: (pv, a, b, False, approx), bw),
+            "backward_w": tiled("lp_backward", "backward", lambda a, b: (pv, a, b, True, approx), bw),
         }
+        if approx:   # gradients at p above FAST_GRAD_MAX_P: the accurate exp2f/log2f, forward and backward
+            kernels["forward_precise"] = tiled("lp_forward", "forward", lambda a, b: (pv, a, b, False), fw)
+            kernels["backward_x_precise"] = tiled("lp_backward", "backward", lambda a, b: (pv, a, b, False, False), bw)
+            kernels["backward_w_precise"] = tiled("lp_backward", "backward", lambda a, b: (pv, a, b, True, False), bw)
+        return kernels
     if family == "interval_inf":
         fw = (_TP, _TP, _TP, _TP, _TP, _IP, _I, _I, _I)
         return {

@@ -140,16 +140,75 @@ def test_need_aux_false_skips_the_argmax(emu_backend, harness, emulator_lib):
     torch.testing.assert_close(y, REF.forward(x, w, math.inf)[0], rtol=0, atol=0)
 
 
-def test_nan_rows_give_nan_outputs(emu_backend):
-    x, w = torch.randn(4, 19), torch.randn(6, 19)
-    x[1, 3] = float("nan")
-    w[2, 0] = float("nan")
-    for p in (math.inf, 8.0):
-        y, _ = emu_backend.forward(x, w, p)
-        bad = torch.zeros(4, 6, dtype=torch.bool)
-        bad[1, :] = True
-        bad[:, 2] = True
-        assert torch.isnan(y[bad]).all() and not torch.isnan(y[~bad]).any()
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("need_aux", (True, False))
+def test_nan_rows_give_nan_outputs(emu_backend, dtype, need_aux):
+    """The kernels' own maxima keep NaN (no NaN scan in the backend): a NaN anywhere in x[b] or w[n]
+    makes y[b, n] NaN, also where it sits in a later D-tile than the maximum or next to zeros."""
+    x, w = torch.randn(4, 40, dtype=dtype), torch.randn(6, 40, dtype=dtype)
+    x[1, 37] = float("nan")          # third D-tile, after the maximum has been found
+    w[2, 0] = float("nan")           # first coordinate
+    x[3] = w[4] = 0.0
+    w[4, 20] = float("nan")          # the only nonzero |x - w| of output (3, 4) is NaN
+    bad = torch.zeros(4, 6, dtype=torch.bool)
+    bad[1, :] = True
+    bad[:, 2] = True
+    bad[:, 4] = True
+    for p in (1.0, 2.0, 8.0, 8.5, 100.0, math.inf):
+        y, _ = emu_backend.forward(x, w, p, need_aux=need_aux)
+        assert torch.isnan(y[bad]).all() and not torch.isnan(y[~bad]).any(), p
+
+
+@pytest.fixture
+def pessimistic(emulator_lib):
+    """Set the emulated lg2/ex2.approx to move by +1 or -1 times their maximum error (restored after)."""
+    def set_sign(sign):
+        emulator_lib.emu_configure_approx(sign)
+    yield set_sign
+    emulator_lib.emu_configure_approx(1)
+
+
+def _rel_max(a, b):
+    return ((a.double() - b).abs() / b.abs().clamp_min(1e-300)).max().item()
+
+
+def _rel_norm(a, b):
+    return ((a.double() - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("sign", (1, -1))
+@pytest.mark.parametrize("p", (1.0, 2.0, 8.0, 8.5, 100.0, 1000.0, math.inf))
+def test_float32_accuracy_floor_with_pessimistic_intrinsics(emu_backend, pessimistic, p, sign):
+    """Issue #14's floor, float32 kernels against float64: values <= 1e-6 relative (each output), gradients
+    <= 1e-4 relative in norm, with every hardware approximation off by its documented maximum error in
+    the same direction (so errors cannot cancel).  D = 300 crosses 19 tiles; the data's scale grows along
+    D so the running maximum, and its power-of-two scale, change many times."""
+    pessimistic(sign)
+    g = torch.Generator().manual_seed(14)
+    B, N, D = 19, 23, 300
+    ramp = torch.logspace(-3, 3, D, dtype=torch.float64)
+    x64 = torch.randn(B, D, generator=g, dtype=torch.float64) * ramp
+    w64 = torch.randn(N, D, generator=g, dtype=torch.float64) * ramp
+    gy64 = torch.randn(B, N, generator=g, dtype=torch.float64)
+    x, w, gy = x64.float(), w64.float(), gy64.float()
+    y, aux = emu_backend.forward(x, w, p)
+    y_ref, aux_ref = REF.forward(x.double(), w.double(), p)      # the same float32 inputs, in float64
+    assert _rel_max(y, y_ref) <= 1e-6
+    gx, gw = emu_backend.backward(gy, x, w, y, aux, p)
+    gx_ref, gw_ref = REF.backward(gy.double(), x.double(), w.double(), y_ref, aux_ref, p)
+    assert _rel_norm(gx, gx_ref) <= 1e-4 and _rel_norm(gw, gw_ref) <= 1e-4
+
+
+def test_the_pessimistic_emulation_moves_the_result(emu_backend, pessimistic):
+    """The accuracy test above has teeth: the two error directions give different float32 results."""
+    x, w = torch.randn(7, 50), torch.randn(9, 50)
+    pessimistic(1)
+    up = emu_backend.forward(x, w, 100.0)[0]
+    pessimistic(-1)
+    down = emu_backend.forward(x, w, 100.0)[0]
+    pessimistic(0)
+    exact = emu_backend.forward(x, w, 100.0)[0]
+    assert (up > exact).any() and (down < exact).any()
 
 
 @pytest.mark.parametrize("schedule", ("ascending", "descending", "threads"))
@@ -211,7 +270,7 @@ def test_every_catalogue_kernel_was_launched(harness, emulator_lib):
     launcher = harness.EmulatedLauncher(emulator_lib)
     backend = CupyBackend(launcher=launcher)
     for dtype in DTYPES:
-        for p in (1.0, 2.0, 8.0, 8.5, math.inf):
+        for p in (1.0, 2.0, 8.0, 8.5, 300.0, math.inf):   # 300: the float accurate-power gradient kernels
             x, w, lower, upper, g = _problem(3, 4, 5, dtype)
             y, aux = backend.forward(x, w, p, need_aux=True)
             backend.forward(x, w, p, need_aux=False)

@@ -22,14 +22,40 @@
 // a warp on 32 distinct banks.
 #define LP_PAD 2
 
-// Unrolling of the k-loop in the kernels that raise to powers: a general p
-// costs exp2 + log2 per term, and unrolling 16 k-steps of 16 outputs each
-// would inline 256 copies (minutes of NVRTC time in double, and a kernel
-// too large for the instruction cache) for no gain: 16 independent outputs
-// per step already give the scheduler its parallelism.  Those loops say
-// '#pragma unroll((PV) == 0 ? 1 : 4)'.
+// Unrolling of the k-loop in the kernels that raise to powers: 16 k-steps of
+// 16 outputs each fully unrolled would inline 256 copies of the power (a
+// kernel too large for the instruction cache, minutes of NVRTC time in
+// double) and, next to the per-tile rescaling of lp_forward, more live
+// registers than a thread has; 4 steps of 16 independent outputs give the
+// scheduler its parallelism at a loop overhead of ~3 instructions per 64
+// triples.  benchmarks/kernel_cost.py reads this value to weight the loop.
+#define LP_SUM_UNROLL 4
 
 typedef long long lp_i64;
+
+// ---- Vector loads from shared memory ----------------------------------------
+// The forward kernels give each thread CONTIGUOUS rows (ty RA + i) and
+// columns (tx RB + j) of the tile, so a k-step reads its RA + RB operands
+// with 16-byte loads (LDS.128: RA / 4 + RB / 4 instructions instead of
+// RA + RB).  A warp then reads 2 distinct x-chunks (broadcast) and 16
+// consecutive w-chunks (conflict-free).  Rows of such tiles are padded by
+// LP_VPAD(T) elements (16 bytes), which keeps every row 16-byte aligned;
+// the cost is a 2-way bank conflict in the once-per-tile stores.
+#define LP_VPAD(T) (16 / (int)sizeof(T))
+template <typename T, int N>
+struct alignas(16) LpVec {
+    T v[N];
+};
+template <int N, typename T>
+__device__ __forceinline__ void lp_load_vec(T (&out)[N], const T* src) {
+    static_assert((N * sizeof(T)) % 16 == 0, "vector loads need 16-byte multiples");
+    const LpVec<T, N> v = *reinterpret_cast<const LpVec<T, N>*>(src);
+#pragma unroll
+    for (int i = 0; i < N; ++i) out[i] = v.v[i];
+}
+// A compiler-only memory fence: loads after it are not merged with loads
+// before it (nor kept in registers across it).  Same syntax in g++.
+#define LP_COMPILER_FENCE() asm volatile("" ::: "memory")
 
 __device__ __forceinline__ float lp_abs(float v) { return fabsf(v); }
 __device__ __forceinline__ double lp_abs(double v) { return fabs(v); }
@@ -100,6 +126,132 @@ __device__ __forceinline__ T lp_grad_factor(T v, T r, T pm1) {
     }
 }
 
+// ---- Fast float32 powers for general p (PV = 0) --------------------------
+//
+// t^p = 2^(p log2 t) costs two MUFU (special-function unit) instructions
+// with the hardware approximations, and sm_80/sm_90 run MUFU at 16 lanes per
+// SM and cycle against 128 for FP32: at two MUFU per (b, n, i) triple the
+// unit, not the issue rate, bounds the kernel (8 issue cycles per MUFU per
+// warp).  So log2 uses the hardware (lg2.approx), and 2^z is split between
+// the hardware (ex2.approx) and a polynomial on the FP32 pipes
+// (lp_exp2_poly, ~9 instructions), per output column of the register tile
+// (LP_EX2_HW_COLS of RB): both pipes then stay busy.
+//
+// Error analysis, float32 (u = 2^-24; the bounds are the CUDA Programming
+// Guide's for __log2f / exp2f, which lower to these two instructions):
+//   lg2.approx(t):  absolute error <= 2^-22 for t in [0.5, 2], else 2 ulp of
+//                   the result.  The caller scales t into (0, 2) by a power
+//                   of two (exact), so every term within a factor 2^-p of
+//                   the largest has |error| <= 2^-22 (t in [0.5, 2) gives
+//                   |log2 t| < 1, and 2 ulp of a value in [1, 2) is 2^-22).
+//                   Smaller terms have |log2 t| <= 2 + k at t ~ 2^-k and an
+//                   error of at most 2 ulp(k), but weigh 2^-pk.
+//   ex2.approx(z):  relative error <= 2 ulp = 2^-22 (z in [-126, 1]).
+//   lp_exp2_poly:   2^f on |f| <= 1/2 by a degree-5 polynomial fitted for
+//                   relative error 7.5e-8; evaluated in float32 with FMA:
+//                   <= 2.2e-7 (4 ulp); the 2^j scaling is exact.
+// A term t^p is then off by a factor 2^(p e_lg2) (1 + e_exp) with
+// |e_lg2| <= 2^-22, |e_exp| <= 2.2e-7: relative error
+//   p ln2 2^-22 + 2.2e-7 = 1.65e-7 p + 2.2e-7     (plus p u from rounding t).
+// Values: y = (sum of terms)^(1/p) divides the sum's relative error by p:
+//   |dy / y| <= 1.65e-7 + 2.2e-7 / p + u  < 4.5e-7  for every p >= 1
+// (the 1e-6 floor holds at every p).  Gradients use |t|^(p-1) with
+// t = (x - w) / y, so both y's relative error e_y and the power's own error
+// are multiplied by p - 1:
+//   (p - 1) (|e_y| + 1.65e-7 + u) + 2.2e-7,   |e_y| <= 1.65e-7 + 2.2e-7 / p + u,
+// about 4.9e-5 at p = 128 (FAST_GRAD_MAX_P in kernel_specs.py, where the
+// backend picks the kernels): half of the 1e-4 floor.  Above it the forward
+// that precedes a backward and the backward itself use the accurate
+// exp2f/log2f (float32's own rounding, (p - 1) u ~ 6e-5 at p = 1000,
+// remains).
+// The CPU emulation (tests/ops/emulation/cuda_shim.h) perturbs both
+// approximations by these maximum errors, so the accuracy tests bound the
+// worst case, not the typical one.
+#define LP_EX2_HW_COLS 2
+// The clamp of log2 t: z = p log2 t + c stays >= -125, so 2^z is a normal
+// float; terms below 2^-125 of the largest change no sum (<= D 2^-125).
+#define LP_EXP2_FLOOR -125.0f
+
+#ifndef LP_EMULATED_INTRINSICS
+// The emulation header defines these three with the same contracts.
+__device__ __forceinline__ float lp_lg2_approx(float v) {
+    float r;
+    asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
+    return r;
+}
+__device__ __forceinline__ float lp_ex2_approx(float v) {
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
+    return r;
+}
+// max that returns NaN when either operand is NaN (as torch.amax does);
+// fmaxf would drop it.  One FMNMX.NAN instruction (sm_80+).
+__device__ __forceinline__ float lp_max_nan(float a, float b) {
+    float r;
+    asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+#endif
+__device__ __forceinline__ double lp_max_nan(double a, double b) { return (a > b || a != a) ? a : b; }
+
+// 2^(p l + c) for the z = p l + c range [LP_EXP2_FLOOR, ~0], with cm = M - c
+// (M = 1.5 2^23, c an integer): r = M + round(z) in one FFMA (ulp(r) = 1),
+// f = z - round(z) exactly rounded in a second FFMA, 2^f by polynomial, and
+// 2^round(z) added to the exponent field: the low 9 bits of r's bit pattern
+// are round(z) mod 2^9 (the bits of M end in 22 zeros), so (bits(r) << 23)
+// + bits(2^f) is the product (one LEA).
+__device__ __forceinline__ float lp_exp2_poly(float p, float l, float cm) {
+    const float r = fmaf(p, l, cm);
+    const float f = fmaf(p, l, cm - r);
+    float q = 1.3276484e-3f;
+    q = fmaf(q, f, 9.6755419e-3f);
+    q = fmaf(q, f, 5.5507131e-2f);
+    q = fmaf(q, f, 2.4022120e-1f);
+    q = fmaf(q, f, 6.9314694e-1f);
+    q = fmaf(q, f, 1.0000001f);
+    return __int_as_float((int)((unsigned)__float_as_int(q) + ((unsigned)__float_as_int(r) << 23)));
+}
+
+// 2^(p l - c) by the hardware (hw) or the polynomial; off = c for the
+// hardware and M - c for the polynomial, so neither spends an instruction
+// on it per triple.  hw is a constant in the unrolled loops that call this
+// (it depends on the register-tile column only).
+#define LP_EXP2_MAGIC 12582912.0f
+__device__ __forceinline__ float lp_pow2_fast(bool hw, float p, float l, float off) {
+    if (hw) {
+        return lp_ex2_approx(fmaf(p, l, -off));
+    } else {
+        return lp_exp2_poly(p, l, off);
+    }
+}
+
+template <typename T> struct lp_is_float { static constexpr bool value = false; };
+template <> struct lp_is_float<float> { static constexpr bool value = true; };
+
+// Powers of two by their bit patterns (exact; no division, no call).
+template <typename T> struct lp_bias;
+template <> struct lp_bias<float> { static constexpr int value = 127; };
+template <> struct lp_bias<double> { static constexpr int value = 1023; };
+__device__ __forceinline__ int lp_biased_exponent(float v) { return (__float_as_int(v) >> 23) & 0xFF; }
+__device__ __forceinline__ int lp_biased_exponent(double v) {
+    return (int)((__double_as_longlong(v) >> 52) & 0x7FF);
+}
+// 2^k for k in the normal range [1 - bias, bias].
+__device__ __forceinline__ float lp_pow2i(float, int k) { return __int_as_float((k + 127) << 23); }
+__device__ __forceinline__ double lp_pow2i(double, int k) { return __longlong_as_double((lp_i64)(k + 1023) << 52); }
+// The scale s = 2^-e of a maximum v (e its exponent, kept so that s is
+// normal): v s in [1, 2) for normal v, and any |d| <= v gives |d| s < 2.
+template <typename T>
+__device__ __forceinline__ T lp_scale_of(T v) {
+    constexpr int bias = lp_bias<T>::value;
+    int e = lp_biased_exponent(v);
+    e = e < 1 ? 1 : (e > 2 * bias - 1 ? 2 * bias - 1 : e);
+    return lp_pow2i(T(0), bias - e);
+}
+// log2 of a scale from lp_scale_of, exactly.
+template <typename T>
+__device__ __forceinline__ int lp_log2_scale(T s) { return lp_biased_exponent(s) - lp_bias<T>::value; }
+
 // One coordinate of the interval of |x - w| over x in [l, u]; the same
 // operations as every other backend, so p = inf results agree bit for bit.
 template <typename T>
@@ -113,8 +265,8 @@ __device__ __forceinline__ void lp_interval_terms(T l, T u, T w, T& a, T& c, T& 
 // dst[k][r] = src[(row0 + r) * cols + col0 + k] (zero outside the matrix):
 // a ROWS x LP_BK tile of a row-major (rows, cols) matrix, stored transposed.
 // Consecutive threads read consecutive columns of one row (coalesced).
-template <typename T, int ROWS>
-__device__ __forceinline__ void lp_load_transposed(T (*dst)[ROWS + LP_PAD], const T* __restrict__ src,
+template <typename T, int ROWS, int PAD = LP_PAD>
+__device__ __forceinline__ void lp_load_transposed(T (*dst)[ROWS + PAD], const T* __restrict__ src,
                                                    int rows, int cols, int row0, int col0) {
     for (int e = threadIdx.y * LP_TX + threadIdx.x; e < ROWS * LP_BK; e += LP_THREADS) {
         const int k = e % LP_BK;
@@ -127,8 +279,8 @@ __device__ __forceinline__ void lp_load_transposed(T (*dst)[ROWS + LP_PAD], cons
 
 // dst[k][c] = src[(row0 + k) * cols + col0 + c] (zero outside the matrix):
 // an LP_BK x COLS tile of a row-major (rows, cols) matrix, as is.
-template <typename T, int COLS>
-__device__ __forceinline__ void lp_load_direct(T (*dst)[COLS + LP_PAD], const T* __restrict__ src,
+template <typename T, int COLS, int PAD = LP_PAD>
+__device__ __forceinline__ void lp_load_direct(T (*dst)[COLS + PAD], const T* __restrict__ src,
                                                int rows, int cols, int row0, int col0) {
     for (int e = threadIdx.y * LP_TX + threadIdx.x; e < COLS * LP_BK; e += LP_THREADS) {
         const int c = e % COLS;
@@ -166,7 +318,8 @@ struct LpTileStage {
         }
     }
 
-    __device__ __forceinline__ void store(T (*dst)[ROWS + LP_PAD]) const {
+    template <int PAD = LP_PAD>
+    __device__ __forceinline__ void store(T (*dst)[ROWS + PAD]) const {
         constexpr int RSTEP = LP_THREADS / LP_BK;
         const int tid = threadIdx.y * LP_TX + threadIdx.x;
 #pragma unroll

@@ -101,7 +101,7 @@ interval_inf_backward(const T* __restrict__ lower, const T* __restrict__ upper, 
 }
 
 template <typename T, int PV, int RA, int RI>
-__global__ void __launch_bounds__(LP_THREADS)
+__global__ void __launch_bounds__(LP_THREADS, sizeof(T) == 8 ? 1 : 2)
 interval_lp_backward_box(const T* __restrict__ lower, const T* __restrict__ upper, const T* __restrict__ w,
                          const T* __restrict__ Gl, const T* __restrict__ Rl, const T* __restrict__ Gh,
                          const T* __restrict__ Rh, T* __restrict__ grad_l, T* __restrict__ grad_u,
@@ -188,7 +188,7 @@ interval_lp_backward_box(const T* __restrict__ lower, const T* __restrict__ uppe
 }
 
 template <typename T, int PV, int RA, int RI>
-__global__ void __launch_bounds__(LP_THREADS)
+__global__ void __launch_bounds__(LP_THREADS, sizeof(T) == 8 ? 1 : 2)
 interval_lp_backward_w(const T* __restrict__ lower, const T* __restrict__ upper, const T* __restrict__ w,
                        const T* __restrict__ Gl, const T* __restrict__ Rl, const T* __restrict__ Gh,
                        const T* __restrict__ Rh, T* __restrict__ grad_w, int B, int N, int D, T pm1) {

@@ -22,9 +22,18 @@
 // GPU memory model beyond barriers, bank conflicts, timing, register and
 // shared-memory limits (the NVRTC test checks those), FMA contraction and the
 // last-ulp behaviour of CUDA's math library.
+// The hardware approximations the kernels reach through inline PTX
+// (lg2.approx, ex2.approx; common.cuh wraps them as lp_lg2_approx and
+// lp_ex2_approx) are emulated PESSIMISTICALLY: the exact result (in double)
+// moved by the documented maximum error, always in the same direction
+// (emu_configure_approx(+1 or -1); 0 gives the exact result), so errors
+// cannot cancel across the terms of a sum and an accuracy test bounds the
+// worst case.  max.NaN.f32 (lp_max_nan) returns NaN when either operand is.
 #pragma once
 
+#include <float.h>
 #include <math.h>
+#include <string.h>
 #include <algorithm>
 
 #include <ucontext.h>
@@ -203,4 +212,66 @@ extern "C" void emu_configure(int mode, unsigned long long seed) {
 template <class T>
 inline T atomicAdd(T* address, T value) {
     return std::atomic_ref<T>(*address).fetch_add(value);
+}
+
+// ---- bit casts and the approximate intrinsics (see the header comment)
+#define LP_EMULATED_INTRINSICS 1
+
+namespace emu {
+inline int approx_sign = 1;
+}  // namespace emu
+
+// sign: +1 or -1 moves every approximation by +/- its maximum error, 0 makes it exact.
+extern "C" void emu_configure_approx(int sign) { emu::approx_sign = sign; }
+
+inline float __int_as_float(int v) {
+    float f;
+    memcpy(&f, &v, sizeof f);
+    return f;
+}
+
+inline int __float_as_int(float v) {
+    int i;
+    memcpy(&i, &v, sizeof i);
+    return i;
+}
+
+inline double __longlong_as_double(long long v) {
+    double d;
+    memcpy(&d, &v, sizeof d);
+    return d;
+}
+
+inline long long __double_as_longlong(double v) {
+    long long i;
+    memcpy(&i, &v, sizeof i);
+    return i;
+}
+
+inline float emu_ulp(float v) {
+    v = fabsf(v);
+    return nextafterf(v, INFINITY) - v;
+}
+
+// lg2.approx.ftz.f32: absolute error <= 2^-22 for inputs in [0.5, 2], else <= 2 ulp of the result
+// (CUDA Programming Guide, __log2f); denormal inputs flush to zero.
+inline float lp_lg2_approx(float v) {
+    if (v != 0.0f && fabsf(v) < FLT_MIN) v = 0.0f;
+    const double exact = log2((double)v);
+    if (!isfinite(exact)) return (float)exact;
+    const double bound = (v >= 0.5f && v <= 2.0f) ? ldexp(1.0, -22) : 2.0 * emu_ulp((float)exact);
+    return (float)(exact + emu::approx_sign * bound);
+}
+
+// ex2.approx.ftz.f32: relative error <= 2 ulp (2^-22); denormal results flush to zero.
+inline float lp_ex2_approx(float z) {
+    const double exact = exp2((double)z);
+    if (!isfinite(exact) || exact == 0.0) return (float)exact;
+    const float r = (float)(exact * (1.0 + emu::approx_sign * ldexp(1.0, -22)));
+    return fabsf(r) < FLT_MIN ? 0.0f : r;
+}
+
+inline float lp_max_nan(float a, float b) {
+    if (a != a || b != b) return NAN;
+    return a > b ? a : b;
 }

@@ -1,0 +1,116 @@
+"""The GPU-free cost model (benchmarks/kernel_cost.py): no kernel spills, and the counting counts.
+
+Compiles the catalogue with NVRTC for sm_90 (no GPU needed) and
+disassembles with nvdisasm (PyPI ``nvidia-cuda-nvdisasm``, in the ``test``
+extra); cubins are cached under pytest's cache directory (a temporary one
+when the cache plugin is off), keyed by the source, so reruns take seconds.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from linf_plugin.ops.kernel_specs import all_module_specs, module_spec
+
+_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "kernel_cost.py"
+
+
+@pytest.fixture(scope="session")
+def kc():
+    spec = importlib.util.spec_from_file_location("kernel_cost", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module          # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def tools(kc, nvrtc):
+    if kc.find_tool("nvdisasm") is None:
+        pytest.skip("nvdisasm not installed (pip install nvidia-cuda-nvdisasm)")
+    return kc
+
+
+@pytest.fixture(scope="session")
+def cache(request, tmp_path_factory):
+    store = getattr(request.config, "cache", None)
+    return Path(store.mkdir("lp_kernel_cost")) if store is not None else tmp_path_factory.mktemp("kernel_cost")
+
+
+SASS = """
+        .section .text._Z4demoPf,"ax",@progbits
+.text._Z4demoPf:
+        /*0000*/                   S2R R0, SR_TID.X ;
+.L_x_0:
+        /*0010*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+.L_x_1:
+        /*0020*/                   LDS R2, [R0] ;
+        /*0030*/                   MUFU.LG2 R3, |R2| ;
+        /*0040*/              @P0 BRA `(.L_x_1) ;
+.L_x_3:
+        /*0050*/                   LDG.E R4, desc[UR4][R6.64] ;
+        /*0060*/              @P2 BRA `(.L_x_3) ;
+        /*0070*/                   IMAD R5, R5, 0x2, R6 ;
+        /*0080*/              @!P1 BRA `(.L_x_0) ;
+.L_x_2:
+        /*0090*/                   BRA `(.L_x_2);
+"""
+
+
+def test_hot_loop_counting_on_handmade_code(kc, monkeypatch):
+    """Barrier loop .L_x_0: 3 own instructions, a k-loop (reads shared memory) of 3 run 4 times, a tile-copy
+    loop of 2 run once: 3 + 12 + 2 = 17 per iteration, for 2 triples."""
+    import subprocess
+
+    class Done:
+        returncode, stdout, stderr = 0, SASS, ""
+
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: Done())
+    code = kc.disassemble(b"\x7fELF", nvdisasm="nvdisasm")["_Z4demoPf"]
+    assert kc.loops(code) == [(3, 6), (7, 9), (1, 11)]    # the self-loop .L_x_2 is not a loop
+    per = kc.hot_loop_cost(code, triples=2, inner_trips=4)
+    assert per["instructions"] == 17 / 2 and per["loop_instructions"] == 8
+    assert per["mufu"] == 4 / 2 and per["lds_words"] == 4 / 2 and per["half_rate"] == 1 / 2
+    assert per["cycles"] == kc.MUFU_CYCLES * 2            # 2 MUFU per triple bound it, not the 8.5 issued
+    with pytest.raises(ValueError, match="barrier"):
+        kc.hot_loop_cost([c for c in code if not c.startswith("BAR")], triples=2)
+
+
+def test_ptxas_log_parsing(kc):
+    log = """ptxas info    : Compiling entry function '_Z1fv' for 'sm_90'
+ptxas info    : Function properties for _Z1fv
+ptxas         .     16 bytes stack frame, 12 bytes spill stores, 8 bytes spill loads
+ptxas info    : Used 64 registers, used 1 barriers, 1024 bytes smem"""
+    assert kc.parse_ptxas_log(log) == {"_Z1fv": {"stack_bytes": 16, "spill_store_bytes": 12,
+                                                 "spill_load_bytes": 8, "registers": 64}}
+
+
+@pytest.mark.parametrize("spec", all_module_specs(), ids=lambda s: "-".join(str(k) for k in s.key))
+def test_no_kernel_spills(tools, cache, spec):
+    """Register tiling must fit the register file: every kernel of every variant, sm_90, no local-memory spills."""
+    costs = tools.module_costs(spec, cache)
+    assert set(costs) == set(spec.kernels)
+    for role, c in costs.items():
+        assert c.registers > 0, role
+        assert c.spill_bytes == 0, f"{spec.key} {role}: {c.spill_bytes} bytes of spills at {c.registers} registers"
+
+
+def test_counts_per_triple_are_plausible(tools, cache):
+    """The p = inf forward is a subtraction and a max per triple plus a little; general p costs ~1.5 MUFU
+    (lg2 for every term, ex2 for half of them) and no more than ~20 instructions."""
+    linf = tools.module_costs(module_spec("linf", "float"), cache)
+    inf = linf["forward"].per_triple
+    assert 2.0 <= inf["instructions"] < 3.0 and inf["mufu"] == 0
+    assert linf["backward"].per_triple is None                    # a scatter: per output, not per triple
+    general = tools.module_costs(module_spec("lp", "float", 0), cache)
+    fast = general["forward"].per_triple
+    assert 1.5 <= fast["mufu"] < 1.8 and 10 < fast["instructions"] < 20
+    precise = general["forward_precise"].per_triple
+    assert precise["instructions"] > fast["instructions"]          # the accurate log2f is longer
+    plan = tools.our_costs(cache, ps=(8.5, math.inf))
+    assert [c.name for c in plan[math.inf]["fwd"]] == [linf["forward"].name]
+    assert tools.totals(plan[8.5]["fwd+bwd"])["instructions"] > fast["instructions"]
