@@ -63,9 +63,9 @@ def alpha_crown_batch_limit(model: torch.nn.Module, example: torch.Tensor, budge
     return max(1, int(budget_gb * 2 ** 30 // max(per_sample, 1.0)))
 
 def _is_03() -> bool:
-    import auto_LiRPA
+    from ..lirpa.compat import needs_legacy_fixes
 
-    return getattr(auto_LiRPA, "__version__", "").startswith("0.3")
+    return needs_legacy_fixes()
 
 
 _AUTO_LIRPA_03 = _is_03()
