@@ -163,3 +163,17 @@ def test_user_import_after_linf_plugin_works():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("2")
+
+
+def test_one_version_check():
+    """Every "is this auto_LiRPA 0.3?" decision goes through compat.needs_legacy_fixes:
+    no module reads auto_LiRPA's version (metadata or ``__version__``) on its own."""
+    import re
+    from pathlib import Path
+
+    root = Path(linf_plugin.__file__).parent
+    pattern = re.compile(r"metadata\.version\(|auto_LiRPA\"?, \"__version__\"|auto_LiRPA\.__version__|"
+                         r"auto_lirpa_version\(\)\.startswith|startswith\(\"0\.3")
+    offenders = [f"{path.relative_to(root)}:{n}" for path in root.rglob("*.py") if path.name != "compat.py"
+                 for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if pattern.search(line)]
+    assert not offenders, offenders
