@@ -12,10 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm
 
 from linf_plugin.lirpa import applied_operator_fixes, compat
-from user_models import build_model
+from user_models import assert_sound, build_model
 
 LEGACY = compat.needs_legacy_fixes()
 
@@ -75,31 +74,6 @@ CASES = [
     ("11-full-rank-scalar-sub", lambda: _mlp(sub, _signed(1, 1)), (1, 3, 4), 2, ("CROWN",)),
     ("5+11-user-buffers", lambda: build_model("buffers"), (3, 8, 8), 2, ("CROWN", "CROWN-IBP", "forward")),
 ]
-
-
-def sampled_outputs(model, lo, hi, n=400):
-    """``model`` at ``n`` uniform points and ``n // 4`` vertices of ``[lo, hi]``: ``(n + n // 4, B, K)``."""
-    gen = torch.Generator().manual_seed(7)
-    u = torch.rand(n, *lo.shape, generator=gen)
-    v = (torch.rand(n // 4, *lo.shape, generator=gen) < 0.5).to(lo.dtype)
-    pts = torch.cat([u, v]) * (hi - lo) + lo
-    with torch.no_grad():  # batch by batch: a per-sample constant depends on the batch position
-        return torch.stack([model(p) for p in pts])
-
-
-def assert_sound(model, x, eps, method, bound_opts=None):
-    """Bound ``model`` on the l_inf ball and check every sampled output lies within."""
-    bounded = BoundedModule(model, torch.zeros_like(x), bound_opts=bound_opts, verbose=False)
-    xb = BoundedTensor(x, PerturbationLpNorm(norm=float("inf"), eps=eps))
-    with torch.no_grad():
-        lb, ub = bounded.compute_bounds(x=(xb,), method=method)
-    out = sampled_outputs(model, x - eps, x + eps)
-    tol = 1e-5 * (1 + out.abs().max())
-    assert torch.isfinite(lb).all() and torch.isfinite(ub).all()
-    worst_low, worst_up = float((lb - out).max()), float((out - ub).max())
-    assert worst_low <= tol and worst_up <= tol, \
-        f"{method}: sampled outputs pass the bounds by {max(worst_low, worst_up):.4g}"
-    return lb, ub
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])

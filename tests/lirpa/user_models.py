@@ -1,4 +1,4 @@
-"""User-style models (nothing from linf_plugin) and a script that bounds them.
+"""User-style models (nothing from linf_plugin), a sampling soundness check, and a script that bounds them.
 
 ``python user_models.py plain|plugin OUT`` bounds every model of
 :data:`MODELS` with every method of :data:`METHODS` and saves
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-__all__ = ["MODELS", "METHODS", "EPS", "build_model", "example_input", "bound_all"]
+__all__ = ["MODELS", "METHODS", "EPS", "build_model", "example_input", "bound_all", "assert_sound", "sampled_outputs"]
 
 METHODS = ("IBP", "CROWN-IBP", "CROWN", "forward")
 EPS = 0.05
@@ -103,6 +103,37 @@ def bound_all() -> dict:
             except Exception as exc:  # noqa: BLE001
                 out[f"{name}/{method}"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     return out
+
+
+def sampled_outputs(model, lo, hi, n=400):
+    """``model`` at ``n`` uniform points and ``n // 4`` vertices of ``[lo, hi]``: ``(n + n // 4, B, K)``."""
+    gen = torch.Generator().manual_seed(7)
+    u = torch.rand(n, *lo.shape, generator=gen)
+    v = (torch.rand(n // 4, *lo.shape, generator=gen) < 0.5).to(lo.dtype)
+    pts = torch.cat([u, v]) * (hi - lo) + lo
+    with torch.no_grad():  # batch by batch: a per-sample constant depends on the batch position
+        return torch.stack([model(p) for p in pts])
+
+
+def assert_sound(model, x, eps, method, bound_opts=None):
+    """Bound ``model`` on the l_inf ball and check every sampled output lies within.
+
+    Returns:
+        ``(lower, upper)``, each ``(B, K)``.
+    """
+    from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm
+
+    bounded = BoundedModule(model, torch.zeros_like(x), bound_opts=bound_opts, verbose=False)
+    xb = BoundedTensor(x, PerturbationLpNorm(norm=float("inf"), eps=eps))
+    with torch.no_grad():
+        lb, ub = bounded.compute_bounds(x=(xb,), method=method)
+    out = sampled_outputs(model, x - eps, x + eps)
+    tol = 1e-5 * (1 + out.abs().max())
+    assert torch.isfinite(lb).all() and torch.isfinite(ub).all()
+    worst_low, worst_up = float((lb - out).max()), float((out - ub).max())
+    assert worst_low <= tol and worst_up <= tol, \
+        f"{method}: sampled outputs pass the bounds by {max(worst_low, worst_up):.4g}"
+    return lb, ub
 
 
 def _load_compat_only():
