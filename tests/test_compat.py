@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import types
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from linf_plugin.lirpa import compat
 auto_LiRPA = importlib.import_module("auto_LiRPA")
 from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm  # noqa: E402
 
-IS_03 = auto_LiRPA.__version__.startswith("0.3")
+IS_03 = compat.needs_legacy_fixes()
 
 
 def _relu_net():
@@ -41,8 +42,8 @@ def test_apply_is_idempotent_and_recorded():
 
 
 def test_version_gate():
-    assert compat.installed_version() == auto_LiRPA.__version__
-    assert compat.needs_legacy_fixes() is IS_03
+    assert compat.lirpa_version() == auto_LiRPA.__version__
+    assert compat.needs_legacy_fixes() is auto_LiRPA.__version__.startswith("0.3")
     assert compat.needs_legacy_fixes("0.3") and compat.needs_legacy_fixes("0.3.1")
     assert not compat.needs_legacy_fixes("0.7.1") and not compat.needs_legacy_fixes("0.4.0")
     assert not compat.needs_legacy_fixes("unknown")
@@ -51,16 +52,27 @@ def test_version_gate():
 @pytest.mark.skipif(not IS_03, reason="the fixes only exist on auto_LiRPA 0.3")
 def test_fixes_are_feature_detected():
     # Each fix leaves things alone when the feature already exists.
-    import numpy.lib.arraysetops as aso
     import torch.onnx.symbolic_helper as sh
 
-    before = (aso, sh._set_opset_version, torch._C.Node.__getitem__)
     n = len(compat.applied_fixes())
-    compat._fix_numpy_arraysetops()
-    compat._fix_set_opset_version()
+    getitem = torch._C.Node.__getitem__
     compat._fix_node_getitem()
+    assert len(compat.applied_fixes()) == n and torch._C.Node.__getitem__ is getitem
+    # The import shims exist only while auto_LiRPA is imported, and never replace a real module.
+    assert "numpy.lib.arraysetops" not in sys.modules and not hasattr(sh, "_set_opset_version")
+    with compat.legacy_import_shims():
+        import numpy.lib.arraysetops as aso
+
+        assert aso.isin is __import__("numpy").isin
+        assert callable(sh._set_opset_version)
+        real = types.ModuleType("numpy.lib.arraysetops")
+        sys.modules["numpy.lib.arraysetops"] = real
+        with compat.legacy_import_shims():
+            assert sys.modules["numpy.lib.arraysetops"] is real
+        assert sys.modules["numpy.lib.arraysetops"] is real
+    assert sys.modules.pop("numpy.lib.arraysetops") is real  # not ours: left alone
+    assert not hasattr(sh, "_set_opset_version")
     assert len(compat.applied_fixes()) == n
-    assert before == (sys.modules["numpy.lib.arraysetops"], sh._set_opset_version, torch._C.Node.__getitem__)
 
     class Modern(nn.Module):
         def _named_members(self, get_members_fn, prefix="", recurse=True, remove_duplicate=True):
@@ -81,13 +93,12 @@ def test_fixes_are_feature_detected():
 
 @pytest.mark.skipif(not IS_03, reason="the helper is only restored for auto_LiRPA 0.3")
 def test_opset_helper_sets_exporter_opset():
-    import torch.onnx.symbolic_helper as sh
     import torch.onnx.utils as ou
 
     g = sys.modules[ou._optimize_graph.__module__].GLOBALS
     old = g.export_onnx_opset_version
     try:
-        sh._set_opset_version(12)
+        compat._opset_setter()(12)
         assert g.export_onnx_opset_version == 12
     finally:
         g.export_onnx_opset_version = old
@@ -152,3 +163,17 @@ def test_user_import_after_linf_plugin_works():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("2")
+
+
+def test_one_version_check():
+    """Every "is this auto_LiRPA 0.3?" decision goes through compat.needs_legacy_fixes:
+    no module reads auto_LiRPA's version (metadata or ``__version__``) on its own."""
+    import re
+    from pathlib import Path
+
+    root = Path(linf_plugin.__file__).parent
+    pattern = re.compile(r"metadata\.version\(|auto_LiRPA\"?, \"__version__\"|auto_LiRPA\.__version__|"
+                         r"auto_lirpa_version\(\)\.startswith|startswith\(\"0\.3")
+    offenders = [f"{path.relative_to(root)}:{n}" for path in root.rglob("*.py") if path.name != "compat.py"
+                 for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if pattern.search(line)]
+    assert not offenders, offenders

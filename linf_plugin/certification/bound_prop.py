@@ -138,9 +138,9 @@ def bound_batch_limit(method: str, model: torch.nn.Module, example: torch.Tensor
 
 
 def _is_03() -> bool:
-    import auto_LiRPA
+    from ..lirpa.compat import needs_legacy_fixes
 
-    return getattr(auto_LiRPA, "__version__", "").startswith("0.3")
+    return needs_legacy_fixes()
 
 
 _AUTO_LIRPA_03 = _is_03()

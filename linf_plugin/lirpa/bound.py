@@ -27,12 +27,10 @@ Options (``BoundedModule(..., bound_opts={"lp_dist": {...}})``):
 alpha-CROWN: the node has no optimisable parameters of its own (it subclasses
 plain ``Bound``; the two versions' alpha APIs differ), so alpha-CROWN runs on
 every model and optimises the other nodes (the ReLU / tanh slopes of hybrids
-and baselines).  Measured headroom for optimising our planes is small: on a
-digits-trained 3-layer l_inf-dist net (``benchmarks/bounds.py``, eps 0.02 to
-0.1) CROWN's bound on the smallest margin is within about 0.002 to 0.02 of
-the margin PGD attains (IBP: 0.004 to 0.024), with margins of order 1.  The
-lower planes are parameterised for it (any ``a`` with ``||a||_q <= 1``, and a
-``scale`` in ``[-1, 1]`` in :func:`~linf_plugin.lirpa.relaxation.lower_plane`).
+and baselines); our planes stay fixed.  Measured headroom for optimising them
+is small: on a digits-trained 3-layer l_inf-dist net (``benchmarks/bounds.py``,
+eps 0.02 to 0.1) CROWN's bound on the smallest margin is within about 0.002 to
+0.02 of the margin PGD attains (IBP: 0.004 to 0.024), with margins of order 1.
 
 Both auto_LiRPA 0.3 (PyPI, through :mod:`linf_plugin.lirpa.compat`) and
 upstream 0.7.x are supported: 0.7 passes keyword arguments to

@@ -4,10 +4,13 @@ auto_LiRPA 0.3 (2022) was written against torch 1.12 and numpy 1.x.  Four
 things it relies on are gone in torch 2.14 / numpy 2; each was fixed upstream
 later, so upstream 0.7.x needs none of this.  Every fix below is
 
-* **feature-detected** -- applied only when the installed auto_LiRPA is a
-  pre-0.4 release (read from its metadata, without importing it) AND the
-  thing the fix provides is missing, so on upstream 0.7.x (or on old
-  torch/numpy) nothing is touched;
+* **feature-detected** -- applied only when the auto_LiRPA that ``import
+  auto_LiRPA`` gives is a pre-0.4 release (:func:`lirpa_version`: the
+  imported module's ``__version__``, or before the import the one in the
+  ``__init__.py`` it will run -- never the installed metadata, which a source
+  checkout on ``sys.path`` overrides) AND the thing the fix provides is
+  missing, so on upstream 0.7.x (or on old torch/numpy) nothing is touched;
+  :func:`needs_legacy_fixes` is the package's one version check;
 * **idempotent** -- applying twice changes nothing;
 * **recorded** -- :func:`applied_fixes` says which ones ran, and the
   environment report prints them.
@@ -15,20 +18,24 @@ later, so upstream 0.7.x needs none of this.  Every fix below is
 The fixes (numbers as in the project's REFERENCE notes):
 
 1. ``numpy.lib.arraysetops`` was removed in numpy 2.0.  0.3's
-   ``operators/base.py`` does ``from numpy.lib.arraysetops import isin``.  We
-   register a tiny alias module exposing ``numpy.isin``.  *Needed by 0.3 with
-   numpy >= 2.0.*
+   ``operators/base.py`` does ``from numpy.lib.arraysetops import isin``.
+   While auto_LiRPA is imported (:func:`legacy_import_shims`) a tiny alias
+   module exposing ``numpy.isin`` sits in ``sys.modules``; it is removed
+   right after, so no other library sees it.  *Needed by 0.3 with numpy >= 2.0.*
 2. ``torch.onnx.symbolic_helper._set_opset_version`` was removed (torch 2.x
    moved the TorchScript ONNX exporter under ``torch.onnx._internal``).  0.3's
    ``parse_graph.py`` imports it and calls it with 12 before graph
-   optimisation.  We restore a function that sets the opset on the ``GLOBALS``
-   object of the module that defines ``torch.onnx.utils._optimize_graph``
-   (the one ``_optimize_graph`` itself reads).  *Needed by 0.3 with torch >= 2.x
-   where the helper is missing.*
+   optimisation.  During the import we provide a function that sets the
+   opset on the ``GLOBALS`` object of the module that defines
+   ``torch.onnx.utils._optimize_graph`` (the one ``_optimize_graph`` itself
+   reads); ``parse_graph`` keeps its reference, torch's module does not.
+   *Needed by 0.3 with torch >= 2.x where the helper is missing.*
 3. ``torch._C.Node`` is no longer subscriptable.  0.3 reads node attributes
    with ``n[k]``; the value is ``getattr(n, n.kindOf(k))(k)`` (``kindOf``
    returns the accessor name: ``f``, ``i``, ``s``, ``t``, ``fs``, ...).  We add
-   ``__getitem__`` to the class.  *Needed by 0.3 with torch >= 2.1 or so.*
+   ``__getitem__`` to the class -- the one change visible outside auto_LiRPA
+   (``node[k]`` works instead of raising ``TypeError``); the README's compat
+   section lists it.  *Needed by 0.3 with torch >= 2.1 or so.*
 4. ``torch.nn.Module.parameters()`` now calls
    ``self._named_members(..., remove_duplicate=...)``; 0.3 overrides
    ``_named_members`` on ``BoundedModule`` (and ``BoundDataParallel``) without
@@ -47,42 +54,44 @@ declares both (see ``pyproject.toml``).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import sys
 import types
 
-__all__ = ["apply", "applied_fixes", "auto_lirpa_version", "installed_version", "needs_legacy_fixes"]
+__all__ = ["apply", "applied_fixes", "auto_lirpa_version", "legacy_import_shims", "lirpa_version", "needs_legacy_fixes"]
 
 _APPLIED: list[str] = []
 _DONE = False
 
 
-def _fix_numpy_arraysetops() -> None:
+def _arraysetops_alias():
+    """A stand-in for ``numpy.lib.arraysetops`` (None where numpy still has it)."""
     try:
         importlib.import_module("numpy.lib.arraysetops")
-        return
+        return None
     except ImportError:
         pass
     import numpy as np
 
     alias = types.ModuleType("numpy.lib.arraysetops")
-    alias.__doc__ = "Alias created by linf_plugin.lirpa.compat (numpy 2 removed this module)."
+    alias.__doc__ = "Alias created by linf_plugin.lirpa.compat while auto_LiRPA 0.3 is imported."
     alias.isin = np.isin
     alias.unique = np.unique
     alias.intersect1d = np.intersect1d
     alias.union1d = np.union1d
     alias.setdiff1d = np.setdiff1d
     alias.in1d = getattr(np, "in1d", np.isin)
-    sys.modules["numpy.lib.arraysetops"] = alias
-    _APPLIED.append("numpy.lib.arraysetops alias (numpy>=2)")
+    return alias
 
 
-def _fix_set_opset_version() -> None:
+def _opset_setter():
+    """A ``_set_opset_version`` for torch versions that lack it (None where present)."""
     import torch.onnx.symbolic_helper as symbolic_helper
 
     if hasattr(symbolic_helper, "_set_opset_version"):
-        return
+        return None
     import torch.onnx.utils as onnx_utils
 
     exporter = sys.modules[onnx_utils._optimize_graph.__module__]
@@ -91,8 +100,40 @@ def _fix_set_opset_version() -> None:
     def _set_opset_version(opset_version: int) -> None:
         globals_obj.export_onnx_opset_version = opset_version
 
-    symbolic_helper._set_opset_version = _set_opset_version
-    _APPLIED.append("torch.onnx.symbolic_helper._set_opset_version restored")
+    return _set_opset_version
+
+
+@contextlib.contextmanager
+def legacy_import_shims():
+    """While active, ``import auto_LiRPA`` works for 0.3 on numpy 2 / torch 2.x.
+
+    0.3 binds both names at import time (``from numpy.lib.arraysetops import
+    isin`` in ``operators/base.py``, ``from torch.onnx.symbolic_helper import
+    _set_opset_version`` in ``parse_graph.py``), so the stand-ins are needed
+    only during the import: on exit both are removed again, and neither
+    ``sys.modules`` nor torch shows them to other libraries (a
+    ``numpy.lib.arraysetops`` entry would read as "numpy < 2" to a library
+    probing for it).  Where numpy / torch still have the real thing, nothing
+    is installed.
+    """
+    import torch.onnx.symbolic_helper as symbolic_helper
+
+    alias, setter = _arraysetops_alias(), _opset_setter()
+    if alias is not None:
+        sys.modules["numpy.lib.arraysetops"] = alias
+    if setter is not None:
+        symbolic_helper._set_opset_version = setter
+    try:
+        yield
+    finally:
+        if alias is not None and sys.modules.get("numpy.lib.arraysetops") is alias:
+            del sys.modules["numpy.lib.arraysetops"]
+        if setter is not None and symbolic_helper.__dict__.get("_set_opset_version") is setter:
+            del symbolic_helper._set_opset_version
+    for done, name in ((alias, "numpy.lib.arraysetops alias while importing (numpy>=2)"),
+                       (setter, "torch.onnx.symbolic_helper._set_opset_version while importing")):
+        if done is not None and name not in _APPLIED:
+            _APPLIED.append(name)
 
 
 def _fix_node_getitem() -> None:
@@ -157,18 +198,30 @@ def _fix_named_members() -> None:
 def _quiet_import(name: str):
     """Import ``name`` without the deprecation noise auto_LiRPA's import makes
     on torch 2.x (``torch.jit.script`` FutureWarning, cpp_extension's
-    CUDA_HOME notice); neither says anything about the user's code."""
+    CUDA_HOME notice); neither says anything about the user's code.
+
+    The warning filters the import installs (auto_LiRPA's
+    ``simplefilter("once")``; torch's own when torch is imported here first)
+    are kept: afterwards ``warnings.filters`` is what a plain import leaves.
+    """
     import logging
     import warnings
+
+    import torch  # noqa: F401  (its import-time filters, outside the capture below)
 
     cpp_logger = logging.getLogger("torch.utils.cpp_extension")
     level = cpp_logger.level
     cpp_logger.setLevel(logging.ERROR)
     try:
-        # record=True, because auto_LiRPA resets the filters while importing.
+        # record=True, because auto_LiRPA changes the filters while importing.
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            ours = warnings.filters[0]
             module = importlib.import_module(name)
+            installed = [f for f in warnings.filters if f is not ours]
+        # catch_warnings restored the filters from before; put back what the import added.
+        warnings.filters[:] = installed
+        warnings._filters_mutated()
         for w in caught:
             if "torch.jit" not in str(w.message):
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
@@ -177,37 +230,45 @@ def _quiet_import(name: str):
         cpp_logger.setLevel(level)
 
 
-def installed_version() -> str | None:
-    """The installed auto_LiRPA version, read WITHOUT importing it (0.3 cannot
-    be imported before the fixes); None when it is not installed."""
-    from importlib import metadata
+def lirpa_version() -> str | None:
+    """The version of the auto_LiRPA that ``import auto_LiRPA`` gives in this process.
+
+    The module's own ``__version__`` once imported; before that, read from the
+    ``__init__.py`` that the import will execute (0.3 cannot be imported before
+    :func:`legacy_import_shims`).  Never from the installed package metadata: a
+    source checkout on ``sys.path`` (e.g. upstream 0.7.x) wins over an installed
+    0.3 dist-info.  None when auto_LiRPA cannot be found; ``"unknown"`` when the
+    file names no version.
+    """
     import importlib.util
     import re
 
-    try:
-        return metadata.version("auto_LiRPA")
-    except metadata.PackageNotFoundError:
-        pass
-    spec = importlib.util.find_spec("auto_LiRPA")  # e.g. a source checkout on sys.path
-    if spec is None or not spec.origin:
+    module = sys.modules.get("auto_LiRPA")
+    if module is not None:
+        return str(getattr(module, "__version__", "unknown"))
+    spec = importlib.util.find_spec("auto_LiRPA")
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
         return None
     try:
-        text = open(spec.origin, encoding="utf-8").read()
+        with open(spec.origin, encoding="utf-8") as fh:
+            text = fh.read()
     except OSError:
-        return None
-    found = re.search(r"__version__\s*=\s*['\"]([^'\"]+)['\"]", text)
+        return "unknown"
+    found = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", text, re.MULTILINE)
     return found.group(1) if found else "unknown"
 
 
 def needs_legacy_fixes(version: str | None = None) -> bool:
-    """True for auto_LiRPA releases before 0.4 (PyPI's 0.3), which need the fixes.
+    """True for auto_LiRPA releases before 0.4 (PyPI's 0.3): THE version check.
 
-    Upstream 0.7.x imports and runs on torch 2.x / numpy 2 as it is, so nothing
-    is patched there even where torch or numpy lack what 0.3 used.
+    Every "is this auto_LiRPA 0.3?" decision in the package goes through here
+    (with ``version`` from :func:`lirpa_version` by default).  Upstream 0.7.x
+    imports and runs on torch 2.x / numpy 2 as it is, so nothing is patched
+    there even where torch or numpy lack what 0.3 used.
     """
     from packaging.version import InvalidVersion, Version
 
-    version = installed_version() if version is None else version
+    version = lirpa_version() if version is None else version
     if version in (None, "unknown"):
         return False
     try:
@@ -230,12 +291,9 @@ def apply() -> list[str]:
     if _DONE:
         return list(_APPLIED)
     legacy = needs_legacy_fixes()
-    if legacy:
-        _fix_numpy_arraysetops()
-        _fix_set_opset_version()
-        _fix_node_getitem()
     try:
-        _quiet_import("auto_LiRPA")
+        with legacy_import_shims() if legacy else contextlib.nullcontext():
+            module = _quiet_import("auto_LiRPA")
     except ImportError as exc:
         if getattr(exc, "name", None) == "auto_LiRPA":
             raise ImportError(
@@ -245,7 +303,11 @@ def apply() -> list[str]:
                 "source (https://github.com/Verified-Intelligence/auto_LiRPA)."
             ) from exc
         raise
+    if needs_legacy_fixes(getattr(module, "__version__", "unknown")) != legacy:  # pragma: no cover
+        raise RuntimeError(f"auto_LiRPA imported from {module.__file__} has version "
+                           f"{getattr(module, '__version__', 'unknown')}, not what its source file said")
     if legacy:
+        _fix_node_getitem()
         _fix_named_members()
     _DONE = True
     return list(_APPLIED)
@@ -257,6 +319,6 @@ def applied_fixes() -> list[str]:
 
 
 def auto_lirpa_version() -> str:
-    """The installed auto_LiRPA version string (after :func:`apply`)."""
+    """The imported auto_LiRPA's version string (after :func:`apply`)."""
     apply()
-    return getattr(sys.modules["auto_LiRPA"], "__version__", "unknown")
+    return lirpa_version() or "unknown"

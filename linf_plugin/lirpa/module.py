@@ -5,7 +5,7 @@ import warnings
 
 import torch
 
-from .compat import auto_lirpa_version
+from .compat import needs_legacy_fixes
 from .op import register
 
 __all__ = ["bounded_module", "default_bound_opts"]
@@ -21,7 +21,7 @@ def default_bound_opts() -> dict:
     ``BoundedModule`` by hand on 0.3 can pass ``bound_opts={"sparse_spec_alpha":
     False}`` for the same effect.
     """
-    if auto_lirpa_version().startswith("0.3"):
+    if needs_legacy_fixes():
         return {"sparse_spec_alpha": False}
     return {}
 

@@ -1,10 +1,13 @@
-"""auto_LiRPA 0.3 operator bugs that our graphs hit (fixed upstream; no-ops there).
+"""auto_LiRPA operator bugs that our graphs hit (0.3 ones, fixed upstream, and one in both).
 
 Our layers subtract a constant buffer (the mean shift in eval mode) and our
 nets normalise their input with ``x - mean``; auto_LiRPA 0.3 mishandles both
 outside IBP.  Same conventions as :mod:`linf_plugin.lirpa.compat`: every fix is
-feature-detected (applied only when the broken behaviour is present),
-idempotent, and recorded (:func:`applied_operator_fixes`).
+feature-detected (applied only when the broken behaviour is present; all but
+fix 10 only on 0.3, per :func:`~linf_plugin.lirpa.compat.needs_legacy_fixes`),
+idempotent, and recorded (:func:`applied_operator_fixes`).  Each one turns a
+crash into a bound; ``tests/lirpa/test_operator_fixes.py`` checks every one of
+them by sampling, on shapes chosen to trip it.
 
 5. ``BoundBuffers`` inherits ``from_input = True`` from ``BoundInput`` in 0.3,
    so a registered buffer (e.g. a mean-shift ``running_mean``) is given a batch
@@ -37,8 +40,11 @@ idempotent, and recorded (:func:`applied_operator_fixes`).
     CROWN fails on a CNN whose input normalisation divides by a scalar or a
     ``(C, 1, 1)`` std (both versions; 0.7 accepts ``(1, C, 1, 1)``, 0.3 only
     ``(batch, C, 1, 1)``).  Fix: a constant with one value, or one per input
-    channel, multiplies the patches' ``(in_c, kh, kw)`` dims directly;
-    anything else goes to the original.  Applied wherever the probe fails.
+    channel (shape ``(C, 1, 1)`` or ``(1, C, 1, 1)``), multiplies the
+    patches' ``(in_c, kh, kw)`` dims directly; anything else -- e.g. a
+    per-sample ``(B, 1, 1, 1)`` constant, even when ``B == C`` -- goes to the
+    original, which handles it or raises.  Applied wherever the probe fails,
+    on 0.7.x too (it rejects the scalar and the ``(C, 1, 1)`` cases).
 11. ``Bound.broadcast_backward`` in 0.3 assumes that a constant operand
     without a batch dimension has fewer dims than the activation; a
     full-rank constant such as an input normalisation's ``(1, 1)`` or
@@ -263,6 +269,16 @@ def _patches_const_is_broken(BoundMul, Patches) -> bool:
     return False
 
 
+def _is_per_channel(const: torch.Tensor, in_c: int) -> bool:
+    """Whether ``x * const`` scales each channel of an NCHW ``x`` by one value.
+
+    Only ``(C, 1, 1)`` and ``(1, C, 1, 1)`` qualify.  A ``(B, 1, 1, 1)``
+    constant scales each *sample* -- it must not be read as per-channel when
+    ``B`` happens to equal ``C`` (that made CROWN's bounds unsound)."""
+    shape = tuple(const.shape)
+    return shape in ((in_c, 1, 1), (1, in_c, 1, 1))
+
+
 def _fix_patches_times_constant() -> None:
     from auto_LiRPA.operators import BoundMul
     from auto_LiRPA.patches import Patches
@@ -274,11 +290,10 @@ def _fix_patches_times_constant() -> None:
 
     def _multiply_by_const(x, const):
         if isinstance(x, Patches) and isinstance(const, torch.Tensor):
-            in_c = x.patches.size(-3)
             if const.numel() == 1:
                 return x.create_similar(x.patches * const.reshape(()))
-            if const.numel() == in_c and const.dim() >= 3 and all(s == 1 for s in const.shape[-2:]):
-                return x.create_similar(x.patches * const.reshape(in_c, 1, 1))
+            if _is_per_channel(const, x.patches.size(-3)):
+                return x.create_similar(x.patches * const.reshape(-1, 1, 1))
         return original_fn(x, const)
 
     _multiply_by_const._linf_plugin_fix = True
@@ -331,21 +346,21 @@ def apply_operator_fixes() -> list[str]:
     """Apply the operator fixes that this auto_LiRPA needs (idempotent).
 
     Returns:
-        The fixes applied in this process (empty on upstream 0.7.x).
+        The fixes applied in this process (on upstream 0.7.x only fix 10).
     """
     global _DONE
     from .compat import needs_legacy_fixes
 
-    if not _DONE and not needs_legacy_fixes():
-        _DONE = True  # upstream 0.7.x: nothing is patched
     if not _DONE:
-        _fix_buffers_from_input()
-        _fix_sub_bound_forward()
-        _fix_mul_div_constant_forward()
-        _fix_flat_add_sub_patches()
-        _fix_batchnorm_forward()
-        _fix_patches_times_constant()
-        _fix_full_rank_constant_broadcast()
+        if needs_legacy_fixes():
+            _fix_buffers_from_input()
+            _fix_sub_bound_forward()
+            _fix_mul_div_constant_forward()
+            _fix_flat_add_sub_patches()
+            _fix_batchnorm_forward()
+        _fix_patches_times_constant()  # probe-gated: 0.7.x needs it as well
+        if needs_legacy_fixes():
+            _fix_full_rank_constant_broadcast()
         _DONE = True
     return list(_APPLIED)
 

@@ -44,8 +44,6 @@ For ``p = inf`` the gradient at ``x0`` is ``sign(x0_k - w_k) e_k`` with
 ``k`` the argmax coordinate of ``|x0 - w|`` (ties: lowest index), so the plane
 is stored sparsely (one coordinate); for finite ``p`` it is
 ``a_i = (|d_i| / ||d||_p)^(p-1) sign(d_i)`` with ``d = x0 - w`` (dense).
-A scale ``t`` in ``[-1, 1]`` may multiply ``a`` (still ``||t a||_q <= 1``);
-that is the optimisable parameter of alpha-CROWN.
 
 Upper plane (the chord of the dominant coordinate)
 --------------------------------------------------
@@ -145,14 +143,6 @@ class Plane:
     def sparse(self) -> bool:
         return self.index is not None
 
-    def dense_coef(self, dim: int) -> torch.Tensor:
-        """The coefficients as a dense ``(B, N, D)`` tensor."""
-        if not self.sparse:
-            return self.coef
-        out = self.coef.new_zeros(*self.coef.shape, dim)
-        out.scatter_(2, self.index.unsqueeze(2), self.coef.unsqueeze(2))
-        return out
-
     def evaluate(self, x: torch.Tensor) -> torch.Tensor:
         """Evaluate at points ``x`` of shape ``(..., B, D)`` (row ``b`` against plane row ``b``).
 
@@ -165,10 +155,6 @@ class Plane:
             vals = torch.gather(x, -1, idx)
             return self.coef * vals + self.bias
         return torch.einsum("...bd,bnd->...bn", x, self.coef) + self.bias
-
-    def scaled(self, t: torch.Tensor) -> "Plane":
-        """``t * P`` for a ``(B, N)`` (or broadcastable) scale ``t``."""
-        return Plane(self.coef * (t.unsqueeze(-1) if not self.sparse else t), self.bias * t, self.index)
 
 
 def sanitize_box(lower: torch.Tensor, upper: torch.Tensor):
@@ -293,8 +279,7 @@ def lower_direction(lower, upper, w, p: float, point: str = "projection", indice
     return index, coef
 
 
-def lower_plane(lower, upper, w, p: float, point: str = "projection", scale=None, direction=None,
-                indices=None) -> Plane:
+def lower_plane(lower, upper, w, p: float, point: str = "projection", indices=None) -> Plane:
     """A lower plane ``L <= ||x - w||_p`` (valid everywhere, see the module docstring).
 
     Args:
@@ -303,18 +288,13 @@ def lower_plane(lower, upper, w, p: float, point: str = "projection", scale=None
         w: ``(N, D)`` weights.
         p: in ``[1, inf]``.
         point: where the tangent plane touches (:data:`LOWER_POINTS`).
-        scale: optional ``(B, N)`` tensor in ``[-1, 1]`` multiplying the direction
-            (the alpha-CROWN parameter); ``None`` = 1.
-        direction: a precomputed ``lower_direction(...)`` result (to reuse it).
         indices: a precomputed ``linf_box_argmax(lower, upper, w)`` (p = inf).
 
     Returns:
         A :class:`Plane` (sparse for ``p = inf`` or ``point="face"``).
     """
     lower, upper = sanitize_box(lower, upper)
-    index, coef = direction if direction is not None else lower_direction(lower, upper, w, p, point, indices)
-    if scale is not None:
-        coef = coef * (scale if index is not None else scale.unsqueeze(-1))
+    index, coef = lower_direction(lower, upper, w, p, point, indices)
     D = lower.shape[1]
     r = torch.maximum(lower.abs(), upper.abs())  # (B, D)
     if index is not None:

@@ -1,6 +1,7 @@
 """Every architecture, built by name from one registry, and safe checkpoints.
 
-``create_model(name, input_shape, num_classes, **kwargs)``,
+``create_model(name, input_shape=None, num_classes=None, **kwargs)`` (None =
+the name's own default, ``model_defaults(name)``),
 ``list_models(filter="", family=None)``, ``register_model``;
 ℓ∞-dist nets (``LinfDistNet``), hybrids (``LinfDistHybrid``), ReLU baselines
 (``ReluNet``), the constructive nets of Theorems 3.2 / A.2, and
@@ -13,12 +14,12 @@ from .checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, Checkpoint, Chec
                          load_checkpoint, restore_rng_state, save_checkpoint)
 from .constructive import construction_constants, theorem32_net, theoremA2_net, theoremA2_width
 from .linf_dist import LinfDistHybrid, LinfDistNet
-from .registry import (FAMILIES, UnknownModelError, create_model, is_model, list_models, model_entrypoint,
-                       model_family, register_model)
+from .registry import (FAMILIES, GENERIC_DEFAULTS, UnknownModelError, create_model, is_model, list_models,
+                       model_defaults, model_entrypoint, model_family, register_model)
 from .relu import ReluNet
 
 __all__ = ["create_model", "list_models", "register_model", "model_family", "model_entrypoint", "is_model",
-           "FAMILIES", "UnknownModelError", "CertifiableModel", "CERTIFICATES", "BOUND_PROPAGATION_METHODS",
+           "model_defaults", "GENERIC_DEFAULTS", "FAMILIES", "UnknownModelError", "CertifiableModel", "CERTIFICATES", "BOUND_PROPAGATION_METHODS",
            "LinfDistNet", "LinfDistHybrid", "ReluNet", "theorem32_net", "theoremA2_net", "theoremA2_width",
            "construction_constants", "save_checkpoint", "load_checkpoint", "Checkpoint", "CheckpointError",
            "capture_rng_state", "restore_rng_state", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION"]

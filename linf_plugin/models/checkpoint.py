@@ -171,14 +171,14 @@ def _layer_p(model: nn.Module) -> dict:
     return {name: float(m.p) for name, m in model.named_modules() if isinstance(m, LpDistLinear)}
 
 
-def save_checkpoint(path, model: nn.Module, *, optimizer=None, scheduler=None, epoch: Optional[int] = None,
+def save_checkpoint(model: nn.Module, f, *, optimizer=None, scheduler=None, epoch: Optional[int] = None,
                     extra: Optional[dict] = None, rng_state: bool | dict = True) -> Path:
-    """Write a checkpoint atomically.
+    """Write a checkpoint atomically; arguments in ``torch.save(obj, f)``'s order.
 
     Args:
-        path: file to write (its folder is created).
         model: a model built by :func:`create_model` (DDP / DataParallel /
             ``torch.compile`` wrappers are unwrapped).
+        f: file to write (str or ``os.PathLike``; its folder is created).
         optimizer, scheduler: saved as their ``state_dict()``.
         epoch: the number of completed epochs (or any int).
         extra: a dict of tensors / numbers / strings / lists / dicts
@@ -190,9 +190,19 @@ def save_checkpoint(path, model: nn.Module, *, optimizer=None, scheduler=None, e
         The path written.
 
     Raises:
+        TypeError: ``model`` is not an ``nn.Module`` (a swapped call
+            ``save_checkpoint(path, model)`` is named as such), ``f`` is not a
+            path, or ``extra`` holds a value that weights_only loading refuses.
         ValueError: the model was not built by ``create_model`` (no config).
-        TypeError: ``extra`` holds a value that weights_only loading refuses.
     """
+    if isinstance(model, (str, os.PathLike)) and isinstance(f, nn.Module):
+        raise TypeError("save_checkpoint(model, f) takes the model first and the file second, as "
+                        f"torch.save(obj, f) does; got the path {str(model)!r} first and a "
+                        f"{type(f).__name__} second")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"save_checkpoint: model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(f, (str, os.PathLike)):
+        raise TypeError(f"save_checkpoint: f must be a file path (str or os.PathLike), got {type(f).__name__}")
     model = _unwrap(model)
     config = getattr(model, "model_config", None)
     if not config:
@@ -223,7 +233,7 @@ def save_checkpoint(path, model: nn.Module, *, optimizer=None, scheduler=None, e
     }
     _check_safe(body, "the checkpoint")
     payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "sha256": _digest(body), **body}
-    return atomic_torch_save(payload, path)
+    return atomic_torch_save(payload, f)
 
 
 def _package_version() -> str:

@@ -178,19 +178,19 @@ def linf_dist_mlp(input_shape, num_classes, depth: int = 5, width: int = 128, **
     return _mlp(input_shape, num_classes, depth, width, **kwargs)
 
 
-@register_model(family="linf_dist")
+@register_model(family="linf_dist", input_shape=(1, 28, 28), num_classes=10)
 def linf_dist_mlp_5x5120(input_shape, num_classes, **kwargs):
     """The paper's MNIST net: 5 ℓ∞-dist layers, hidden width 5120."""
     return _mlp(input_shape, num_classes, 5, 5120, **kwargs)
 
 
-@register_model(family="linf_dist")
+@register_model(family="linf_dist", input_shape=(3, 32, 32), num_classes=10)
 def linf_dist_mlp_6x5120(input_shape, num_classes, **kwargs):
     """The paper's CIFAR-10 net: 6 ℓ∞-dist layers, hidden width 5120."""
     return _mlp(input_shape, num_classes, 6, 5120, **kwargs)
 
 
-@register_model(family="linf_dist")
+@register_model(family="linf_dist", input_shape=(1, 8, 8), num_classes=10)
 def linf_dist_mlp_5x128(input_shape, num_classes, **kwargs):
     """A digits-sized ℓ∞-dist net: 5 layers, hidden width 128."""
     return _mlp(input_shape, num_classes, 5, 128, **kwargs)
@@ -203,13 +203,13 @@ def linf_dist_hybrid(input_shape, num_classes, depth: int = 4, width: int = 128,
     return _hybrid(input_shape, num_classes, depth, width, head_hidden=head_hidden, **kwargs)
 
 
-@register_model(family="hybrid")
+@register_model(family="hybrid", input_shape=(3, 32, 32), num_classes=10)
 def linf_dist_hybrid_5x5120(input_shape, num_classes, **kwargs):
-    """ℓ∞-dist Net+MLP (Zhang et al. 2021): 5 ℓ∞-dist layers of 5120, head with 512 tanh units."""
+    """ℓ∞-dist Net+MLP (Zhang et al. 2021): 5 ℓ∞-dist layers of 5120, head with 512 tanh units (CIFAR-10)."""
     return _hybrid(input_shape, num_classes, 5, 5120, head_hidden=512, **kwargs)
 
 
-@register_model(family="hybrid")
+@register_model(family="hybrid", input_shape=(1, 8, 8), num_classes=10)
 def linf_dist_hybrid_4x128(input_shape, num_classes, **kwargs):
     """A digits-sized hybrid: 4 ℓ∞-dist layers of 128, head with 128 tanh units."""
     return _hybrid(input_shape, num_classes, 4, 128, head_hidden=128, **kwargs)

@@ -4,6 +4,13 @@ In the style of timm: an entrypoint is a small function that fixes the
 hyper-parameters of one named model and hands off to its family's builder.
 Unlike timm, registering a name twice raises instead of overwriting.
 
+A named variant carries its own defaults, as timm's pretrained configs do:
+``create_model("linf_dist_mlp_6x5120")`` builds the CIFAR-10 net for
+``(3, 32, 32)`` inputs and 10 classes, ``linf_dist_mlp_5x5120`` the MNIST one
+for ``(1, 28, 28)``.  :func:`model_defaults` shows them; names registered
+without defaults use the digits shape ``(1, 8, 8)`` and 10 classes.  Explicit
+arguments always win.
+
 Every model built by :func:`create_model` carries ``model_name``,
 ``family``, ``model_config`` (a JSON-able dict; ``create_model(**config)``
 rebuilds the same architecture), ``input_shape`` and ``num_classes``.
@@ -20,9 +27,11 @@ from typing import Callable, Optional, Sequence
 from torch import nn
 
 __all__ = ["register_model", "create_model", "list_models", "model_family", "model_entrypoint", "is_model",
-           "FAMILIES", "ModelEntry", "UnknownModelError"]
+           "model_defaults", "FAMILIES", "GENERIC_DEFAULTS", "ModelEntry", "UnknownModelError"]
 
 FAMILIES = ("linf_dist", "hybrid", "relu")
+#: Defaults of names registered without their own: the digits data set.
+GENERIC_DEFAULTS = {"input_shape": (1, 8, 8), "num_classes": 10}
 
 
 class UnknownModelError(ValueError):
@@ -35,12 +44,14 @@ class ModelEntry:
     family: str
     fn: Callable[..., nn.Module]
     doc: str = ""
+    defaults: tuple = ()  # ((key, value), ...): the variant's own input_shape / num_classes
 
 
 _REGISTRY: dict = {}
 
 
-def register_model(fn: Optional[Callable] = None, *, family: str, name: Optional[str] = None):
+def register_model(fn: Optional[Callable] = None, *, family: str, name: Optional[str] = None,
+                   input_shape: Optional[Sequence[int]] = None, num_classes: Optional[int] = None):
     """Register an entrypoint ``fn(input_shape, num_classes, **kwargs) -> nn.Module`` under a name.
 
     Use as a decorator, ``@register_model(family="relu")``, or call it as
@@ -50,25 +61,49 @@ def register_model(fn: Optional[Callable] = None, *, family: str, name: Optional
         fn: the entrypoint.
         family: ``"linf_dist"``, ``"hybrid"`` or ``"relu"``.
         name: registry name (default ``fn.__name__``).
+        input_shape, num_classes: the variant's own defaults for
+            :func:`create_model` (e.g. ``(3, 32, 32)``, 10 for a CIFAR-10 net);
+            None = :data:`GENERIC_DEFAULTS`.
 
     Returns:
         ``fn`` unchanged (or a decorator when ``fn`` is None).
 
     Raises:
-        ValueError: unknown family, or the name is already registered.
+        ValueError: unknown family, bad defaults, or the name is already registered.
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; choose from {FAMILIES}")
+    defaults = {}
+    if input_shape is not None:
+        defaults["input_shape"] = _check_input_shape(input_shape)
+    if num_classes is not None:
+        defaults["num_classes"] = _check_num_classes(num_classes)
 
     def deco(f: Callable) -> Callable:
         key = name or f.__name__
         if key in _REGISTRY:
             raise ValueError(f"model {key!r} is already registered (by {_REGISTRY[key].fn.__module__}."
                              f"{_REGISTRY[key].fn.__qualname__}); pick another name")
-        _REGISTRY[key] = ModelEntry(key, family, f, (f.__doc__ or "").strip().split("\n")[0])
+        _REGISTRY[key] = ModelEntry(key, family, f, (f.__doc__ or "").strip().split("\n")[0],
+                                    tuple(defaults.items()))
         return f
 
     return deco if fn is None else deco(fn)
+
+
+def model_defaults(name: str) -> dict:
+    """What :func:`create_model` uses for ``name`` when the caller does not say.
+
+    Returns:
+        ``{"input_shape": (C, H, W) or (d,), "num_classes": K}``: the
+        variant's own defaults over :data:`GENERIC_DEFAULTS`.
+
+    Raises:
+        UnknownModelError: ``name`` is not registered.
+    """
+    out = dict(GENERIC_DEFAULTS)
+    out.update(model_entrypoint(name).defaults)
+    return out
 
 
 def list_models(filter: str | Sequence[str] = "", family: Optional[str] = None) -> list:
@@ -121,6 +156,12 @@ def _check_input_shape(input_shape) -> tuple:
     return shape
 
 
+def _check_num_classes(num_classes) -> int:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    return num_classes
+
+
 def _jsonable(value, where: str):
     """Turn tuples into lists and check that ``value`` survives a JSON round trip."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -135,15 +176,16 @@ def _jsonable(value, where: str):
                     f"the model, got {type(value).__name__}: {value!r}")
 
 
-def create_model(name: str, input_shape: Sequence[int] = (1, 8, 8), num_classes: int = 10,
+def create_model(name: str, input_shape: Optional[Sequence[int]] = None, num_classes: Optional[int] = None,
                  kwargs: Optional[dict] = None, **extra) -> nn.Module:
     """Build a registered model by name.
 
     Args:
         name: a name from :func:`list_models`.
         input_shape: shape of ONE input, ``(C, H, W)`` or ``(d,)``
-            (digits ``(1, 8, 8)``, MNIST ``(1, 28, 28)``, CIFAR-10 ``(3, 32, 32)``).
-        num_classes: number of logits.
+            (digits ``(1, 8, 8)``, MNIST ``(1, 28, 28)``, CIFAR-10 ``(3, 32, 32)``);
+            None = the name's default (:func:`model_defaults`).
+        num_classes: number of logits; None = the name's default.
         kwargs: model keyword arguments as a dict (so that
             ``create_model(**model.model_config)`` works).
         **extra: more model keyword arguments (``mean``, ``std``, ``p``,
@@ -158,9 +200,9 @@ def create_model(name: str, input_shape: Sequence[int] = (1, 8, 8), num_classes:
         ValueError / TypeError: bad shape, class count, or kwargs.
     """
     entry = model_entrypoint(name)
-    shape = _check_input_shape(input_shape)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    defaults = model_defaults(name)
+    shape = _check_input_shape(defaults["input_shape"] if input_shape is None else input_shape)
+    num_classes = _check_num_classes(defaults["num_classes"] if num_classes is None else num_classes)
     merged = dict(kwargs or {})
     merged.update(extra)
     config = {"name": name, "input_shape": list(shape), "num_classes": num_classes,

@@ -220,7 +220,7 @@ class _Run:
         self._check_params(epoch)
         extra = {"kind": _CHECKPOINT_KIND, "train_config": self.config.to_dict(), "history": self.history,
                  "objective_state": _objective_extra_state(self.objective)}
-        save_checkpoint(self.checkpoint_path, self.model, optimizer=self.optimizer, epoch=epoch, extra=extra)
+        save_checkpoint(self.model, self.checkpoint_path, optimizer=self.optimizer, epoch=epoch, extra=extra)
         self.last_saved_epoch = epoch
 
     def _resume(self) -> None:

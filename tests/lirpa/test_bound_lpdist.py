@@ -22,7 +22,7 @@ from lirpa_check import METHODS, box, build, compute, default_dtype, extremes, m
 import auto_LiRPA  # noqa: E402  (after linf_plugin)
 from auto_LiRPA import BoundedModule  # noqa: E402
 
-IS_03 = auto_LiRPA.__version__.startswith("0.3")
+IS_03 = lirpa.compat.needs_legacy_fixes()
 
 
 def _linf_net(depth=3, width=6, d=5, k=4, p=math.inf, seed=0, dtype=torch.float32, **kw):

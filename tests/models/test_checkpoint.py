@@ -37,7 +37,7 @@ def test_round_trip_gives_identical_outputs(tmp_path, name):
     x = torch.rand(5, 1, 8, 8)
     with torch.no_grad():
         expect = model(x)
-    path = save_checkpoint(tmp_path / "ck.pt", model, optimizer=opt, scheduler=sched, epoch=7,
+    path = save_checkpoint(model, tmp_path / "ck.pt", optimizer=opt, scheduler=sched, epoch=7,
                            extra={"dataset": "digits", "preset": "digits_fast", "train": {"lr": 0.03, "p": math.inf}})
     ck = load_checkpoint(path)
     assert ck.config == model.model_config and ck.model.model_name == name and not ck.model.training
@@ -58,11 +58,11 @@ def test_round_trip_gives_identical_outputs(tmp_path, name):
 def test_layer_p_dtype_and_construction_survive(tmp_path):
     model, _, _ = _trained()
     set_p(model, 8.0)
-    ck = load_checkpoint(save_checkpoint(tmp_path / "p8.pt", model))
+    ck = load_checkpoint(save_checkpoint(model, tmp_path / "p8.pt"))
     assert [m.p for m in ck.model.layers] == [8.0] * 5 and ck.model.lipschitz_linf is None
     digits = load_dataset("digits", "all").subset(100)
     net = theorem32_net(digits.x.double(), digits.y)
-    ck = load_checkpoint(save_checkpoint(tmp_path / "t32.pt", net, extra={"dataset": "digits"}))
+    ck = load_checkpoint(save_checkpoint(net, tmp_path / "t32.pt", extra={"dataset": "digits"}))
     assert ck.model.layers[0].weight.dtype == torch.float64 and ck.model.construction == net.construction
     with torch.no_grad():
         assert torch.equal(ck.model(digits.x.double()), net(digits.x.double()))
@@ -73,7 +73,7 @@ def test_rng_states_round_trip(tmp_path):
     np.random.seed(12)
     random.seed(13)
     model, _, _ = _trained("mlp_3layer")
-    path = save_checkpoint(tmp_path / "rng.pt", model)
+    path = save_checkpoint(model, tmp_path / "rng.pt")
     expect = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
     torch.manual_seed(0), np.random.seed(0), random.seed(0)
     load_checkpoint(path).restore_rng()
@@ -87,7 +87,7 @@ def test_rng_states_round_trip(tmp_path):
 
 def test_weights_only_loading_is_used(tmp_path):
     model, _, _ = _trained("mlp_3layer")
-    path = save_checkpoint(tmp_path / "ck.pt", model)
+    path = save_checkpoint(model, tmp_path / "ck.pt")
     payload = torch.load(path, weights_only=True)  # the file itself is weights_only-safe
     assert payload["format"] == "linf_plugin.checkpoint" and payload["version"] == 1
 
@@ -99,7 +99,7 @@ class _Evil:
 
 def test_bad_files_get_clear_errors(tmp_path):
     model, _, _ = _trained("mlp_3layer")
-    good = save_checkpoint(tmp_path / "good.pt", model)
+    good = save_checkpoint(model, tmp_path / "good.pt")
     blob = good.read_bytes()
 
     with pytest.raises(CheckpointError, match="no checkpoint at"):
@@ -154,7 +154,7 @@ def _rewrite(path, dest, **changes):
 
 def test_unknown_model_and_shape_mismatch(tmp_path):
     model, _, _ = _trained("mlp_3layer")
-    good = save_checkpoint(tmp_path / "good.pt", model)
+    good = save_checkpoint(model, tmp_path / "good.pt")
     config = dict(model.model_config, name="mlp_9layer")
     with pytest.raises(CheckpointError, match=r"'mlp_9layer', which is not registered.*mlp_3layer"):
         load_checkpoint(_rewrite(good, tmp_path / "unknown.pt", model_config=config))
@@ -170,7 +170,7 @@ def test_unknown_model_and_shape_mismatch(tmp_path):
 
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     model, _, _ = _trained("mlp_3layer")
-    path = save_checkpoint(tmp_path / "ck.pt", model, epoch=1)
+    path = save_checkpoint(model, tmp_path / "ck.pt", epoch=1)
     before = path.read_bytes()
 
     def crash(obj, f, *a, **kw):
@@ -179,7 +179,7 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(path, model, epoch=2)
+        save_checkpoint(model, path, epoch=2)
     monkeypatch.undo()
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["ck.pt"]
     assert load_checkpoint(path).epoch == 1
@@ -187,14 +187,29 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 def test_save_refuses_what_it_could_not_load(tmp_path):
     with pytest.raises(ValueError, match="create_model"):
-        save_checkpoint(tmp_path / "x.pt", torch.nn.Linear(2, 2))
+        save_checkpoint(torch.nn.Linear(2, 2), tmp_path / "x.pt")
     model = create_model("mlp_3layer", (1, 8, 8), 10)
     with pytest.raises(TypeError, match=r"extra\['root'\] is a PosixPath"):
-        save_checkpoint(tmp_path / "x.pt", model, extra={"root": tmp_path})
+        save_checkpoint(model, tmp_path / "x.pt", extra={"root": tmp_path})
     with pytest.raises(TypeError, match="epoch"):
-        save_checkpoint(tmp_path / "x.pt", model, epoch=1.5)
+        save_checkpoint(model, tmp_path / "x.pt", epoch=1.5)
     assert not (tmp_path / "x.pt").exists()
     assert registry_module.is_model("mlp_3layer")
+
+
+@pytest.mark.parametrize("as_str", [True, False])
+def test_swapped_arguments_name_torch_save_order(tmp_path, as_str):
+    """``save_checkpoint(model, f)`` follows ``torch.save(obj, f)``; the reverse order is named."""
+    model = create_model("mlp_3layer", (1, 8, 8), 10)
+    path = str(tmp_path / "x.pt") if as_str else tmp_path / "x.pt"
+    with pytest.raises(TypeError, match=r"model first and the file second.*torch\.save\(obj, f\)"):
+        save_checkpoint(path, model)
+    with pytest.raises(TypeError, match="f must be a file path"):
+        save_checkpoint(model, 3)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        save_checkpoint({"w": 1}, path)
+    assert not (tmp_path / "x.pt").exists()
+    assert load_checkpoint(save_checkpoint(model, path)).config == model.model_config
 
 
 @pytest.mark.gpu
@@ -203,7 +218,7 @@ def test_cuda_round_trip_and_map_location(tmp_path):
     x = torch.rand(4, 1, 8, 8, device="cuda")
     with torch.no_grad():
         expect = model(x)
-    path = save_checkpoint(tmp_path / "gpu.pt", model)
+    path = save_checkpoint(model, tmp_path / "gpu.pt")
     on_gpu = load_checkpoint(path, map_location="cuda")
     assert next(on_gpu.model.parameters()).is_cuda and "cuda" in on_gpu.rng_state
     with torch.no_grad():

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from linf_plugin.data import dataset_info, three_point_set
-from linf_plugin.models import (CERTIFICATES, FAMILIES, LinfDistHybrid, LinfDistNet, UnknownModelError, create_model,
-                                list_models, model_family, register_model)
+from linf_plugin.models import (CERTIFICATES, FAMILIES, GENERIC_DEFAULTS, LinfDistHybrid, LinfDistNet,
+                                UnknownModelError, create_model, list_models, model_defaults, model_family,
+                                register_model)
 from linf_plugin.nn import InputNormalize, LpDistLinear, MeanShiftNorm, set_p
 
 SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
@@ -45,6 +46,41 @@ def test_big_presets_forward_on_their_data_set(name):
     assert out.shape == (1, 10) and torch.isfinite(out).all()
     widths = [m.out_features for m in model.modules() if isinstance(m, LpDistLinear)]
     assert widths[:-1] == [5120] * (len(widths) - 1) or model.family == "hybrid"
+
+
+# A named variant's own data set; every other name uses the digits defaults.
+VARIANT_DATA = {"linf_dist_mlp_5x5120": "mnist", "linf_dist_mlp_6x5120": "cifar10",
+                "linf_dist_hybrid_5x5120": "cifar10", "linf_dist_mlp_5x128": "digits",
+                "linf_dist_hybrid_4x128": "digits"}
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_named_variants_carry_their_own_defaults(name):
+    """``create_model(name)`` builds for the variant's data set (timm's pretrained-config
+    style): no 64-input CIFAR net; explicit arguments still override."""
+    expected = SHAPES[VARIANT_DATA.get(name, "digits")]
+    assert model_defaults(name) == {"input_shape": expected, "num_classes": 10}
+    if name not in VARIANT_DATA:
+        assert model_defaults(name) == GENERIC_DEFAULTS
+    with torch.device("meta" if name in BIG else "cpu"):  # meta: no 10^8 weights to initialise
+        model = create_model(name)
+    assert model.input_shape == expected and model.num_classes == 10
+    assert model.model_config["input_shape"] == list(expected) and model.model_config["num_classes"] == 10
+    first = next(m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, LpDistLinear)))
+    assert first.weight.shape[1] == (expected[0] if isinstance(first, torch.nn.Conv2d) else math.prod(expected))
+    if name not in BIG:
+        small = create_model(name, (1, 28, 28), num_classes=3)
+        assert small.input_shape == (1, 28, 28) and small(torch.rand(2, 1, 28, 28)).shape == (2, 3)
+        assert create_model(**small.model_config).model_config == small.model_config
+
+
+def test_registered_defaults_are_checked():
+    with pytest.raises(ValueError, match="input_shape"):
+        register_model(lambda input_shape, num_classes: None, family="relu", name="bad_defaults", input_shape=(2, 2))
+    with pytest.raises(ValueError, match="num_classes"):
+        register_model(lambda input_shape, num_classes: None, family="relu", name="bad_defaults", num_classes=0)
+    with pytest.raises(UnknownModelError):
+        model_defaults("linf_dist_mlp_6x512")
 
 
 @pytest.mark.parametrize("name", [n for n in list_models() if n not in CNNS and n not in BIG])
