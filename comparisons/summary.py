@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .common import fmt_eps, fmt_pct, fmt_seconds
-from .report import METHOD_TITLES
+from .tables import METHOD_TITLES
 
 __all__ = ["summarize_run", "summarize_mirman", "summarize_theorem"]
 
