@@ -90,7 +90,10 @@ def _run_markdown(res: dict, figures: List[dict]) -> str:
             if rec.get("status") == "error":
                 notes.append(f"- **{m['label']}**, {METHOD_TITLES[k]}: `{rec['error']}`")
             elif rec.get("status") == "ok" and rec["n"] != ev["n"]:
-                notes.append(f"- † **{m['label']}**, {METHOD_TITLES[k]}: first {rec['n']} test points only")
+                b = rec.get("budget")
+                why = (f" (time budget {b['seconds']:g} s for the grid: the first {b['probe_points']} points took "
+                       f"{fmt_seconds(b['probe_time'])})" if b else " (--points)")
+                notes.append(f"- † **{m['label']}**, {METHOD_TITLES[k]}: first {rec['n']} test points only{why}")
     out = [f"# Comparison: {s['suite']} ({s['dataset']}, {s['test_points']} test points)", "",
            f"Certified accuracy (%) at ε = {eps_txt} (pixel units) per method, with the method's certification "
            "time for the whole grid in brackets (margin: ONE pass certifies every ε; the other methods: one pass "

@@ -35,7 +35,15 @@ def summarize_run(run_dir: Path, res: dict) -> str:
                      f"({100 * c['accuracy_gap']:+.1f} points, {c['speedup']:.1f}x)")
     if goal:
         lines.append("  goal: " + {True: "MET", False: "NOT MET", None: "not evaluated"}[goal.get("met")])
-    lines.append(f"results: {Path(run_dir) / 'results.md'}")
+    md = Path(run_dir) / "results.md"
+    if md.exists():  # the main table, as in results.md
+        text = md.read_text().split("\n")
+        table = [ln for ln in text[:next((i for i, ln in enumerate(text) if ln.startswith("Notes")), len(text))]
+                 if ln.startswith("|")]
+        lines += [""] + table
+    lines += ["", "files:"] + [f"  {Path(run_dir) / f}" for f in
+                               ("results.md", "results.csv", "results.json", "certified_vs_eps.png",
+                                "time_vs_accuracy.png") if (Path(run_dir) / f).exists()]
     return "\n".join(lines)
 
 
@@ -44,7 +52,15 @@ def summarize_mirman(run_dir: Path, res: dict) -> str:
              f"({fmt_seconds(res['wall_time'])})"]
     for c in res["checks"]:
         lines.append(f"  [{'ok' if c['passed'] else 'FAILED'}] {c['claim']}")
-    lines.append(f"results: {Path(run_dir) / 'results.md'}")
+    md = Path(run_dir) / "results.md"
+    if md.exists():  # the main table, as in results.md
+        text = md.read_text().split("\n")
+        table = [ln for ln in text[:next((i for i, ln in enumerate(text) if ln.startswith("Notes")), len(text))]
+                 if ln.startswith("|")]
+        lines += [""] + table
+    lines += ["", "files:"] + [f"  {Path(run_dir) / f}" for f in
+                               ("results.md", "results.csv", "results.json", "certified_vs_eps.png",
+                                "time_vs_accuracy.png") if (Path(run_dir) / f).exists()]
     return "\n".join(lines)
 
 
@@ -62,5 +78,13 @@ def summarize_theorem(run_dir: Path, res: dict) -> str:
                 lines.append(f"    {net['label']:<28} FAILED: {net.get('error')}")
     for s in res.get("skipped", []):
         lines.append(f"  skipped {s['dataset']}: {s['reason']}")
-    lines.append(f"results: {Path(run_dir) / 'results.md'}")
+    md = Path(run_dir) / "results.md"
+    if md.exists():  # the main table, as in results.md
+        text = md.read_text().split("\n")
+        table = [ln for ln in text[:next((i for i, ln in enumerate(text) if ln.startswith("Notes")), len(text))]
+                 if ln.startswith("|")]
+        lines += [""] + table
+    lines += ["", "files:"] + [f"  {Path(run_dir) / f}" for f in
+                               ("results.md", "results.csv", "results.json", "certified_vs_eps.png",
+                                "time_vs_accuracy.png") if (Path(run_dir) / f).exists()]
     return "\n".join(lines)
