@@ -40,13 +40,16 @@ def _ints(text: str) -> List[int]:
     return [int(t) for t in _csv(text)]
 
 
-def _points(items: Optional[List[str]]) -> dict:
+def _points(items: Optional[List[str]], option: str = "--points", kind=int) -> dict:
     out = {}
     for item in items or ():
         if "=" not in item:
-            raise argparse.ArgumentTypeError(f"--points expects METHOD=N, got {item!r}")
+            raise ValueError(f"{option} expects METHOD={'N' if kind is int else 'SECONDS'}, got {item!r}")
         k, v = item.split("=", 1)
-        out[k.strip()] = int(v)
+        try:
+            out[k.strip()] = kind(v)
+        except ValueError:
+            raise ValueError(f"{option} {item!r}: {v!r} is not a number") from None
     return out
 
 
@@ -97,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-subset", type=int, default=None, help="evaluate on the first n test samples")
     p.add_argument("--points", dest="method_points", action="append", default=None, metavar="METHOD=N",
                    help="certify METHOD on the first N test points only (marked † in the table), e.g. alpha-crown=100")
+    p.add_argument("--budget", dest="budgets", action="append", default=None, metavar="METHOD=SECONDS",
+                   help="per model, certify METHOD on the leading test points that fit in SECONDS for the whole "
+                        "eps grid (marked † in the table); the digits default: crown=20, alpha-crown=20")
+    p.add_argument("--full", action="store_true",
+                   help="everything, as the first runs: the full training presets (digits: digits-*, about 40 "
+                        "minutes on 2 cores), no time budgets, alpha-crown on 10 points")
     p.add_argument("--pgd-steps", type=int, default=100)
     p.add_argument("--pgd-restarts", type=int, default=1)
     p.add_argument("--bisect", action="store_true",
@@ -135,6 +144,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             kw = {k: v for k, v in vars(args).items() if k != "command"}
             kw["method_points"] = _points(kw.get("method_points"))
+            kw["budgets"] = _points(kw.get("budgets"), "--budget", float)
             run_dir, res = run_comparison(RunSettings(**kw))
             print(summarize_run(run_dir, res))
         elif args.command == "mirman":

@@ -13,7 +13,7 @@ from matplotlib.patches import Rectangle  # noqa: E402
 from linf_plugin.io import atomic_write_text  # noqa: E402
 
 from .plots import METHOD_STYLE, save_figure  # noqa: E402
-from .report import METHOD_TITLES, md_table, write_csv  # noqa: E402
+from .tables import METHOD_TITLES, md_table, write_csv  # noqa: E402
 
 __all__ = ["render_mirman", "mirman_rows", "MIRMAN_CSV_FIELDS", "figure1", "radii_scatter", "fmt_r",
            "FIG_EPS_FRACTION"]

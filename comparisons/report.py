@@ -6,8 +6,6 @@ checked against the schema of its command first (:mod:`comparisons.schema`).
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 from pathlib import Path
 from typing import List, Optional
@@ -15,30 +13,10 @@ from typing import List, Optional
 from linf_plugin.io import atomic_write_text
 
 from .common import fmt_eps, fmt_pct, fmt_seconds
+from .tables import METHOD_TITLES, STATUS_CELL, md_table, write_csv
 
 __all__ = ["render_report", "md_table", "write_csv", "METHOD_TITLES", "run_rows", "RUN_CSV_FIELDS",
            "method_cell"]
-
-METHOD_TITLES = {"margin": "margin", "interval": "interval", "ibp": "IBP", "crown-ibp": "CROWN-IBP",
-                 "crown": "CROWN", "alpha-crown": "α-CROWN"}
-STATUS_CELL = {"n/a": "n/a", "not run": "—", "error": "error"}
-
-
-def md_table(header: List[str], rows: List[List[str]]) -> str:
-    """A GitHub Markdown table (cells may not contain ``|``)."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for r in rows:
-        lines.append("| " + " | ".join(str(c).replace("|", "/") for c in r) + " |")
-    return "\n".join(lines)
-
-
-def write_csv(path: Path, fields: List[str], rows: List[dict]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
-    atomic_write_text(path, buf.getvalue())
 
 
 def _num(x, digits=6):
@@ -112,7 +90,10 @@ def _run_markdown(res: dict, figures: List[dict]) -> str:
             if rec.get("status") == "error":
                 notes.append(f"- **{m['label']}**, {METHOD_TITLES[k]}: `{rec['error']}`")
             elif rec.get("status") == "ok" and rec["n"] != ev["n"]:
-                notes.append(f"- † **{m['label']}**, {METHOD_TITLES[k]}: first {rec['n']} test points only")
+                b = rec.get("budget")
+                why = (f" (time budget {b['seconds']:g} s for the grid: the first {b['probe_points']} points took "
+                       f"{fmt_seconds(b['probe_time'])})" if b else " (--points)")
+                notes.append(f"- † **{m['label']}**, {METHOD_TITLES[k]}: first {rec['n']} test points only{why}")
     out = [f"# Comparison: {s['suite']} ({s['dataset']}, {s['test_points']} test points)", "",
            f"Certified accuracy (%) at ε = {eps_txt} (pixel units) per method, with the method's certification "
            "time for the whole grid in brackets (margin: ONE pass certifies every ε; the other methods: one pass "
@@ -214,7 +195,7 @@ def render_report(run_dir, results: Optional[dict] = None) -> List[dict]:
 
         return render_mirman(run_dir, results)
     if cmd == "theorem":
-        from .theorem import render_theorem
+        from .theorem_report import render_theorem
 
         return render_theorem(run_dir, results)
     raise ValueError(f"unknown command {cmd!r} in results.json")

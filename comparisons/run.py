@@ -35,8 +35,8 @@ from .common import (SCHEMA_VERSION, Timer, count_params, environment, error_rec
                      nan_to_none, progress_enabled, resolve_device, torch_threads)
 from .suites import ModelSpec, build_config, eps_label_list, get_suite, parse_overrides, select_models, training_label
 
-__all__ = ["RunSettings", "run_comparison", "evaluate_model", "speed_accuracy", "BASELINE_TRAININGS",
-           "DENSE_POINTS"]
+__all__ = ["RunSettings", "run_comparison", "evaluate_model", "speed_accuracy", "budgeted_points",
+           "BASELINE_TRAININGS", "DENSE_POINTS"]
 
 # Training methods that count as "baselines" for the speed/accuracy goal.
 BASELINE_TRAININGS = ("IBP", "CROWN-IBP")
@@ -60,6 +60,10 @@ class RunSettings:
         overrides: ``--set`` items (``[MODEL.]FIELD=JSON``).
         train_subset, test_subset: first n training / test samples.
         method_points: ``{method: n}``: certify that method on the first n test points only.
+        budgets: ``{method: seconds}``: per model, certify that method on as many leading test points
+            as fit in the budget (a probe on the first points sets the count; see :func:`budgeted_points`).
+            The suite's budgets apply unless ``full``; the user's win.
+        full: everything as in the first runs: the suite's full training presets, no time budgets.
         pgd_steps, pgd_restarts: the attack (100 steps = PGD-100).
         bisect, bisect_steps: per-sample radius bisection for bound propagation.
         batch_size, alpha_iterations: certification settings.
@@ -82,6 +86,8 @@ class RunSettings:
     train_subset: Optional[int] = None
     test_subset: Optional[int] = None
     method_points: Dict[str, int] = field(default_factory=dict)
+    budgets: Dict[str, float] = field(default_factory=dict)
+    full: bool = False
     pgd_steps: int = 100
     pgd_restarts: int = 1
     bisect: bool = False
@@ -126,7 +132,7 @@ def _dense_curve(radius: np.ndarray, eps_max: float, points: int = DENSE_POINTS)
 
 
 def _certify_method(model, data, method, eps_grid, *, batch_size, device, alpha_iterations, bisect, bisect_steps,
-                    bar) -> dict:
+                    bar, budget: Optional[float] = None) -> dict:
     """One method on one model over the whole grid; the record that goes into results.json.
 
     Models with ℓp-dist layers use kernels compiled on first use
@@ -145,17 +151,70 @@ def _certify_method(model, data, method, eps_grid, *, batch_size, device, alpha_
             certify(model, data.subset(min(len(data), batch_size)), 0.0 if method == "margin" else eps_grid[0],
                     method, batch_size=batch_size, device=device, alpha_iterations=alpha_iterations)
         warm = tw.seconds
-    rec = _timed_method(model, data, method, eps_grid, eps_max, batch_size=batch_size, device=device,
-                        alpha_iterations=alpha_iterations, bisect=bisect, bisect_steps=bisect_steps, bar=bar)
+    kw = dict(batch_size=batch_size, device=device, alpha_iterations=alpha_iterations, bisect=bisect,
+              bisect_steps=bisect_steps)
+    if budget is not None and method != "margin":
+        rec = _budgeted_method(model, data, method, eps_grid, eps_max, budget, **kw)
+        bar.update(len(eps_grid))
+    else:
+        rec = _timed_method(model, data, method, eps_grid, eps_max, bar=bar, **kw)
     rec["warmup_time"] = warm
+    return rec
+
+
+def budgeted_points(probe_time: float, probe_n: int, total: int, budget: float) -> int:
+    """How many leading points a method certifies within ``budget`` seconds (for the whole ε grid).
+
+    The probe certified the first ``probe_n`` points at every ε in
+    ``probe_time`` seconds (one ``BoundedModule`` build per ε included, so
+    the per-point estimate errs high); the method then runs on the first
+    ``n`` points with ``n = clamp(budget / (probe_time / probe_n), probe_n, total)``.
+    """
+    if probe_n >= total:
+        return total
+    per_point = probe_time / probe_n if probe_time > 0 else 0.0
+    fit = total if per_point <= 0 else int(budget / per_point)
+    return int(min(total, max(probe_n, fit)))
+
+
+# Points certified first by a budgeted method, whatever the budget (α-CROWN on a ReLU CNN: ~20 s a point).
+# Not 1 for α-CROWN: on auto_LiRPA 0.3 a one-point batch whose ReLUs of one layer are all stable can
+# raise a KeyError in the dense-α code (seen on a tiny CNN at ε = 0.2).
+BUDGET_PROBE = {"alpha-crown": 2}
+DEFAULT_PROBE = 16
+
+
+def _budgeted_method(model, data, method, eps_grid, eps_max, budget, *, batch_size, **kw) -> dict:
+    """``_timed_method`` on the first points that fit in ``budget`` seconds.
+
+    A probe on the first points sets the count; when more fit, the method
+    runs again on the first ``n`` points in one go (its record and times are
+    that run's; the probe's time is kept under ``budget``).  One run rather
+    than probe + rest: auto_LiRPA 0.3's dense α-CROWN can fail on a small
+    batch whose ReLUs of one layer are all stable.
+    """
+    probe_n = min(len(data), BUDGET_PROBE.get(method, DEFAULT_PROBE))
+    rec = _timed_method(model, data.subset(probe_n), method, eps_grid, eps_max, batch_size=batch_size,
+                        bar=None, **kw)
+    probe_time = rec["time"]
+    n = budgeted_points(probe_time, probe_n, len(data), budget)
+    if n > probe_n:
+        rec = _timed_method(model, data.subset(n), method, eps_grid, eps_max, batch_size=batch_size, bar=None, **kw)
+    rec["budget"] = {"seconds": float(budget), "probe_points": probe_n, "probe_time": probe_time,
+                     "points": n, "of": len(data)}
     return rec
 
 
 def _timed_method(model, data, method, eps_grid, eps_max, *, batch_size, device, alpha_iterations, bisect,
                   bisect_steps, bar) -> dict:
+    from tqdm.auto import tqdm
+
+    bar = bar if bar is not None else tqdm(disable=True)
     if method == "margin":
+        # one batch for the whole set (up to 4096 points): the pass is one forward, so batching only adds overhead
+        margin_batch = max(batch_size, min(len(data), 4096))
         with Timer(device) as t:
-            curve = certified_accuracy_curve(model, data, eps_grid, "margin", batch_size=batch_size, device=device)
+            curve = certified_accuracy_curve(model, data, eps_grid, "margin", batch_size=margin_batch, device=device)
         bar.update(len(eps_grid))
         results = [{"eps": e, "certified_accuracy": a, "time": t.seconds}
                    for e, a in zip(eps_grid, curve.certified_accuracy)]
@@ -183,7 +242,8 @@ def _timed_method(model, data, method, eps_grid, eps_max, *, batch_size, device,
 
 
 def evaluate_model(model, data, eps_grid, methods, *, device, batch_size=256, alpha_iterations=20, bisect=False,
-                   bisect_steps=12, pgd_steps=100, pgd_restarts=1, seed=0, method_points=None, bar=None) -> dict:
+                   bisect_steps=12, pgd_steps=100, pgd_restarts=1, seed=0, method_points=None, budgets=None,
+                   stage_bar=None) -> dict:
     """Clean, PGD and certified accuracy of one trained model (the ``evaluation`` part of a model record).
 
     Args:
@@ -193,16 +253,19 @@ def evaluate_model(model, data, eps_grid, methods, *, device, batch_size=256, al
         methods: methods to try (None = all of ``METHODS``); those that do not
             apply are recorded as ``n/a``.
         method_points: ``{method: n}`` restricts a method to the first n points.
-        bar: a tqdm bar to advance (one tick per (method, ε) and per PGD ε).
+        budgets: ``{method: seconds}``: a method not in ``method_points`` runs on
+            the leading points that fit in its budget (recorded under ``budget``).
+        stage_bar: ``stage_bar(name, total)`` -> a tqdm bar for one stage (PGD, one
+            method), ticked once per ε; None for no bars.
 
     Returns:
         ``{"n", "clean_accuracy", "pgd", "methods": {method: record}}``.
     """
     from tqdm.auto import tqdm
 
-    bar = bar if bar is not None else tqdm(disable=True)
+    stage_bar = stage_bar or (lambda name, total: tqdm(total=total, disable=True))
     methods = list(METHODS) if methods is None else list(methods)
-    method_points = method_points or {}
+    method_points, budgets = method_points or {}, budgets or {}
     x, y = data.x, data.y
     with torch.no_grad():
         correct = []
@@ -211,12 +274,15 @@ def evaluate_model(model, data, eps_grid, methods, *, device, batch_size=256, al
     correct = torch.cat(correct)
     clean = float(correct.sum().item()) / correct.numel()
     out = {"n": len(data), "clean_accuracy": clean}
+    bar = stage_bar(f"PGD-{pgd_steps}", len(eps_grid))
     try:
         out["pgd"] = _pgd(model, x, y, eps_grid, pgd_steps, pgd_restarts, batch_size, tuple(data.data_range), seed,
                           device, bar)
     except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
         out["pgd"] = error_record(exc)
         log(f"  PGD failed: {out['pgd']['error']}")
+    finally:
+        bar.close()
     ok = applicable_methods(model)
     records = {}
     for m in METHODS:
@@ -225,16 +291,19 @@ def evaluate_model(model, data, eps_grid, methods, *, device, batch_size=256, al
             continue
         if m not in ok:
             records[m] = {"status": "n/a"}
-            bar.update(len(eps_grid))
             continue
         sub = data.subset(int(method_points[m])) if m in method_points else data
+        budget = budgets.get(m) if m not in method_points else None
+        bar = stage_bar(m + (f" (budget {budget:g} s)" if budget is not None else ""), len(eps_grid))
         try:
             records[m] = _certify_method(model, sub, m, eps_grid, batch_size=batch_size, device=device,
                                          alpha_iterations=alpha_iterations, bisect=bisect, bisect_steps=bisect_steps,
-                                         bar=bar)
+                                         bar=bar, budget=budget)
         except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
             records[m] = error_record(exc)
             log(f"  {m} failed on {getattr(model, 'model_name', type(model).__name__)}: {records[m]['error']}")
+        finally:
+            bar.close()
     out["methods"] = records
     return out
 
@@ -300,11 +369,47 @@ def _config(spec: ModelSpec, settings: RunSettings, overrides, device, progress)
                         progress=progress, num_threads=settings.num_threads)
 
 
-def _train_or_load(cfg, spec: ModelSpec, cache: CheckpointCache, device):
+class _EpochBar:
+    """A logging handler that ticks a tqdm bar on each of the trainer's ``epoch i/n`` records."""
+
+    def __init__(self, bar):
+        import logging
+
+        self.bar, self.logger = bar, logging.getLogger("linf_plugin.training")
+        self.handler = logging.Handler(logging.INFO)
+        self.handler.emit = self._emit
+
+    def _emit(self, record) -> None:
+        if str(record.msg).startswith("epoch ") and record.args:
+            self.bar.update(1)
+
+    def __enter__(self):
+        import logging
+
+        self.level, self.propagate = self.logger.level, self.logger.propagate
+        if not self.logger.isEnabledFor(logging.INFO):
+            # INFO only for the bar: auto_LiRPA's root handler must not print the records we enabled
+            self.logger.setLevel(logging.INFO)
+            self.logger.propagate = False
+        self.logger.addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self.handler)
+        self.logger.setLevel(self.level)
+        self.logger.propagate = self.propagate
+        return False
+
+
+def _train_or_load(cfg, spec: ModelSpec, cache: CheckpointCache, device, stage_bar):
     hit = cache.lookup(cfg, device) if cache.enabled else None
     if hit is None:
-        log(f"training {spec.key} ({spec.preset}: {cfg.model}, {cfg.epochs} epochs) ...")
-        return cache.get_or_train(cfg, device=device)
+        bar = stage_bar(f"{spec.key}: train ({spec.preset}, {cfg.epochs} epochs)", cfg.epochs)
+        try:
+            with _EpochBar(bar):
+                return cache.get_or_train(cfg.replace(progress=False), device=device)
+        finally:
+            bar.close()
     log(f"reusing cached {spec.key} ({hit.path})")
     return hit
 
@@ -324,7 +429,7 @@ def run_comparison(settings: RunSettings):
     from .report import render_report
 
     suite = get_suite(settings.preset)
-    specs = select_models(suite, settings.models)
+    specs = select_models(suite, settings.models, full=settings.full)
     methods = _check_methods(settings.methods)
     eps_grid = eps_label_list(settings.eps if settings.eps else suite.eps)
     overrides = parse_overrides(settings.overrides)
@@ -333,7 +438,18 @@ def run_comparison(settings: RunSettings):
     for m, n in settings.method_points.items():
         if m not in METHODS or int(n) < 1:
             raise ValueError(f"--points {m}={n}: need a method of {list(METHODS)} and n >= 1")
-    method_points = {**dict(suite.points), **settings.method_points}  # the user's --points win
+    for m, b in settings.budgets.items():
+        if m not in METHODS or not (float(b) > 0 and math.isfinite(float(b))):
+            raise ValueError(f"--budget {m}={b}: need a method of {list(METHODS)} and seconds > 0")
+    # the user's --points and --budget win over the suite's; a method has points or a budget, not both
+    method_points = {**suite.points_for(settings.full), **settings.method_points}
+    budgets = {m: float(b) for m, b in {**suite.budgets_for(settings.full), **settings.budgets}.items()
+               if m not in settings.method_points}
+    method_points = {m: n for m, n in method_points.items() if m not in settings.budgets}
+
+    def stage_bar(desc, total):
+        return tqdm(total=total, desc=desc, disable=not progress, dynamic_ncols=True, leave=True)
+
     run_dir = make_run_dir("run", settings.out)
     cache = CheckpointCache(settings.cache_dir, enabled=settings.use_cache, scratch=run_dir)
     with torch_threads(settings.num_threads):
@@ -342,7 +458,8 @@ def run_comparison(settings: RunSettings):
             test = test.subset(int(settings.test_subset))
         results = {"schema": "comparisons.run", "schema_version": SCHEMA_VERSION, "command": "run",
                    "environment": environment(device),
-                   "settings": nan_to_none({**asdict(settings), "method_points": method_points, "eps": eps_grid, "suite": suite.name,
+                   "settings": nan_to_none({**asdict(settings), "method_points": method_points, "budgets": budgets,
+                                            "eps": eps_grid, "suite": suite.name,
                                             "dataset": suite.dataset, "test_points": len(test),
                                             "methods": methods or list(METHODS)}),
                    "models": []}
@@ -352,7 +469,7 @@ def run_comparison(settings: RunSettings):
                 try:
                     cfg = _config(spec, settings, overrides, device, progress)
                     rec.update(model_name=cfg.model, family=cfg.family, training=training_label(cfg))
-                    cm = _train_or_load(cfg, spec, cache, device)
+                    cm = _train_or_load(cfg, spec, cache, device, stage_bar)
                 except Exception as exc:  # noqa: BLE001 - recorded, the others still run
                     rec.update(error_record(exc), stage="training")
                     log(f"  training {spec.key} failed: {rec['error']}")
@@ -364,16 +481,14 @@ def run_comparison(settings: RunSettings):
                            train={"time": cm.train_time, "epochs": cm.config.epochs, "cache": cm.info(),
                                   "final_metrics": nan_to_none(cm.final_metrics),
                                   "config": cm.config.to_dict()})
-                bar = tqdm(total=len(eps_grid) * (len(METHODS) + 1), desc=f"{spec.key}: PGD + certify",
-                           disable=not progress, dynamic_ncols=True)
                 with Timer(device) as t_eval:
                     rec["evaluation"] = evaluate_model(
                         model, test, eps_grid, methods, device=device, batch_size=settings.batch_size,
                         alpha_iterations=settings.alpha_iterations, bisect=settings.bisect,
                         bisect_steps=settings.bisect_steps, pgd_steps=settings.pgd_steps,
                         pgd_restarts=settings.pgd_restarts, seed=settings.seed,
-                        method_points=method_points, bar=bar)
-                bar.close()
+                        method_points=method_points, budgets=budgets,
+                        stage_bar=lambda desc, total, key=spec.key: stage_bar(f"{key}: {desc}", total))
                 rec["evaluation"]["time"] = t_eval.seconds
                 results["models"].append(nan_to_none(rec))
         results["speed_accuracy"] = speed_accuracy(results["models"], eps_grid, suite.goal_eps)

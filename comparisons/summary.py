@@ -4,9 +4,23 @@ from __future__ import annotations
 from pathlib import Path
 
 from .common import fmt_eps, fmt_pct, fmt_seconds
-from .report import METHOD_TITLES
+from .tables import METHOD_TITLES
 
 __all__ = ["summarize_run", "summarize_mirman", "summarize_theorem"]
+
+
+def _table_and_files(run_dir: Path) -> list:
+    """The first table of ``results.md`` (the main one) and every file the run wrote."""
+    run_dir = Path(run_dir)
+    out = []
+    md = run_dir / "results.md"
+    if md.exists():
+        text = md.read_text().split("\n")
+        start = next((i for i, ln in enumerate(text) if ln.startswith("|")), len(text))
+        end = next((i for i in range(start, len(text)) if not text[i].startswith("|")), len(text))
+        out += [""] + text[start:end]
+    files = sorted(p for p in run_dir.iterdir() if p.is_file() and p.suffix in (".md", ".csv", ".json", ".png"))
+    return out + ["", "files:"] + [f"  {p}" for p in files]
 
 
 def summarize_run(run_dir: Path, res: dict) -> str:
@@ -35,8 +49,7 @@ def summarize_run(run_dir: Path, res: dict) -> str:
                      f"({100 * c['accuracy_gap']:+.1f} points, {c['speedup']:.1f}x)")
     if goal:
         lines.append("  goal: " + {True: "MET", False: "NOT MET", None: "not evaluated"}[goal.get("met")])
-    lines.append(f"results: {Path(run_dir) / 'results.md'}")
-    return "\n".join(lines)
+    return "\n".join(lines + _table_and_files(run_dir))
 
 
 def summarize_mirman(run_dir: Path, res: dict) -> str:
@@ -44,8 +57,7 @@ def summarize_mirman(run_dir: Path, res: dict) -> str:
              f"({fmt_seconds(res['wall_time'])})"]
     for c in res["checks"]:
         lines.append(f"  [{'ok' if c['passed'] else 'FAILED'}] {c['claim']}")
-    lines.append(f"results: {Path(run_dir) / 'results.md'}")
-    return "\n".join(lines)
+    return "\n".join(lines + _table_and_files(run_dir))
 
 
 def summarize_theorem(run_dir: Path, res: dict) -> str:
@@ -62,5 +74,4 @@ def summarize_theorem(run_dir: Path, res: dict) -> str:
                 lines.append(f"    {net['label']:<28} FAILED: {net.get('error')}")
     for s in res.get("skipped", []):
         lines.append(f"  skipped {s['dataset']}: {s['reason']}")
-    lines.append(f"results: {Path(run_dir) / 'results.md'}")
-    return "\n".join(lines)
+    return "\n".join(lines + _table_and_files(run_dir))

@@ -61,7 +61,8 @@ import math
 
 import torch
 
-__all__ = ["margin_certify", "lipschitz_constant", "linf_trace", "MarginCertificateError", "unit_roundoff"]
+__all__ = ["margin_certify", "lipschitz_constant", "linf_trace", "MarginCertificateError", "unit_roundoff",
+           "computation_unit_roundoff"]
 
 
 class MarginCertificateError(ValueError):
@@ -99,18 +100,32 @@ def lipschitz_constant(model) -> float:
 def linf_trace(model, x: torch.Tensor):
     """Run an l_inf-dist net once, keeping what the error bound needs.
 
-    One ``model(x)`` call with forward hooks on the input normalisation and
-    on every ℓ∞-dist layer, so the values bounded are the ones the model
-    computed.
+    For a :class:`~linf_plugin.models.LinfDistNet` (whose ``forward`` is
+    known: normalise, flatten, every layer, negate) the parts are called in
+    that order directly, so the values bounded are the logits returned.  Any
+    other model (a subclass with its own ``forward``) runs one ``model(x)``
+    call with forward hooks on the normalisation and every layer, and its
+    logits must equal the last layer's output.
 
     Returns:
-        ``(logits, z0, outputs)``: the logits ``(B, K)`` of ``model(x)``, the
-        normalised flattened input and each layer's output.
+        ``(logits, z0, outputs)``: the logits ``(B, K)``, the normalised
+        flattened input ``(B, D)`` and each layer's output ``(B, N_l)``.
     """
+    from ..models.linf_dist import LinfDistNet
+    from ..models.base import check_input
+
     try:
         normalize, layers, negate = model.normalize, list(model.layers), bool(model.negate_output)
     except AttributeError as exc:
         raise MarginCertificateError(f"not an l_inf-dist net (needs normalize, layers, negate_output): {exc}") from None
+    if type(model).forward is LinfDistNet.forward and not (model._forward_hooks or model._forward_pre_hooks):
+        check_input(x, model.input_shape, type(model).__name__)
+        z0 = normalize(x).flatten(1)
+        outs, z = [], z0
+        for layer in layers:
+            z = layer(z)
+            outs.append(z)
+        return (-z if negate else z), z0, outs
     seen = {}
     hooks = [normalize.register_forward_hook(lambda _m, _i, out: seen.__setitem__("z0", out))]
     hooks += [layer.register_forward_hook(lambda _m, _i, out, k=k: seen.__setitem__(k, out))
@@ -130,25 +145,69 @@ def linf_trace(model, x: torch.Tensor):
     return logits, seen["z0"].flatten(1), outs
 
 
-def _layer_consts(layer):
-    ms = layer.mean_shift
-    m = ms.running_mean.detach().abs().max().item() if ms is not None else 0.0
-    b = layer.bias.detach().abs().max().item() if layer.bias is not None else 0.0
-    return m, b
+def computation_unit_roundoff(model, tensors=()) -> float:
+    """The unit roundoff of the least precise floating dtype the certified computation touches.
+
+    Every rounding of the forward pass happens in the dtype of one of its
+    operands other than the input (a parameter or buffer) or of a computed
+    activation (a result, listed in ``tensors``); the input itself is exact.
+    Taking the largest ``u`` over all of them is never smaller than the ``u``
+    of any rounding step.  So a float32 input to a float64 model is computed
+    in float64 (u = 2^-53); a float64 input to a float32 model is refused by
+    :func:`margin_certify` before this point.
+
+    Raises:
+        MarginCertificateError: a floating dtype other than float32 / float64.
+    """
+    dtypes = {t.dtype for t in tensors}
+    dtypes.update(p.dtype for p in model.parameters())
+    dtypes.update(b.dtype for b in model.buffers() if b.is_floating_point())
+    return max(unit_roundoff(d) for d in dtypes)
 
 
-def _error_recursion(z0_mag: torch.Tensor, out_mags: list, consts: list, gamma: float, inflate: torch.Tensor = None,
-                     base: list = None):
-    """Per-sample bound on the per-logit rounding error (see module docstring)."""
-    extra = 0.0 if inflate is None else inflate
-    e = 2 * gamma * (z0_mag + extra)
-    errs = []
-    for k, (mag, (m, b)) in enumerate(zip(out_mags, consts)):
-        grow = extra + (0.0 if base is None else 2 * base[k])
-        dist = mag + grow + m + b
-        e = e + gamma * (dist + 2 * (mag + grow) + b)
-        errs.append(e)
-    return e, errs
+def _layer_consts(layers, device) -> torch.Tensor:
+    """``(L, 2)`` float64: per layer ``max|running_mean|`` and ``max|bias|`` (0 where absent)."""
+    rows = []
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    for layer in layers:
+        ms = layer.mean_shift
+        m = ms.running_mean.detach().abs().max().double() if ms is not None else zero
+        b = layer.bias.detach().abs().max().double() if layer.bias is not None else zero
+        rows.append(torch.stack((m, b)))
+    return torch.stack(rows)
+
+
+def _error_bounds(z0_mag: torch.Tensor, mags: torch.Tensor, consts: torch.Tensor, gamma: float, lip: float):
+    """Closed forms of the recursion of the module docstring, all samples and layers at once.
+
+    Args:
+        z0_mag: ``(B,)`` ``max|z0^|``; mags: ``(L, B)`` ``max|out_l^|``;
+        consts: ``(L, 2)`` ``max|running_mean|``, ``max|bias|``.
+
+    With ``grow_l = inflate + 2 base_l`` the recursion
+    ``e_l = e_{l-1} + gamma (mag_l + grow_l + m_l + b_l + 2 (mag_l + grow_l) + b_l)``,
+    ``e_0 = 2 gamma (z0 + inflate)``, sums to
+    ``e_L = 2 gamma (z0 + inflate) + gamma sum_l (3 mag_l + m_l + 2 b_l + 3 grow_l)``:
+
+    * ``E`` (inflate 0, base 0): the per-logit error at x; ``errs`` its partial sums;
+    * ``A = E'(0)`` (inflate 0, base = errs): ``E + 6 gamma sum_l errs_l``;
+    * ``E'(r) = A + coef r`` with ``coef = gamma lip (2 + 3 L)`` (inflate ``lip r``).
+
+    Every sum here has at most L + 2 float64 terms, so its relative rounding
+    error is below ``(L + 2) 2^-53``; the bounds are inflated by ``1 + 2^-30``
+    to stay upper bounds after that rounding.
+
+    Returns:
+        ``(E, A, coef)``: ``(B,)``, ``(B,)`` and a float.
+    """
+    n_layers = mags.shape[0]
+    per_layer = 3 * mags + (consts[:, 0] + 2 * consts[:, 1]).unsqueeze(1)
+    errs = 2 * gamma * z0_mag + gamma * per_layer.cumsum(0)
+    safe = 1 + 2.0 ** -30
+    err = errs[-1] * safe
+    a = (errs[-1] + 6 * gamma * errs.sum(0)) * safe
+    coef = gamma * lip * (2 + 3 * n_layers) * safe
+    return err, a, coef
 
 
 @torch.no_grad()
@@ -157,7 +216,8 @@ def margin_certify(model, x: torch.Tensor, y: torch.Tensor, eps: float, float_mo
 
     Args:
         model: a pure l_inf-dist net in eval mode with every layer at p = inf.
-        x: ``(B, *input_shape)`` inputs.
+        x: ``(B, *input_shape)`` inputs, float32 or float64, no more precise
+            than the model's parameters.
         y: ``(B,)`` labels.
         eps: radius in pixel units (only used for the returned flags).
         float_model: also guarantee the float network as run at every x' in
@@ -167,29 +227,38 @@ def margin_certify(model, x: torch.Tensor, y: torch.Tensor, eps: float, float_mo
         ``(correct, certified, radius, info)``: bool ``(B,)``, bool ``(B,)``,
         float64 ``(B,)`` certified radius (0 where misclassified; certified at
         eps iff ``eps < radius``), and a dict with the error bounds used.
+
+    Raises:
+        MarginCertificateError: no Lipschitz constant, or ``x`` more precise
+        than the model (its rounding to the model's dtype would move the
+        centre of the ball).
     """
     lip = lipschitz_constant(model)
-    u = unit_roundoff(x.dtype)
-    gamma = 2 * u
+    p = next(iter(model.parameters()), None)
+    if p is not None and p.is_floating_point() and x.dtype.is_floating_point and \
+            unit_roundoff(x.dtype) < unit_roundoff(p.dtype):
+        raise MarginCertificateError(
+            f"x is {x.dtype} but the model computes in {p.dtype}: rounding x would move the centre of the "
+            f"ball; pass x as {p.dtype} (rounded by you, so the certificate is about the rounded point) or "
+            f"convert the model with .to({x.dtype})")
     logits, z0, outs = linf_trace(model, x)
-    consts = [_layer_consts(layer) for layer in model.layers]
+    u = computation_unit_roundoff(model, (z0, logits, *outs))
+    gamma = 2 * u
+    consts = _layer_consts(model.layers, logits.device)
     z0_mag = z0.detach().abs().amax(dim=1).double()
-    mags = [o.detach().abs().amax(dim=1).double() for o in outs]
-    err, errs = _error_recursion(z0_mag, mags, consts, gamma)
+    mags = torch.stack([o.detach().abs().amax(dim=1) for o in outs]).double()
+    err, a, coef = _error_bounds(z0_mag, mags, consts, gamma, lip)
 
     lg = logits.detach().double()
     top2 = lg.topk(2, dim=1)
     pred = top2.indices[:, 0]
     margin = top2.values[:, 0] - top2.values[:, 1]
-    margin = margin - abs(margin) * 2.0 ** -52
+    margin = margin - margin.abs() * 2.0 ** -52
     correct = pred == y
 
     slack = margin - 2 * err
     if float_model:
-        # E'(r) = A + B r exactly, since the recursion is affine in the inflation L*r.
-        a, _ = _error_recursion(z0_mag, mags, consts, gamma, inflate=torch.zeros_like(z0_mag), base=errs)
-        b1, _ = _error_recursion(z0_mag, mags, consts, gamma, inflate=torch.full_like(z0_mag, lip), base=errs)
-        coef = b1 - a  # d E' / d r
+        # E'(r) = A + coef r, so the condition m - 2E - 2E'(r) > 2 L r has this closed form.
         radius = (slack - 2 * a) / (2 * lip + 2 * coef)
     else:
         radius = slack / (2 * lip)

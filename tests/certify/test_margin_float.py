@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from linf_plugin.certification import MethodNotApplicableError, certify
-from linf_plugin.certification.margin import margin_certify
+from linf_plugin.certification.margin import MarginCertificateError, margin_certify
 from linf_plugin.models import create_model
 from linf_plugin.nn import set_p
 
@@ -112,3 +112,65 @@ def test_margin_refuses_models_without_lipschitz_constant():
     relu = create_model("mlp_3layer", input_shape=(1, 8, 8), num_classes=10)
     with pytest.raises(MethodNotApplicableError):
         certify(relu, data, 0.1, "margin")
+
+
+def test_nothing_certifies_just_past_the_exact_radius():
+    """The one-layer net's exact radius is known in closed form; eps a hair past it must not certify."""
+    net = _one_layer_net()
+    x, y = torch.tensor([[1.0]]), torch.tensor([0])
+    exact_radius = (2.0 ** -22 - 2.0 ** -25) / 2
+    for eps in (exact_radius * (1 + 2.0 ** -20), exact_radius * (1 + 1e-6), exact_radius * 1.01):
+        assert not bool(margin_certify(net, x, y, eps)[1][0])
+    # and on random nets, against the float64 margin of the same stored parameters
+    for dtype in (torch.float32, torch.float64):
+        net = _random_linf_net(3, dtype=dtype)
+        xs = torch.rand(100, 1, 8, 8, dtype=dtype)
+        ys = net(xs).argmax(1)
+        with torch.no_grad():
+            top2 = net.double()(xs.double()).topk(2, dim=1).values
+        net.to(dtype)
+        past = (top2[:, 0] - top2[:, 1]) / (2 / net.normalize.std.double().min()) * (1 + 1e-9)
+        flags = [bool(margin_certify(net, xs[i:i + 1], ys[i:i + 1], float(past[i]))[1][0]) for i in range(100)]
+        assert not any(flags)
+
+
+def test_unit_roundoff_is_the_computation_dtype():
+    """A float32 input to a float64 model computes in float64 (u = 2^-53); the reverse is refused clearly."""
+    net64 = _random_linf_net(5, dtype=torch.float64)
+    x32 = torch.rand(20, 1, 8, 8)
+    y = net64(x32).argmax(1)
+    info = margin_certify(net64, x32, y, 0.0)[3]
+    assert info["unit_roundoff"] == 2.0 ** -53
+    r_mixed = margin_certify(net64, x32, y, 0.0)[2]
+    r_same = margin_certify(net64, x32.double(), y, 0.0)[2]
+    assert torch.equal(r_mixed, r_same)  # the same float64 computation, the same certificate
+    net32 = _random_linf_net(5, dtype=torch.float32)
+    assert margin_certify(net32, x32, y, 0.0)[3]["unit_roundoff"] == 2.0 ** -24
+    with pytest.raises(MarginCertificateError, match="float64.*float32"):
+        margin_certify(net32, x32.double(), y, 0.0)
+
+
+def test_hooked_trace_and_direct_trace_agree():
+    """A model with its own forward is traced with hooks; both paths bound the same values."""
+    from linf_plugin.models import LinfDistNet
+
+    class Wrapped(LinfDistNet):
+        def forward(self, x):  # same function, other code object: takes the hook path
+            return super().forward(x)
+
+    net = _random_linf_net(6)
+    other = Wrapped(net.input_shape, net.num_classes, [48, 48, 48], mean=0.3, std=0.3).eval()
+    other.load_state_dict(net.state_dict())
+    x = torch.rand(30, 1, 8, 8)
+    y = net(x).argmax(1)
+    a, b = margin_certify(net, x, y, 0.0), margin_certify(other, x, y, 0.0)
+    assert torch.equal(a[2], b[2]) and a[3] == b[3]
+
+    class Cheat(LinfDistNet):
+        def forward(self, x):  # logits that are not the last layer's output
+            return super().forward(x) * 2
+
+    cheat = Cheat(net.input_shape, net.num_classes, [48, 48, 48], mean=0.3, std=0.3).eval()
+    cheat.load_state_dict(net.state_dict())
+    with pytest.raises(MarginCertificateError, match="not the last"):
+        margin_certify(cheat, x, y, 0.0)

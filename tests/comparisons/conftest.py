@@ -27,6 +27,7 @@ def tiny_mirman(tmp_path_factory):
     out = tmp_path_factory.mktemp("mirman") / "m"
     args = ["mirman", "--dims", "1,2", "--separations", "1,1.25", "--sizes", "8,16", "--depths", "1",
             "--seeds", "0", "--train-steps", "80", "--alpha-iterations", "3", "--alpha-bisect-steps", "10",
+            "--bisect-steps", "30",
             "--linf-depth", "2", "--no-progress", "--out", str(out)]
     assert main(args) == 0
     return out, load(out)

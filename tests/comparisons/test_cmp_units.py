@@ -92,16 +92,16 @@ def test_overrides_and_model_selection():
         parse_overrides(["epochs"])
     suite = get_suite("digits")
     assert [m.key for m in select_models(suite, None)] == ["linf", "hybrid", "ibp", "crown-ibp"]
-    assert [m.preset for m in select_models(suite, ["ibp", "digits-linf"])] == ["digits-ibp", "digits-linf"]
+    assert [m.preset for m in select_models(suite, ["ibp", "digits-linf"])] == ["digits-ibp-fast", "digits-linf"]
     assert select_models(suite, ["mnist-0.3-ibp"])[0].preset == "mnist-0.3-ibp"
     with pytest.raises(ValueError, match="unknown model"):
         select_models(suite, ["resnet"])
     with pytest.raises(ValueError, match="twice"):
-        select_models(suite, ["ibp", "digits-ibp"])
+        select_models(suite, ["ibp", "digits-ibp-fast"])
     with pytest.raises(ValueError, match="unknown preset"):
         get_suite("imagenet")
     for suite in SUITES.values():  # every suite names real presets
-        for spec in suite.models:
+        for spec in suite.models + suite.full_models:
             get_preset(spec.preset).validate()
 
 
@@ -117,3 +117,56 @@ def test_schema_checker():
                        ({"c": [], "d": "x", "e": {"f": True}}, "missing key 'a'")):
         with pytest.raises(SchemaError, match=where.replace("$", r"\$") if "\\" not in where else where):
             check(bad, spec)
+
+
+def test_budgeted_points_fit_the_budget():
+    from comparisons.run import budgeted_points
+
+    assert budgeted_points(probe_time=2.0, probe_n=16, total=360, budget=20.0) == 160  # 0.125 s a point
+    assert budgeted_points(probe_time=2.0, probe_n=16, total=100, budget=20.0) == 100  # all fit
+    assert budgeted_points(probe_time=30.0, probe_n=1, total=360, budget=20.0) == 1  # never below the probe
+    assert budgeted_points(probe_time=5.0, probe_n=16, total=10, budget=1.0) == 10  # the probe was everything
+
+
+def test_a_budgeted_method_runs_the_points_that_fit_and_says_so():
+    """CROWN under a budget: the leading points only, the same flags as certifying them directly."""
+    import torch
+
+    from comparisons.run import _certify_method
+    from linf_plugin.certification import certify
+    from linf_plugin.data import load_dataset
+    from linf_plugin.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("mlp_3layer", input_shape=(1, 8, 8), num_classes=10).eval()
+    data = load_dataset("digits", "test").subset(48)
+    grid = [0.0, 0.01]
+    kw = dict(batch_size=64, device=torch.device("cpu"), alpha_iterations=2, bisect=False, bisect_steps=4,
+              bar=__import__("tqdm").tqdm(disable=True))
+    tight = _certify_method(model, data, "crown", grid, budget=1e-9, **kw)
+    assert tight["n"] == 16 and tight["budget"]["points"] == 16 and tight["budget"]["of"] == 48
+    loose = _certify_method(model, data, "crown", grid, budget=1e9, **kw)
+    assert loose["n"] == 48 and loose["budget"]["probe_points"] == 16
+    for rec in (tight, loose):
+        for r in rec["results"]:
+            direct = certify(model, data.subset(rec["n"]), r["eps"], "crown", batch_size=64)
+            assert abs(r["certified_accuracy"] - direct.certified_accuracy) < 1e-12
+
+
+def test_full_and_default_suites_and_their_options():
+    from comparisons.cli import build_parser
+    from comparisons.mirman import FULL_SETTINGS, MirmanSettings, settings_from_args
+    from comparisons.suites import get_suite, select_models
+
+    suite = get_suite("digits")
+    assert [m.preset for m in select_models(suite, None)] == [
+        "digits-linf-fast", "digits-hybrid-fast", "digits-ibp-fast", "digits-crown-ibp-fast"]
+    assert [m.preset for m in select_models(suite, ["linf"], full=True)] == ["digits-linf"]
+    assert suite.budgets_for(False) == {"crown": 20.0, "alpha-crown": 20.0} and suite.budgets_for(True) == {}
+    assert suite.points_for(True) == {"alpha-crown": 10}
+    args = build_parser().parse_args(["run", "--full", "--budget", "crown=5"])
+    assert args.full and args.budgets == ["crown=5"]
+    quick = settings_from_args(build_parser().parse_args(["mirman"]))
+    full = settings_from_args(build_parser().parse_args(["mirman", "--full", "--seeds", "4"]))
+    assert (quick.sizes, quick.seeds, quick.bisect_steps) == (MirmanSettings().sizes, [0], 24)
+    assert full.sizes == FULL_SETTINGS["sizes"] and full.seeds == [4] and full.bisect_steps == 30
