@@ -139,6 +139,11 @@ def _check_model(model, x, y, device) -> tuple:
         for name, t in named:
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise ValueError(f"the model's {kind} {name!r} contains NaN or inf; no certificate can hold")
+    if x.dtype != dtype and not torch.equal(x.to(dtype).to(x.dtype), x):
+        # The box would be built around the rounded inputs, not the user's: a certificate for a neighbour.
+        raise ValueError(f"the inputs are {x.dtype} but {_name(model)} computes in {dtype}, and casting changes "
+                         f"their values; certify a {x.dtype} copy of the model (model.to({x.dtype})) or pass "
+                         f"inputs that are exactly {dtype}")
     model.to(dev)
     with torch.no_grad():
         out = model(x[:1].to(dev, dtype))

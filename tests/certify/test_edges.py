@@ -187,3 +187,18 @@ def test_user_models_with_labels_that_miss_classes(name, method):
     assert res.certified.any() and res.float_rigorous
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
         certify(model, (x, torch.full((12,), 10)), 1e-3, method)
+
+
+def test_inputs_that_the_model_dtype_would_round_are_refused():
+    # A float64 input that float32 cannot hold would be certified around its rounded neighbour.
+    from linf_plugin.certification import certify
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    x = torch.full((2, 1, 2, 2), 0.1, dtype=torch.float64)          # 0.1 is not a float32
+    y = torch.zeros(2, dtype=torch.long)
+    for method in ("ibp", "crown"):
+        with pytest.raises(ValueError, match="casting changes"):
+            certify(model, (x, y), 0.01, method)
+    exact = torch.full((2, 1, 2, 2), 0.25, dtype=torch.float64)      # exactly representable: fine
+    assert certify(model, (exact, y), 0.01, "ibp").n == 2
