@@ -177,10 +177,10 @@ def budgeted_points(probe_time: float, probe_n: int, total: int, budget: float) 
     return int(min(total, max(probe_n, fit)))
 
 
-# Points certified first by a budgeted method, whatever the budget (α-CROWN on a ReLU CNN: ~20 s a point).
-# Not 1 for α-CROWN: on auto_LiRPA 0.3 a one-point batch whose ReLUs of one layer are all stable can
-# raise a KeyError in the dense-α code (seen on a tiny CNN at ε = 0.2).
-BUDGET_PROBE = {"alpha-crown": 2}
+# Points certified first by a budgeted method, whatever the budget (α-CROWN on a digits ReLU CNN:
+# several seconds a point for the ε grid).  A one-point α-CROWN batch used to raise a KeyError in
+# auto_LiRPA's α code (operator fix 12 in linf_plugin.lirpa.operator_fixes).
+BUDGET_PROBE = {"alpha-crown": 1}
 DEFAULT_PROBE = 16
 
 
@@ -189,9 +189,7 @@ def _budgeted_method(model, data, method, eps_grid, eps_max, budget, *, batch_si
 
     A probe on the first points sets the count; when more fit, the method
     runs again on the first ``n`` points in one go (its record and times are
-    that run's; the probe's time is kept under ``budget``).  One run rather
-    than probe + rest: auto_LiRPA 0.3's dense α-CROWN can fail on a small
-    batch whose ReLUs of one layer are all stable.
+    that run's; the probe's time is kept under ``budget``).
     """
     probe_n = min(len(data), BUDGET_PROBE.get(method, DEFAULT_PROBE))
     rec = _timed_method(model, data.subset(probe_n), method, eps_grid, eps_max, batch_size=batch_size,

@@ -51,6 +51,13 @@ them by sampling, on shapes chosen to trip it.
     ``(1, C, 1, 1)`` mean (its leading 1 broadcasts over the batch) makes it
     index past the A matrix (``IndexError``) once buffers are constants (fix
     5).  Upstream treats the leading dim as the batch.  Fix: the same.
+12. ``BoundRelu`` keeps alpha-CROWN's slopes per start node, created for the
+    start nodes whose layer had unstable neurons in the initial CROWN pass;
+    when a later pass meets a start node without one (a one-point batch whose
+    ReLUs of a layer were all stable at first, then not), it indexes the
+    missing key: ``KeyError`` (0.3 in ``_backward_relaxation``, 0.7.1 in
+    ``select_alpha_by_idx``).  Fix: for such a start node the ReLU uses the
+    CROWN relaxation (sound; it just is not optimised).  Both versions.
 """
 from __future__ import annotations
 
@@ -342,11 +349,42 @@ def _fix_full_rank_constant_broadcast() -> None:
     _APPLIED.append("Bound.broadcast_backward: full-rank constants broadcast over the batch")
 
 
+def _relu_alpha_key_unchecked(BoundRelu) -> bool:
+    src = "".join(_source(getattr(BoundRelu, name)) for name in ("bound_backward", "_backward_relaxation",
+                                                                  "select_alpha_by_idx") if hasattr(BoundRelu, name))
+    indexes = "self.alpha[start_node.name]" in src or "self.alpha_lookup_idx[start_node.name]" in src
+    return indexes and "start_node.name not in self.alpha" not in src
+
+
+def _fix_relu_alpha_missing_start_node() -> None:
+    from auto_LiRPA.operators import BoundRelu
+
+    original = BoundRelu.bound_backward
+    if getattr(original, "_linf_plugin_fix", False) or not _relu_alpha_key_unchecked(BoundRelu):
+        return
+
+    @functools.wraps(original)
+    def bound_backward(self, *args, **kwargs):
+        start = kwargs.get("start_node")
+        if (start is not None and getattr(self, "opt_stage", None) in ("opt", "reuse")
+                and start.name not in (getattr(self, "alpha", None) or {})):
+            stage, self.opt_stage = self.opt_stage, None
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                self.opt_stage = stage
+        return original(self, *args, **kwargs)
+
+    bound_backward._linf_plugin_fix = True
+    BoundRelu.bound_backward = bound_backward
+    _APPLIED.append("BoundRelu.bound_backward: CROWN relaxation for a start node without alpha")
+
+
 def apply_operator_fixes() -> list[str]:
     """Apply the operator fixes that this auto_LiRPA needs (idempotent).
 
     Returns:
-        The fixes applied in this process (on upstream 0.7.x only fix 10).
+        The fixes applied in this process (on upstream 0.7.x fixes 10 and 12).
     """
     global _DONE
     from .compat import needs_legacy_fixes
@@ -359,6 +397,7 @@ def apply_operator_fixes() -> list[str]:
             _fix_flat_add_sub_patches()
             _fix_batchnorm_forward()
         _fix_patches_times_constant()  # probe-gated: 0.7.x needs it as well
+        _fix_relu_alpha_missing_start_node()  # source-gated: 0.7.1 too
         if needs_legacy_fixes():
             _fix_full_rank_constant_broadcast()
         _DONE = True

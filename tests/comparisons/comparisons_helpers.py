@@ -22,9 +22,8 @@ def tiny_run_args(out: Path, cache: Path, models="linf,ibp,crown-ibp", extra=())
     args = ["run", "--models", models, "--epochs", "2", "--train-subset", "120", "--test-subset", "24",
             "--pgd-steps", "3", "--alpha-iterations", "2", "--batch-size", "64", "--no-progress",
             "--out", str(out), "--cache-dir", str(cache), "--device", "cpu",
-            # α-CROWN on 10 points in one batch, not under the default budget's 2-point probe: on auto_LiRPA 0.3
-            # the width-1 tiny CNN's first point at ε = 0.2 raises KeyError('/input.19') in the dense-α code
-            # (all ReLUs of one layer stable); the budget itself is tested in test_cmp_units.py
+            # α-CROWN on 10 points, not under the default budget's probe; the budget itself is tested in
+            # test_cmp_units.py
             "--points", "alpha-crown=10"]
     for item in TINY_MODELS:
         args += ["--set", item]

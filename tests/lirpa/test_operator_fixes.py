@@ -112,3 +112,25 @@ def test_per_sample_constant_before_conv_is_never_unsound(in_c):
             raise
     assert_sound(model, x, 0.05, "CROWN", bound_opts={"conv_mode": "matrix"})
 
+
+
+def test_alpha_crown_start_node_without_alpha_is_bounded_soundly():
+    """Fix 12: a one-point batch whose ReLUs of one layer are all stable when alpha is
+    initialised, then not, used to raise ``KeyError('/input.19')`` (0.3) or
+    ``KeyError('/input-19')`` (0.7.1) inside alpha-CROWN; this width-1 CNN at the first
+    digits test point does it.  Now those start nodes get the CROWN relaxation, and the
+    bounds must hold at sampled points."""
+    from linf_plugin.data import dataset_info, load_dataset
+    from linf_plugin.lirpa import default_bound_opts
+    from linf_plugin.models import create_model
+
+    info = dataset_info("digits")
+    torch.manual_seed(0)
+    model = create_model("cnn_7layer", input_shape=(1, 8, 8), num_classes=10, mean=info.mean, std=info.std,
+                         width=1, linear_size=16).eval()
+    x = load_dataset("digits", "test").x[:1]
+    opts = {**default_bound_opts(), "optimize_bound_args": {"iteration": 2}}
+    if LEGACY:
+        opts["sparse_features_alpha"] = False
+    assert_sound(model, x, 0.2, "CROWN-Optimized", bound_opts=opts)
+    assert any("start node without alpha" in f for f in applied_operator_fixes())
