@@ -197,7 +197,10 @@ def _budgeted_method(model, data, method, eps_grid, eps_max, budget, *, batch_si
     probe_time = rec["time"]
     n = budgeted_points(probe_time, probe_n, len(data), budget)
     if n > probe_n:
-        rec = _timed_method(model, data.subset(n), method, eps_grid, eps_max, batch_size=batch_size, bar=None, **kw)
+        # in batches of the probe's size: bound propagation costs more than linearly in the batch
+        # (CROWN on a digits CNN: 16 points 2.2 s, 147 points in one batch 40 s instead of 20 s)
+        rec = _timed_method(model, data.subset(n), method, eps_grid, eps_max, batch_size=min(batch_size, probe_n),
+                            bar=None, **kw)
     rec["budget"] = {"seconds": float(budget), "probe_points": probe_n, "probe_time": probe_time,
                      "points": n, "of": len(data)}
     return rec

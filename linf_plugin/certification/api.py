@@ -237,7 +237,8 @@ def certify(model: torch.nn.Module, data, eps: float, method: str, *, data_range
             also_margin = method == "interval" and "margin" in applicable_methods(model)
             if method in _BOUND_PROP:
                 certifier = BoundPropCertifier(model, x[:1].to(dev, dtype), num_classes,
-                                               alpha_iterations=alpha_iterations, rigorous=rigorous)
+                                               alpha_iterations=alpha_iterations, rigorous=rigorous,
+                                               method=method)
                 batch_size = certifier.batch_size(method, batch_size)
             batches = _batches(x, y, batch_size, dev, dtype)
             if progress:
@@ -311,7 +312,7 @@ def _bisect_radius(model, data, method, eps_max, steps, batch_size, device, alph
         with eval_mode(model), exact_float():
             dev, dtype, num_classes = _check_model(model, x, y, device)
             cert = BoundPropCertifier(model, x[:1].to(dev, dtype), num_classes, alpha_iterations=alpha_iterations,
-                                      rigorous=rigorous)
+                                      rigorous=rigorous, method=method)
             batch_size = cert.batch_size(method, batch_size)
             for start in range(0, x.shape[0], batch_size):
                 xb = x[start:start + batch_size].to(dev, dtype)

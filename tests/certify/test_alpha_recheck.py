@@ -46,6 +46,10 @@ def test_conv_mode_is_matrix_for_small_inputs_only():
     assert conv_mode_for(cifar.eval(), torch.rand(1, 3, 32, 32)) == "patches"  # 64·32·32 outputs in a layer
     wide = nn.Sequential(nn.Flatten(), nn.Linear(64, MATRIX_MODE_MAX_NEURONS + 1)).eval()
     assert conv_mode_for(wide, torch.rand(1, 1, 8, 8)) == "patches"
+    # only alpha-CROWN (small batches) switches; CROWN on large batches is faster in patches mode
+    x = torch.rand(1, 1, 8, 8)
+    assert BoundPropCertifier(digits, x, 10, method="alpha-crown").opts["conv_mode"] == "matrix"
+    assert "conv_mode" not in BoundPropCertifier(digits, x, 10, method="crown").opts
 
 
 def test_matrix_and_patches_mode_give_the_same_crown_bounds():
