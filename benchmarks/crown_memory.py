@@ -13,7 +13,6 @@ set size on a CPU, ``torch.cuda.max_memory_allocated`` on a GPU.
 from __future__ import annotations
 
 import argparse
-import platform
 import resource
 import time
 from datetime import datetime, timezone
@@ -28,15 +27,7 @@ from linf_plugin.data import dataset_info
 from linf_plugin.io import atomic_write_json
 from linf_plugin.models import create_model
 
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from certify import _cpu_name  # benchmarks/certify.py (this folder is on sys.path when run as a script)
 
 
 def _peak_rss_gib() -> float:

@@ -32,8 +32,8 @@ import torch
 from ..data.box import linf_box
 from .float_safety import exact_float, rounding_slack, unit_roundoff_of, widen_box
 
-__all__ = ["LIRPA_METHODS", "margin_spec", "conv_mode_for", "MATRIX_MODE_MAX_NEURONS", "BoundPropCertifier", "alpha_crown_batch_limit", "bound_batch_limit",
-           "ALPHA_MEMORY_ENV", "BOUND_MEMORY_ENV"]
+__all__ = ["LIRPA_METHODS", "margin_spec", "conv_mode_for", "MATRIX_MODE_MAX_NEURONS", "BoundPropCertifier",
+           "alpha_crown_batch_limit", "bound_batch_limit", "ALPHA_MEMORY_ENV", "BOUND_MEMORY_ENV"]
 
 # α-CROWN keeps, per sample, CROWN matrices and α variables whose size grows with the product of the
 # numbers of neurons of the nonlinear layers (dense α on 0.3: one α per (neuron, start neuron) pair).
