@@ -8,8 +8,10 @@ not used):
 2. ``pytest -m gpu`` (the GPU tests; JUnit XML too);
 3. ``benchmarks/lp_dist.py --device cuda``;
 4. ``benchmarks/certify.py --device cuda``;
-5. a short ``python -m comparisons run --device cuda`` (digits, one epoch);
-6. ``benchmarks/vs_seed.py --seed-repo PATH`` when ``--seed-repo`` is given
+5. ``benchmarks/crown_memory.py --device cuda --n 256`` (CROWN's peak memory
+   on the 6x5120 net under ``$LINF_BOUND_MEMORY_GB``);
+6. a short ``python -m comparisons run --device cuda`` (digits, one epoch);
+7. ``benchmarks/vs_seed.py --seed-repo PATH`` when ``--seed-repo`` is given
    and that script exists.
 
 Dependencies the machine's Python lacks (auto_LiRPA, appdirs) come from
@@ -21,7 +23,8 @@ prepend to it) inherits.
 Files under ``--out`` (at most 8): ``gpu-check.log`` (every step's output,
 in order), ``summary.json`` (steps, commands, exit codes, seconds,
 versions), ``pytest-gpu.xml``, ``lp_dist-cuda.json``, ``certify-cuda.json``,
-``comparisons-cuda.json`` and, with a seed checkout, ``vs-seed.json``.
+``crown_memory-cuda.json``, ``comparisons-cuda.json`` and, with a seed
+checkout, ``vs-seed.json``.
 Every step runs even when an earlier one fails; the exit code is 1 when any
 failed.  ``--dry-run`` prints the plan (commands and PYTHONPATH) and runs
 nothing, so CI checks that the plan still matches the scripts' interfaces.
@@ -56,6 +59,9 @@ def plan(out: Path, python: str, seed_repo: Path | None, scratch: Path) -> list:
          ["lp_dist-cuda.json"], None),
         ("certify", [python, "benchmarks/certify.py", "--device", "cuda", "--out", str(out / "certify-cuda.json")],
          ["certify-cuda.json"], None),
+        # CROWN under the memory cap on the 6x5120 net (#13 item 4), sized to a short device session
+        ("crown_memory", [python, "benchmarks/crown_memory.py", "--device", "cuda", "--n", "256",
+                          "--out", str(out / "crown_memory-cuda.json")], ["crown_memory-cuda.json"], None),
         ("comparisons", [python, "-m", "comparisons", "run", "--preset", "digits", "--device", "cuda",
                          "--epochs", "1", "--test-subset", "200", "--points", "alpha-crown=20", "--no-cache",
                          "--no-progress", "--out", str(runs)],

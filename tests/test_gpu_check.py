@@ -36,7 +36,7 @@ def test_dry_run_lists_every_step(tmp_path):
     proc = subprocess.run([sys.executable, "scripts/gpu_check.py", "--out", str(tmp_path / "o"), "--wheels",
                            str(tmp_path / "w"), "--dry-run"], cwd=ROOT, capture_output=True, text=True, check=True)
     names = [line.split("]")[0][1:] for line in proc.stdout.splitlines() if line.startswith("[")]
-    assert names == ["env", "pytest-gpu", "lp_dist", "certify", "comparisons"]
+    assert names == ["env", "pytest-gpu", "lp_dist", "certify", "crown_memory", "comparisons"]
     assert "pip install --no-deps --target" in proc.stdout and "--device cuda" in proc.stdout
     assert not (tmp_path / "o").exists(), "a dry run writes nothing"
 
@@ -48,7 +48,7 @@ def test_plan_matches_the_real_command_lines(tmp_path):
     steps = {name: cmd for name, cmd, _, _ in gc.plan(tmp_path, sys.executable, None, tmp_path / "s")}
     args = build_parser().parse_args(steps["comparisons"][3:])          # after "python -m comparisons"
     assert args.device == "cuda" and args.epochs == 1
-    for name in ("lp_dist", "certify"):
+    for name in ("lp_dist", "certify", "crown_memory"):
         script = steps[name][1]
         help_text = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True,
                                    check=True).stdout
