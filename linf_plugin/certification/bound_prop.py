@@ -229,12 +229,16 @@ class _Bounder:
 
         ptb = PerturbationLpNorm(norm=math.inf, eps=None, x_L=lower, x_U=upper)
         c = margin_spec(y, num_classes, x.dtype)
+        name = LIRPA_METHODS[method]
+        if method == "alpha-crown" and not self.bounded.optimizable_activations:
+            # nothing to optimise (a pure l_inf-dist net): every alpha-CROWN iteration would
+            # recompute the same CROWN bound, so compute it once
+            name = "CROWN"
         # Only alpha-CROWN differentiates (through its own enable_grad); a
         # graph through the bounds of a wide net would cost gigabytes.
-        grad = torch.enable_grad() if method == "alpha-crown" else torch.no_grad()
+        grad = torch.enable_grad() if name == "CROWN-Optimized" else torch.no_grad()
         with _default_dtype(self.dtype), grad, exact_float(), _quiet_identity():
-            lb, _ = self.bounded.compute_bounds(x=(BoundedTensor(x, ptb),), C=c, method=LIRPA_METHODS[method],
-                                                bound_upper=False)
+            lb, _ = self.bounded.compute_bounds(x=(BoundedTensor(x, ptb),), C=c, method=name, bound_upper=False)
         self.alphas = None
         if method == "alpha-crown":
             nodes = _alpha_nodes(self.bounded)

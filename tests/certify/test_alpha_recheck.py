@@ -142,3 +142,15 @@ def test_an_alpha_layout_that_does_not_match_falls_back_to_optimizing(monkeypatc
     res = certify(model, _points(model), 1e-3, "alpha-crown", alpha_iterations=2, batch_size=6)
     assert res.float_rigorous and res.certified.sum() >= 2
     assert calls[0] == torch.float32 and len(calls) >= 2 and set(calls[1:]) == {torch.float64}  # per chunk
+
+
+def test_alpha_crown_without_anything_to_optimize_is_one_crown_pass(monkeypatch):
+    """A pure l_inf-dist net has no alpha: alpha-CROWN gives CROWN's certificates without iterating."""
+    torch.manual_seed(0)
+    net = create_model("linf_dist_mlp", input_shape=(1, 8, 8), num_classes=10, depth=3, width=16).eval()
+    x, y = _points(net, n=8)
+    calls = _count_optimizations(monkeypatch)
+    alpha = certify(net, (x, y), 2e-3, "alpha-crown", alpha_iterations=5)
+    crown = certify(net, (x, y), 2e-3, "crown")
+    assert calls == []
+    assert alpha.certified.tolist() == crown.certified.tolist() and alpha.certified.any()
