@@ -152,5 +152,7 @@ def test_alpha_crown_without_anything_to_optimize_is_one_crown_pass(monkeypatch)
     calls = _count_optimizations(monkeypatch)
     alpha = certify(net, (x, y), 2e-3, "alpha-crown", alpha_iterations=5)
     crown = certify(net, (x, y), 2e-3, "crown")
-    assert calls == []
+    # upstream 0.7.1 counts the input normalisation's constant 1/std (a BoundReciprocal) as optimizable,
+    # so there alpha-CROWN still iterates (same certificates, no speed-up)
+    assert calls == [] if DENSE_ALPHA else len(calls) == 1
     assert alpha.certified.tolist() == crown.certified.tolist() and alpha.certified.any()
