@@ -23,11 +23,9 @@ import torch
 import linf_plugin
 from linf_plugin.certification import certify
 from linf_plugin.certification.bound_prop import bound_batch_limit
-from linf_plugin.data import dataset_info
 from linf_plugin.io import atomic_write_json
-from linf_plugin.models import create_model
 
-from certify import _cpu_name  # benchmarks/certify.py (this folder is on sys.path when run as a script)
+from certify import _cifar_net, _cpu_name  # benchmarks/certify.py (this folder is on sys.path when run as a script)
 
 
 def _peak_rss_gib() -> float:
@@ -46,13 +44,7 @@ def main(argv=None):
         parser.error(f"--n must be >= 1, got {args.n}")
     dev = torch.device(args.device)
     torch.manual_seed(args.seed)
-    info = dataset_info("cifar10")
-    net = create_model("linf_dist_mlp_6x5120", input_shape=(3, 32, 32), num_classes=10, mean=info.mean,
-                       std=info.std).to(dev)
-    net.train()
-    with torch.no_grad():
-        net(torch.rand(256, 3, 32, 32, device=dev))  # non-trivial running means
-    net.eval()
+    net = _cifar_net(dev)
     x = torch.rand(args.n, 3, 32, 32, device=dev)
     with torch.no_grad():
         y = torch.cat([net(x[i:i + 256]).argmax(1) for i in range(0, args.n, 256)])
