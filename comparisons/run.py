@@ -188,8 +188,8 @@ def _budgeted_method(model, data, method, eps_grid, eps_max, budget, *, batch_si
     """``_timed_method`` on the first points that fit in ``budget`` seconds.
 
     A probe on the first points sets the count; when more fit, the method
-    runs again on the first ``n`` points in one go (its record and times are
-    that run's; the probe's time is kept under ``budget``).
+    runs again on the first ``n`` points, in batches of the probe's size (its
+    record and times are that run's; the probe's time is kept under ``budget``).
     """
     probe_n = min(len(data), BUDGET_PROBE.get(method, DEFAULT_PROBE))
     rec = _timed_method(model, data.subset(probe_n), method, eps_grid, eps_max, batch_size=batch_size,
