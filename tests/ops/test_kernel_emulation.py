@@ -282,3 +282,29 @@ def test_every_catalogue_kernel_was_launched(harness, emulator_lib):
     launched = {name for name, _ in launcher.calls}
     catalogue = {k.name for spec in all_module_specs() for k in spec.kernels.values()}
     assert launched == catalogue
+
+
+def test_concurrent_builds_of_one_library_agree(harness, tmp_path):
+    """pytest-xdist workers build the emulator into one shared cache directory at
+    the same moment: both must load a complete library, built once, and leave no
+    half-written files behind."""
+    import subprocess
+    import sys
+
+    (tmp_path / "src.cpp").write_text('#include "cuda_shim.h"\nextern "C" int answer() { return 42; }\n')
+    child = (
+        "import importlib.util, os, sys, time\n"
+        f"spec = importlib.util.spec_from_file_location('h', {str(harness.__file__)!r})\n"
+        "h = importlib.util.module_from_spec(spec); spec.loader.exec_module(h)\n"
+        "ready = sys.argv[1]; open(os.path.join(ready, str(os.getpid())), 'w').close()\n"
+        "while len(os.listdir(ready)) < 2: time.sleep(0.001)\n"   # both imported: build together
+        "print(h.build_library(sys.argv[3], open(sys.argv[2]).read()).answer())\n")
+    (tmp_path / "ready").mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", child, str(tmp_path / "ready"), str(tmp_path / "src.cpp"),
+                               str(tmp_path / "cache")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0 and out.strip() == "42", err[-2000:]
+    built = sorted(f.name for f in (tmp_path / "cache").iterdir() if not f.name.endswith(".lock"))
+    assert len(built) == 1 and built[0].endswith(".so"), built

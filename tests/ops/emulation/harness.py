@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
-
 from typing import NamedTuple
 
 import numpy
+from filelock import FileLock
 
 from linf_plugin.ops.cupy_backend import CupyLauncher
 from linf_plugin.ops.kernel_specs import all_module_specs, full_source
@@ -100,15 +101,20 @@ def build_library(directory: Path, source: str | None = None) -> ctypes.CDLL:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     lib = directory / f"lp_kernels_emu_{digest}.so"
-    if not lib.exists():
-        src = directory / f"lp_kernels_emu_{digest}.cpp"
-        src.write_text(source)
-        tmp = lib.with_suffix(".tmp.so")
-        proc = subprocess.run([cxx, *CXXFLAGS, f"-I{SHIM.parent}", str(src), "-o", str(tmp)],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"g++ failed:\n{proc.stderr[-4000:]}")
-        tmp.rename(lib)
+    # pytest-xdist workers share the cache directory: the lock makes the second
+    # worker wait for the first one's build instead of compiling the same
+    # library again (or reading a half-written one).
+    with FileLock(str(directory / f"lp_kernels_emu_{digest}.lock")):
+        if not lib.exists():
+            src = directory / f"lp_kernels_emu_{digest}.{os.getpid()}.cpp"
+            src.write_text(source)
+            tmp = directory / f"lp_kernels_emu_{digest}.{os.getpid()}.tmp.so"
+            proc = subprocess.run([cxx, *CXXFLAGS, f"-I{SHIM.parent}", str(src), "-o", str(tmp)],
+                                  capture_output=True, text=True)
+            src.unlink()
+            if proc.returncode != 0:
+                raise RuntimeError(f"g++ failed:\n{proc.stderr[-4000:]}")
+            os.replace(tmp, lib)
     return ctypes.CDLL(str(lib))
 
 
