@@ -5,6 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
+# pytest-xdist workers for make test (the suite runs each test on one thread; files stay
+# whole on one worker so module and session fixtures are built once per file)
+TEST_JOBS ?= auto
 
 # make gpu-check OUT=dir [WHEELS=dir] [SEED_REPO=path] [PYTHON=python3] [DRY_RUN=1]
 #   every GPU check (pytest -m gpu, the CUDA benchmarks, a short comparisons run) with the
@@ -20,7 +23,7 @@ run: env
 	$(PY) -m comparisons run $(ARGS)
 
 test: env
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_JOBS) --dist loadfile $(PYTEST_ARGS)
 
 report: env
 	$(PY) -m linf_plugin.env
