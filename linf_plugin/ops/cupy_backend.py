@@ -21,7 +21,12 @@ backward will follow; the backward is a sparse atomicAdd scatter.  Finite
 p: one kernel, one pass over x and w, normalised by the running maximum
 (exact chains for p = 1, 2, 8; hardware log2 and a split hardware /
 polynomial exp2 for other p in float32).  The kernels' maxima keep NaN, so
-a NaN in x or w gives NaN outputs with no extra pass.
+a NaN in x or w gives NaN outputs with no extra pass.  p = 2 and 8 first
+run the raw sum of (x - w)^p (no maximum, no scaling; lp_forward.cu derives
+its safe range) and then the normalising kernel as a fixup over the same
+grid, which returns at once in the blocks whose outputs were all safe: an
+int32 flag per block, from torch's caching allocator, carries that between
+the two launches on the stream, so nothing waits for the host.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ import math
 
 import torch
 
-from .kernel_specs import FAST_GRAD_MAX_P, grid_for, module_spec
+from .kernel_specs import FAST_GRAD_MAX_P, RAW_P_VARIANTS, grid_for, module_spec
 from .torch_kernels import p_variant
 
 __all__ = ["CupyBackend", "CupyLauncher"]
@@ -180,8 +185,16 @@ class CupyBackend:
                 self._launch("linf", x.dtype, None, "resolve", B * N, 0, x, w, y, aux, B, N, D)
         else:
             aux = None
+            pv = p_variant(p)
             role = "forward" + (self._backward_suffix(p, _CTYPES[x.dtype]) if need_aux else "")
-            self._launch("lp", x.dtype, p_variant(p), role, B, N, x, w, y, B, N, D, p)
+            redo = None
+            if pv in RAW_P_VARIANTS:
+                # the raw sum, then lp_forward on the blocks it marked (same grid; no host sync)
+                spec = module_spec("lp", _CTYPES[x.dtype], pv)
+                grid = grid_for(spec.kernels["forward_raw"], B, N)
+                redo = torch.empty(grid[0] * grid[1], dtype=torch.int32, device=x.device)
+                self.launcher(spec, spec.kernels["forward_raw"], grid, (x, w, y, redo, B, N, D))
+            self._launch("lp", x.dtype, pv, role, B, N, x, w, y, redo, B, N, D, p)
         return y, aux
 
     def backward(self, grad_y, x, w, y, aux, p, need_x=True, need_w=True):
@@ -214,9 +227,13 @@ class CupyBackend:
         """The kernels ``lp_dist`` launches at ``p``, as ``(family, pv, role)`` lists.
 
         Keys: ``"fwd"`` (no gradient wanted), ``"fwd_grad"`` (the forward
-        before a backward) and ``"bwd"`` (both gradients).  For the cost
-        model (benchmarks/kernel_cost.py); the methods above launch exactly
-        these.
+        before a backward) and ``"bwd"`` (both gradients), and ``"fixup"``:
+        the steps of those lists that run as the fixup of ``forward_raw``
+        (p = 2, 8), whose blocks return at once unless the raw sum marked
+        them (outputs outside its safe range: extreme scales, inf, zero
+        rows), so their hot loop does not run on ordinary data.  For the
+        cost model (benchmarks/kernel_cost.py); the methods above launch
+        exactly these.
         """
         if math.isinf(p):
             return {"fwd": [("linf", None, "forward")],
@@ -224,8 +241,10 @@ class CupyBackend:
                     "bwd": [("linf", None, "backward")]}
         pv = p_variant(p)
         suffix = cls._backward_suffix(p, ctype)
-        return {"fwd": [("lp", pv, "forward")], "fwd_grad": [("lp", pv, "forward" + suffix)],
-                "bwd": [("lp", pv, "backward_x" + suffix), ("lp", pv, "backward_w" + suffix)]}
+        raw = [("lp", pv, "forward_raw")] if pv in RAW_P_VARIANTS else []
+        return {"fwd": raw + [("lp", pv, "forward")], "fwd_grad": raw + [("lp", pv, "forward" + suffix)],
+                "bwd": [("lp", pv, "backward_x" + suffix), ("lp", pv, "backward_w" + suffix)],
+                "fixup": [("lp", pv, "forward")] if raw else []}
 
     # -- interval ----------------------------------------------------------
     def interval(self, lower, upper, w, p):

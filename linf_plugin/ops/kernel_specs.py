@@ -15,13 +15,19 @@ family         files                                   kernels (roles)
 linf           linf_forward, linf_backward             forward, forward_save, resolve, backward
 lp (pv)        lp_forward, lp_backward                 forward, backward_x, backward_w
                                                        (+ forward/backward_x/backward_w_precise:
-                                                       float, pv 0)
+                                                       float, pv 0; + forward_raw: pv 2, 8)
 interval_inf   interval_forward, interval_backward     forward, forward_save, resolve, backward
 interval_lp    interval_forward, interval_backward     forward, backward_box, backward_w
 box_argmax     linf_box_argmax                         argmax
 =============  ======================================  ===================================
 
 p-variants ``pv``: 1, 2, 8 (exact multiplication chains) and 0 (general p).
+
+``forward_raw`` (pv 2 and 8) sums (x - w)^p without normalisation and marks
+each block with an output outside its safe range in an int32 buffer, one
+entry per block; ``forward`` then runs with that buffer as its fixup (same
+grid and tile, so the same blocks) and recomputes the marked blocks only.
+Without the buffer (a null pointer) ``forward`` computes every block.
 """
 from __future__ import annotations
 
@@ -32,12 +38,13 @@ from pathlib import Path
 
 __all__ = ["KERNEL_DIR", "NVRTC_OPTIONS", "DTYPES", "P_VARIANTS", "FAMILIES", "KernelSpec", "ModuleSpec",
            "module_spec", "all_module_specs", "read_source", "full_source", "grid_for", "MAX_GRID_Y", "FAST_GRAD_MAX_P",
-           "nvrtc_compile"]
+           "RAW_P_VARIANTS", "nvrtc_compile"]
 
 KERNEL_DIR = Path(__file__).with_name("kernels")
 NVRTC_OPTIONS = ("--std=c++17",)
 DTYPES = ("float", "double")
 P_VARIANTS = (1, 2, 8, 0)
+RAW_P_VARIANTS = (2, 8)      # lp_forward_raw, with lp_forward as its fixup
 TILE_THREADS = 16            # LP_TX = LP_TY in common.cuh
 THREADS = 256                # LP_THREADS
 BK = 16                      # LP_BK
@@ -164,12 +171,15 @@ def _build(family: str, ctype: str, pv: int | None) -> dict:
     if family == "lp":
         bw = (_TP, _TP, _TP, _TP, _TP, _I, _I, _I, _S)
         approx = pv == 0 and ctype == "float"   # hardware log2/exp2 gradients, up to FAST_GRAD_MAX_P
-        fw = (_TP, _TP, _TP, _I, _I, _I, _S)
+        fw = (_TP, _TP, _TP, _IP, _I, _I, _I, _S)    # x, w, y, redo (null: every block), B, N, D, p
         kernels = {
             "forward": tiled("lp_forward", "forward", lambda a, b: (pv, a, b, approx), fw),
             "backward_x": tiled("lp_backward", "backward", lambda a, b: (pv, a, b, False, approx), bw),
             "backward_w": tiled("lp_backward", "backward", lambda a, b: (pv, a, b, True, approx), bw),
         }
+        if pv in RAW_P_VARIANTS:   # the raw sum; its fixup is "forward", so it must share that tile
+            kernels["forward_raw"] = tiled("lp_forward_raw", "forward", lambda a, b: (pv, a, b),
+                                           (_TP, _TP, _TP, _IP, _I, _I, _I))
         if approx:   # gradients at p above FAST_GRAD_MAX_P: the accurate exp2f/log2f, forward and backward
             kernels["forward_precise"] = tiled("lp_forward", "forward", lambda a, b: (pv, a, b, False), fw)
             kernels["backward_x_precise"] = tiled("lp_backward", "backward", lambda a, b: (pv, a, b, False, False), bw)

@@ -124,6 +124,39 @@ def test_cupy_interval_is_as_accurate_as_the_torch_path(cupy_on_cpu, p, dtype):
     check_accuracy(interval_outputs, (c - r, c + r, w), p, 43, candidate="cupy")
 
 
+_SCALES = (1e-30, 3e-6, 1.0, 1e6, 1e30)
+_REDONE = {2.0: (1e-30, 1e30), 8.0: (1e-30, 3e-6, 1e6, 1e30)}   # float32 (x - w)^p under- or overflows
+
+
+@pytest.mark.parametrize("scale", _SCALES + ("mixed",))
+@pytest.mark.parametrize("p", (2.0, 8.0))
+def test_cupy_path_is_accurate_at_any_scale(cupy_on_cpu, p, scale):
+    """p = 2 and 8 run the raw sum of (x - w)^p and redo the blocks where it under- or overflows (tiny,
+    subnormal-term and huge data; "mixed": the first 64 rows of x and columns of w at scales 1e-30 to
+    1e30, the rest ordinary, so three of the 2 x 2 blocks are redone and one is not): every value within
+    1e-6 of float64, gradients as accurate as the torch path."""
+    g = torch.Generator().manual_seed(8)
+    B, N, D = 70, 75, 41
+    if scale == "mixed":
+        sx, sw = torch.ones(B, dtype=torch.float64), torch.ones(N, dtype=torch.float64)
+        sx[:64] = torch.tensor(_SCALES, dtype=torch.float64).repeat(13)[torch.randperm(64, generator=g)]
+        sw[:64] = torch.tensor(_SCALES, dtype=torch.float64).repeat(13)[torch.randperm(64, generator=g)]
+        redone = [[1, 1], [1, 0]]
+    else:
+        sx, sw = torch.full((B,), scale, dtype=torch.float64), torch.full((N,), scale, dtype=torch.float64)
+        redone = [[int(scale in _REDONE[p])] * 2] * 2
+    x = (torch.randn(B, D, generator=g, dtype=torch.float64) * sx[:, None]).float()
+    w = (torch.randn(N, D, generator=g, dtype=torch.float64) * sw[:, None]).float()
+    gy = torch.randn(B, N, generator=g)
+    check_accuracy(lp_outputs, (x, w, gy), p, max(B, N, D), candidate="cupy")
+    y, y_ref = lp_dist(x, w, p), lp_dist(x.double(), w.double(), p, backend="torch")
+    assert torch.isfinite(y).all() and (y > 0).all()
+    assert ((y.double() - y_ref).abs() / y_ref).max().item() <= 1e-6
+    assert [n.split("<")[0] for n, _ in cupy_on_cpu.launcher.calls[-2:]] == ["lp_forward_raw", "lp_forward"]
+    raw = cupy_on_cpu.launcher.last_launch("lp_forward_raw")
+    assert raw.args[3].reshape(raw.grid[1], raw.grid[0]).tolist() == redone
+
+
 # -- linf_box_argmax: the CuPy kernel against the oracle and the torch path ----------------------
 def _box(B, N, D, dtype, seed, ties):
     g = torch.Generator().manual_seed(seed)

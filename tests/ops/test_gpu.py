@@ -98,6 +98,28 @@ def test_interval_against_float64(p, dtype):
         assert torch.equal(got["lo"], want["lo"]) and torch.equal(got["hi"], want["hi"])
 
 
+@pytest.mark.parametrize("scale", (1e-30, 3e-6, 1.0, 1e6, 1e30, "mixed"))
+@pytest.mark.parametrize("p", (2.0, 8.0))
+def test_raw_sum_and_its_fallback_at_any_scale(p, scale):
+    """p = 2, 8: the raw sum where it is safe, the normalising kernel on the blocks where it under- or
+    overflows ("mixed": rows at scales 1e-30 to 1e30 next to ordinary ones): every value within 1e-6 of
+    float64 (the CPU twin, with the block flags checked, is in test_cupy_launcher.py)."""
+    g = torch.Generator().manual_seed(8)
+    B, N, D = 200, 300, 67
+    if scale == "mixed":
+        sx = torch.tensor([1e-30, 3e-6, 1.0, 1e6, 1e30], dtype=torch.float64)[torch.randint(0, 5, (B,), generator=g)]
+        sw = torch.tensor([1e-30, 3e-6, 1.0, 1e6, 1e30], dtype=torch.float64)[torch.randint(0, 5, (N,), generator=g)]
+        sx[100:], sw[150:] = 1.0, 1.0
+    else:
+        sx, sw = torch.full((B,), scale, dtype=torch.float64), torch.full((N,), scale, dtype=torch.float64)
+    x = (torch.randn(B, D, generator=g, dtype=torch.float64) * sx[:, None]).float().cuda()
+    w = (torch.randn(N, D, generator=g, dtype=torch.float64) * sw[:, None]).float().cuda()
+    y = lp_dist(x, w, p, backend="cupy")
+    y_ref = lp_dist(x.double(), w.double(), p, backend="torch")
+    assert torch.isfinite(y).all() and (y > 0).all()
+    assert ((y.double() - y_ref).abs() / y_ref).max().item() <= 1e-6
+
+
 def test_no_host_synchronisation_in_forward_and_backward():
     x, w, g = _inputs(256, 512, 300, torch.float32, seed=2)
     for p in (INF, 8.0, 8.5):

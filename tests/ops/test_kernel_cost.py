@@ -114,3 +114,20 @@ def test_counts_per_triple_are_plausible(tools, cache):
     plan = tools.our_costs(cache, ps=(8.5, math.inf))
     assert [c.name for c in plan[math.inf]["fwd"]] == [linf["forward"].name]
     assert tools.totals(plan[8.5]["fwd+bwd"])["instructions"] > fast["instructions"]
+
+
+def test_p8_forward_is_the_raw_sum_and_no_dearer_than_the_seeds(tools, cache):
+    """p = 8 forward counts the raw-sum kernel (4 instructions per triple: FADD, FMUL, FMUL, FFMA, plus the
+    tile overhead) and not its fixup, which returns before its hot loop on ordinary data; the total is at
+    most the seed's count stored in benchmarks/results/kernel_cost.json (recorded with --seed-repo)."""
+    import json
+
+    plan = tools.our_costs(cache, ps=(8.0,))[8.0]
+    raw, fixup = plan["fwd"]
+    assert raw.name == "lp_forward_raw<float, 8, 4, 4>" and not raw.fixup
+    assert fixup.name == "lp_forward<float, 8, 4, 4, false>" and fixup.fixup
+    assert 4.0 <= raw.per_triple["instructions"] < 4.5 and raw.per_triple["mufu"] == 0
+    assert tools.totals(plan["fwd"])["instructions"] == round(raw.per_triple["instructions"], 3)
+    stored = json.loads((_PATH.parents[0] / "results" / "kernel_cost.json").read_text())
+    seed = next(r["seed"] for r in stored["rows"] if r["p"] == "8" and r["mode"] == "fwd")
+    assert tools.totals(plan["fwd"])["instructions"] <= seed["instructions"]

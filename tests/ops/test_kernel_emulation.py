@@ -308,3 +308,96 @@ def test_concurrent_builds_of_one_library_agree(harness, tmp_path):
         assert p.returncode == 0 and out.strip() == "42", err[-2000:]
     built = sorted(f.name for f in (tmp_path / "cache").iterdir() if not f.name.endswith(".lock"))
     assert len(built) == 1 and built[0].endswith(".so"), built
+
+
+# -- p = 2, 8: the raw sum (lp_forward_raw) and its fixup (lp_forward over the blocks it marked) ----------
+def raw_flags(backend):
+    """The block flags the last raw-sum launch wrote, shaped (grid y, grid x) like the output tiles."""
+    launch = backend.launcher.last_launch("lp_forward_raw")
+    return torch.from_numpy(launch.args[3].copy()).view(launch.grid[1], launch.grid[0])
+
+
+def _normalising_only(backend, x, w, p):
+    """lp_forward alone on every block (a null flag buffer): what the backend returned before the raw sum."""
+    from linf_plugin.ops.kernel_specs import grid_for, module_spec
+    from linf_plugin.ops.torch_kernels import p_variant
+
+    spec = module_spec("lp", "float" if x.dtype == torch.float32 else "double", p_variant(p))
+    kernel = spec.kernels["forward"]
+    B, N, D = x.shape[0], w.shape[0], x.shape[1]
+    y = torch.full((B, N), -1.0, dtype=x.dtype)
+    backend.launcher(spec, kernel, grid_for(kernel, B, N), (x, w, y, None, B, N, D, p))
+    return y
+
+
+def _scaled(B, N, D, scale, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, D, generator=g, dtype=torch.float64) * scale).to(dtype), \
+        (torch.randn(N, D, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("p", (2.0, 8.0))
+def test_raw_sum_takes_the_fast_path_on_ordinary_data(emu_backend, dtype, p):
+    """Ordinary data (130 x 70 outputs: 3 x 2 blocks, D = 41) marks no block, so the fixup returns at once
+    everywhere, and the raw sum alone is the result: bit for bit what the normalising kernel gives (its
+    power-of-two scaling is exact when nothing under- or overflows; the emulation does not contract
+    FMAs, so both round the same products and sums)."""
+    backend = emu_backend
+    x, w = _scaled(130, 70, 41, 1.0, seed=2, dtype=dtype)
+    y, _ = backend.forward(x, w, p)
+    assert [c.name.split("<")[0] for c in backend.launcher.device.calls] == ["lp_forward_raw", "lp_forward"]
+    assert raw_flags(backend).shape == (3, 2) and not raw_flags(backend).any()
+    assert torch.equal(y, _normalising_only(backend, x, w, p))
+    torch.testing.assert_close(y, REF.forward(x, w, p)[0], **_tol(dtype, p))
+
+
+# scales where the raw sum of D = 41 terms leaves its safe range [4 D T_MIN, T_MAX] for every output:
+# tiny (every term 0), subnormal terms (a few significant bits left: a raw result off by ~1%), huge
+# (float32: d^8 is subnormal for |d| < ~2e-5 and overflows above ~6e4; d^2 at ~1e-19 and ~1e19)
+_EXTREME = {(torch.float32, 2.0): (1e-25, 3e-21, 1e25), (torch.float32, 8.0): (1e-8, 3e-6, 1e6),
+            (torch.float64, 2.0): (1e-170, 3e-161, 1e160), (torch.float64, 8.0): (1e-45, 3e-40, 1e40)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("p", (2.0, 8.0))
+def test_raw_sum_falls_back_on_extreme_scales(emu_backend, dtype, p):
+    """Data far below or above the raw sum's range marks every block; the fixup's results are the
+    normalising kernel's, bit for bit, and within 1e-6 (float32) of float64."""
+    backend = emu_backend
+    for k, scale in enumerate(_EXTREME[(dtype, p)]):
+        x, w = _scaled(130, 70, 41, scale, seed=k, dtype=dtype)
+        y, _ = backend.forward(x, w, p)
+        assert raw_flags(backend).all(), scale
+        assert torch.equal(y, _normalising_only(backend, x, w, p)), scale
+        y_ref = REF.forward(x.double(), w.double(), p)[0]
+        assert (y > 0).all() and torch.isfinite(y).all()
+        assert _rel_max(y, y_ref) <= (1e-6 if dtype == torch.float32 else 1e-14), scale
+
+
+@pytest.mark.parametrize("p", (2.0, 8.0))
+def test_raw_sum_falls_back_only_where_needed(emu_backend, p):
+    """Mixed data, 150 x 70 outputs in 3 x 2 blocks of 64 x 64: a huge row and an inf entry in the first
+    row of blocks, one tiny output (x[70] and w[5] both tiny) and one zero output (x[100] = w[2]) in the
+    second, a NaN entry in the third.  Only the blocks holding an output outside the raw sum's range are
+    marked (NaN needs no fixup: the raw sum keeps it); every output is the normalising kernel's, bit for
+    bit (NaN for NaN, inf for inf: the torch path gives NaN there), and the finite ones are within 1e-6
+    of float64."""
+    backend = emu_backend
+    tiny, _, huge = _EXTREME[(torch.float32, p)]
+    x, w = _scaled(150, 70, 41, 1.0, seed=9)
+    x[17] *= huge
+    x[30, 5] = float("inf")
+    x[70] *= tiny
+    w[5] *= tiny
+    x[100] = w[2]
+    x[140, 0] = float("nan")
+    y, _ = backend.forward(x, w, p)
+    assert raw_flags(backend).tolist() == [[1, 1], [1, 0], [0, 0]]
+    torch.testing.assert_close(y, _normalising_only(backend, x, w, p), rtol=0, atol=0, equal_nan=True)
+    assert (y[30] == math.inf).all() and torch.isnan(y[140]).all() and y[100, 2] == 0
+    finite = torch.ones_like(y, dtype=torch.bool)
+    finite[30] = finite[140] = False
+    assert torch.isfinite(y[finite]).all() and 0 < y[70, 5] < 1e-3 * y[70, 6]
+    y_ref = REF.forward(x.double(), w.double(), p)[0]
+    assert _rel_max(y[finite], y_ref[finite]) <= 1e-6

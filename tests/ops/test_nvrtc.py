@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from linf_plugin.ops.kernel_specs import (DTYPES, FAMILIES, NVRTC_OPTIONS, P_VARIANTS, all_module_specs, full_source,
-                                          module_spec, nvrtc_compile)
+from linf_plugin.ops.kernel_specs import (DTYPES, FAMILIES, NVRTC_OPTIONS, P_VARIANTS, RAW_P_VARIANTS, all_module_specs,
+                                          full_source, module_spec, nvrtc_compile)
 
 ARCHS = ("sm_80", "sm_90")
 SPECS = all_module_specs()
@@ -24,6 +24,19 @@ def test_catalogue_covers_every_variant():
             assert ("lp", ctype, pv) in keys and ("interval_lp", ctype, pv) in keys
     assert {s.family for s in SPECS} == set(FAMILIES)
     assert all(s.options == NVRTC_OPTIONS for s in SPECS)
+
+
+def test_raw_sum_and_its_fixup_share_the_grid():
+    """lp_forward (the fixup) reads the block flags of lp_forward_raw by block index: same tile, same grid."""
+    for ctype in DTYPES:
+        for pv in P_VARIANTS:
+            kernels = module_spec("lp", ctype, pv).kernels
+            assert ("forward_raw" in kernels) == (pv in RAW_P_VARIANTS)
+            if pv in RAW_P_VARIANTS:
+                assert kernels["forward_raw"].tile == kernels["forward"].tile
+                assert kernels["forward_raw"].params[3] == kernels["forward"].params[3] == "int*"
+    # its safe range (lp_forward.cu) assumes gradual underflow: flushing subnormals would need a wider one
+    assert not any(flag in opt for opt in NVRTC_OPTIONS for flag in ("ftz=true", "fast_math", "fast-math"))
 
 
 @pytest.mark.parametrize("arch", ARCHS)

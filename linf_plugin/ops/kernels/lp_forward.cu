@@ -30,6 +30,12 @@
 // global loads of tile t + 1 are issued before the arithmetic of tile t
 // (LpTileStage).
 // Zero padding past D adds |0 - 0|^p = 0 and cannot raise a maximum.
+//
+// For p = 2 and 8 in the common case the backend runs lp_forward_raw (below)
+// first, a plain sum without normalisation, and this kernel only as its
+// fixup: with redo non-null, a block whose entry redo[block] is 0 (every
+// output of the raw kernel's identical block was in its safe range) returns
+// at once, and the others recompute all their outputs here.
 #include "common.cuh"
 
 // Where mt > m (a new running maximum of one output): the new scale and
@@ -75,7 +81,11 @@ __device__ __forceinline__ void lp_rescale(T& acc, T& m, T& s, T& off, T& lmin, 
 
 template <typename T, int PV, int RA, int RB, bool APPROX>
 __global__ void __launch_bounds__(LP_THREADS, 1)
-lp_forward(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y, int B, int N, int D, T p) {
+lp_forward(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y, const int* __restrict__ redo,
+           int B, int N, int D, T p) {
+    // the fixup of lp_forward_raw: the same grid, so the same block index (uniform: no thread reaches a barrier
+    // its neighbours skip)
+    if (redo != nullptr && redo[blockIdx.y * gridDim.x + blockIdx.x] == 0) return;
     constexpr int BA = LP_TY * RA;
     constexpr int BB = LP_TX * RB;
     constexpr bool FAST = APPROX && PV == 0 && lp_is_float<T>::value;
@@ -221,4 +231,119 @@ lp_forward(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y, 
             }
         }
     }
+}
+
+// ---- The one-pass raw sum for p = 2 and 8 (PV), with a fixup ------------------
+//
+// y[b, n] = S^(1/p), S = sum_i (x[b, i] - w[n, i])^p accumulated as is: per
+// triple a subtraction and the exact chain (p = 8: FADD, FMUL, FMUL, FFMA;
+// even powers need no |.|).  No maximum pass, no scaling.  S is what
+// lp_forward computes scaled by the power of two s^p (exactly, since (d s)^2
+// = d^2 s^2 and sqrt(S s^p) = sqrt(S) s^(p/2) are exact scalings of a
+// correctly rounded result), so both kernels agree to the rounding of their
+// own summation wherever nothing underflows or overflows.  Where something
+// may have, the raw result is not trusted:
+//
+// The safe range, 4 D T_MIN <= S <= T_MAX (T_MIN = 2^emin the smallest
+// normal, 2^-126 in float, 2^-1022 in double; u = 2^-prec the unit
+// roundoff, prec = 24 or 53; NVRTC keeps subnormals, no -ftz, and the CPU
+// emulation does too):
+//   Overflow: the terms are >= 0, so an intermediate that overflowed leaves
+//     S = inf (never NaN); S <= T_MAX means nothing overflowed.
+//   Underflow: a subtraction with a subnormal result is exact.  A subnormal
+//     d^2 or d^4 (p = 8) means d^4 < 2^emin (1 + 2u), so the term, computed
+//     or exact, is below 2^(2 emin + 1): negligible (2^(emin + prec) ~
+//     2^-102 of the bound below).  What remains is the rounding of a
+//     product or sum that lands in the subnormal range, at most half a
+//     subnormal ulp, 2^(emin - prec), each; at most two per term (d^p
+//     rounded, then acc + d^p; one when the two fuse into an FFMA).
+//     So gradual underflow moves S by at most D 2^(emin - prec + 1) in all,
+//     and S >= 4 D T_MIN = D 2^(emin + 2) bounds that by 2^(-prec - 1) S =
+//     u S / 2 (the extra factor 2 covers the rounding of T(D) and of S
+//     itself): y moves by at most u / (2 p) relative, and every other
+//     rounding is lp_forward's own.  (float: S >= D 2^-124, i.e. |x - w|
+//     typically above ~2e-5 at p = 8.)
+//   NaN: a NaN term makes S NaN, which lp_forward would return as well (its
+//     acc is poisoned by the same term); NaN compares false, so it stays.
+// An output outside the range (inf; S = 0 from identical rows or
+// everything below ~2^-18.6 at p = 8; tiny data) marks its block in
+// redo[block], and lp_forward (the fixup launch, same grid and tile)
+// recomputes that block with its running-maximum scaling.  Every block
+// writes its entry, so redo needs no clearing (torch.empty).
+template <typename T> struct lp_finite_max;
+template <> struct lp_finite_max<float> {
+    static __device__ __forceinline__ float get() { return __int_as_float(0x7F7FFFFF); }
+};
+template <> struct lp_finite_max<double> {
+    static __device__ __forceinline__ double get() { return __longlong_as_double(0x7FEFFFFFFFFFFFFFll); }
+};
+
+template <typename T, int PV, int RA, int RB>
+__global__ void __launch_bounds__(LP_THREADS, 1)
+lp_forward_raw(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y, int* __restrict__ redo,
+               int B, int N, int D) {
+    static_assert(PV == 2 || PV == 8, "the raw sum is for the exact even chains");
+    constexpr int BA = LP_TY * RA;
+    constexpr int BB = LP_TX * RB;
+    constexpr int PAD = LP_VPAD(T);
+    alignas(16) __shared__ T sx[LP_BK][BA + PAD];
+    alignas(16) __shared__ T sw[LP_BK][BB + PAD];
+    __shared__ int any_unsafe;
+    const int tx = threadIdx.x;
+    const int ty = threadIdx.y;
+    const int b0 = blockIdx.y * BA;
+    const int n0 = blockIdx.x * BB;
+    if (tx == 0 && ty == 0) any_unsafe = 0;   // the loop's first barrier orders this before the writes below
+
+    T acc[RA][RB];
+#pragma unroll
+    for (int i = 0; i < RA; ++i) {
+#pragma unroll
+        for (int j = 0; j < RB; ++j) acc[i][j] = T(0);
+    }
+    LpTileStage<T, BA> stage_x;
+    LpTileStage<T, BB> stage_w;
+    stage_x.fetch(x, B, D, b0, 0);
+    stage_w.fetch(w, N, D, n0, 0);
+    for (int k0 = 0; k0 < D; k0 += LP_BK) {   // D >= 1 (the backend rejects D = 0)
+        stage_x.template store<PAD>(sx);
+        stage_w.template store<PAD>(sw);
+        __syncthreads();
+        if (k0 + LP_BK < D) {
+            stage_x.fetch(x, B, D, b0, k0 + LP_BK);
+            stage_w.fetch(w, N, D, n0, k0 + LP_BK);
+        }
+#pragma unroll
+        for (int k = 0; k < LP_BK; ++k) {
+            T xv[RA], wv[RB];
+            lp_load_vec(xv, &sx[k][ty * RA]);
+            lp_load_vec(wv, &sw[k][tx * RB]);
+#pragma unroll
+            for (int i = 0; i < RA; ++i) {
+#pragma unroll
+                for (int j = 0; j < RB; ++j) acc[i][j] += lp_pow<PV, T>(xv[i] - wv[j], T(PV));
+            }
+        }
+        __syncthreads();
+    }
+
+    const T lo = T(D) * lp_pow2i(T(0), 3 - lp_bias<T>::value);   // 4 D T_MIN
+    const T hi = lp_finite_max<T>::get();
+    bool unsafe = false;
+#pragma unroll
+    for (int i = 0; i < RA; ++i) {
+        const int b = b0 + ty * RA + i;
+#pragma unroll
+        for (int j = 0; j < RB; ++j) {
+            const int n = n0 + tx * RB + j;
+            if (b < B && n < N) {
+                const T s = acc[i][j];
+                unsafe |= s < lo || s > hi;   // false for NaN: kept
+                y[(lp_i64)b * N + n] = lp_root<PV, T>(s, T(PV));
+            }
+        }
+    }
+    if (unsafe) any_unsafe = 1;   // racing stores of the same value
+    __syncthreads();
+    if (tx == 0 && ty == 0) redo[blockIdx.y * gridDim.x + blockIdx.x] = any_unsafe;
 }

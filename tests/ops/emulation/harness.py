@@ -138,13 +138,15 @@ class _Context:
 
 
 class Launch(NamedTuple):
-    """One kernel launch as the stand-in saw it."""
+    """One kernel launch as the stand-in saw it (``args``: as marshalled; arrays share the tensors' memory,
+    so what a kernel wrote can be read after the launch)."""
 
     name: str
     grid: tuple
     block: tuple
     stream: int
     device: object
+    args: tuple = ()
 
 
 class EmulatedCupy:
@@ -248,7 +250,8 @@ class EmulatedCupy:
                 cargs.append(ctypes.c_float(arg) if kernel.ctype == "float" else ctypes.c_double(arg))
         fn = getattr(self.lib, symbol(kernel.name))
         fn.restype = ctypes.c_int
-        self.calls.append(Launch(kernel.name, tuple(grid), tuple(block), self._streams[-1], self._devices[-1]))
+        self.calls.append(Launch(kernel.name, tuple(grid), tuple(block), self._streams[-1], self._devices[-1],
+                                 tuple(args)))
         if fn(*cargs) != 0:
             raise AssertionError(f"{kernel.name}: threads of a block passed different numbers of __syncthreads()")
 
@@ -288,3 +291,7 @@ class EmulatedLauncher(CupyLauncher):
 
     def configure(self, schedule: str, seed: int = 1) -> None:
         self.device.configure(schedule, seed)
+
+    def last_launch(self, template: str) -> Launch:
+        """The latest launch of kernel template ``template`` (e.g. ``"lp_forward_raw"``), with its arguments."""
+        return next(c for c in reversed(self.device.calls) if c.name.split("<")[0] == template)
