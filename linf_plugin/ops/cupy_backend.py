@@ -22,6 +22,11 @@ p: one kernel, one pass over x and w, normalised by the running maximum
 (exact chains for p = 1, 2, 8; hardware log2 and a split hardware /
 polynomial exp2 for other p in float32).  The kernels' maxima keep NaN, so
 a NaN in x or w gives NaN outputs with no extra pass.
+
+Finite-p backward: when both gradients are wanted (training), float32 runs
+one fused kernel that raises each (b, n, i) term to its power once and
+adds it to both sums (grad_w through a shared-memory reduction and
+atomics); one gradient alone, and float64, use the single-gradient kernels.
 """
 from __future__ import annotations
 
@@ -194,6 +199,12 @@ class CupyBackend:
         pv = p_variant(p)
         r = torch.where(y > 0, 1.0 / y, torch.zeros_like(y))
         suffix = self._backward_suffix(p, _CTYPES[x.dtype])
+        if need_x and need_w and self._fused(_CTYPES[x.dtype]):
+            # one power per triple for both gradients; gw is summed by atomics (over 64-row batch
+            # blocks) into zeros, so its last bits may change from run to run (see lp_backward.cu)
+            gx, gw = torch.empty_like(x), torch.zeros_like(w)
+            self._launch("lp", x.dtype, pv, "backward_fused" + suffix, B, D, x, w, grad_y, r, gx, gw, B, N, D, p - 1.0)
+            return gx, gw
         gx = gw = None
         if need_x:
             gx = torch.empty_like(x)
@@ -202,6 +213,17 @@ class CupyBackend:
             gw = torch.empty_like(w)
             self._launch("lp", x.dtype, pv, "backward_w" + suffix, N, D, w, x, grad_y, r, gw, N, B, D, p - 1.0)
         return gx, gw
+
+    @staticmethod
+    def _fused(ctype: str) -> bool:
+        """Both finite-p gradients from lp_backward_fused (float32; float64 runs the two kernels).
+
+        When both are wanted (training) the fused kernel computes each power once for both sums
+        and costs about one single-gradient kernel per triple (benchmarks/results/kernel_cost.json).
+        For ONE gradient the single-gradient kernels stay: they skip the second sum, its shared-memory
+        reduction and atomics, and their results are deterministic.
+        """
+        return ctype == "float"
 
     @staticmethod
     def _backward_suffix(p: float, ctype: str) -> str:
@@ -214,18 +236,21 @@ class CupyBackend:
         """The kernels ``lp_dist`` launches at ``p``, as ``(family, pv, role)`` lists.
 
         Keys: ``"fwd"`` (no gradient wanted), ``"fwd_grad"`` (the forward
-        before a backward) and ``"bwd"`` (both gradients).  For the cost
-        model (benchmarks/kernel_cost.py); the methods above launch exactly
-        these.
+        before a backward), ``"bwd"`` (both gradients), ``"bwd_x"`` and
+        ``"bwd_w"`` (one of them).  For the cost model
+        (benchmarks/kernel_cost.py); the methods above launch exactly these.
         """
         if math.isinf(p):
+            bwd = [("linf", None, "backward")]
             return {"fwd": [("linf", None, "forward")],
                     "fwd_grad": [("linf", None, "forward_save"), ("linf", None, "resolve")],
-                    "bwd": [("linf", None, "backward")]}
+                    "bwd": bwd, "bwd_x": bwd, "bwd_w": bwd}
         pv = p_variant(p)
         suffix = cls._backward_suffix(p, ctype)
+        bwd_x, bwd_w = [("lp", pv, "backward_x" + suffix)], [("lp", pv, "backward_w" + suffix)]
+        bwd = [("lp", pv, "backward_fused" + suffix)] if cls._fused(ctype) else bwd_x + bwd_w
         return {"fwd": [("lp", pv, "forward")], "fwd_grad": [("lp", pv, "forward" + suffix)],
-                "bwd": [("lp", pv, "backward_x" + suffix), ("lp", pv, "backward_w" + suffix)]}
+                "bwd": bwd, "bwd_x": bwd_x, "bwd_w": bwd_w}
 
     # -- interval ----------------------------------------------------------
     def interval(self, lower, upper, w, p):
