@@ -49,6 +49,42 @@ def test_lp_dist_under_autograd_through_the_launcher(cupy_on_cpu, p):
         torch.testing.assert_close(a, b, rtol=5e-5, atol=5e-5)
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+@pytest.mark.parametrize("p", (1.0, 8.0, 8.5, 300.0, INF))
+def test_the_backward_launches_the_kernels_of_its_plan(cupy_on_cpu, p, dtype):
+    """Autograd through lp_dist launches exactly ``kernel_plan``'s backward for the gradients it needs: in float32
+    at finite p ONE fused kernel for both (training), the single-gradient kernel for one (x or w alone);
+    the gradients match the float64 oracle either way (ragged 70 x 45 x 67: two batch blocks of 64)."""
+    from oracles import lp_grad_oracle
+
+    from linf_plugin.ops.kernel_specs import module_spec
+
+    ctype = "float" if dtype == torch.float32 else "double"
+    plan = CupyBackend.kernel_plan(p, ctype)
+    g = torch.Generator().manual_seed(2)
+    x0, w0 = torch.randn(70, 67, generator=g, dtype=dtype), torch.randn(45, 67, generator=g, dtype=dtype)
+    gy = torch.randn(70, 45, generator=g, dtype=dtype)
+    launcher = cupy_on_cpu.launcher
+    for key, need_x, need_w in (("bwd", True, True), ("bwd_x", True, False), ("bwd_w", False, True)):
+        x, w = x0.clone().requires_grad_(need_x), w0.clone().requires_grad_(need_w)
+        y = lp_dist(x, w, p)
+        start = len(launcher.calls)
+        y.backward(gy)
+        want = [module_spec(f, ctype, pv).kernels[role].name for f, pv, role in plan[key]]
+        assert [name for name, _ in launcher.calls[start:]] == want, key
+        if not math.isinf(p):
+            ox, ow = lp_grad_oracle(gy, x0, w0, p)
+            tol = 10 * torch.finfo(dtype).eps * (p + 70)
+            assert (x.grad is not None) == need_x and (w.grad is not None) == need_w
+            for got, ref in ((x.grad, ox), (w.grad, ow)):
+                if got is not None:
+                    assert ((got.double() - ref).norm() / ref.norm()).item() <= tol, key
+    if ctype == "float" and not math.isinf(p):
+        assert [role for _, _, role in plan["bwd"]] == ["backward_fused" + ("_precise" if p > 128 else "")]
+    elif not math.isinf(p):
+        assert [role for _, _, role in plan["bwd"]] == ["backward_x", "backward_w"]
+
+
 @pytest.mark.parametrize("p", (INF, 2.0))
 def test_interval_under_autograd_through_the_launcher(cupy_on_cpu, p):
     g = torch.Generator().manual_seed(1)
