@@ -132,6 +132,26 @@ struct alignas(N * sizeof(T)) LpSmallVec {
     T v[N];
 };
 
+// dst[k][c] = src[(row0 + k) * cols + col0 + c] (zero outside the matrix), as lp_load_direct, but with
+// the trip count known at compile time: one base offset and one stride per thread (LpTileStage's
+// pattern for the direct layout), no remainder loop.
+template <typename T, int COLS, int PAD>
+__device__ __forceinline__ void lp_load_direct_unrolled(T (*dst)[COLS + PAD], const T* __restrict__ src, int rows,
+                                                        int cols, int row0, int col0) {
+    static_assert((COLS * LP_BK) % LP_THREADS == 0 && LP_THREADS % COLS == 0, "a tile must split evenly");
+    constexpr int PER = COLS * LP_BK / LP_THREADS;
+    constexpr int KSTEP = LP_THREADS / COLS;
+    const int tid = threadIdx.y * LP_TX + threadIdx.x;
+    const int c = tid % COLS;
+    const int k = tid / COLS;
+    const bool col_ok = col0 + c < cols;
+    const T* p = src + ((lp_i64)(row0 + k) * cols + col0 + c);
+#pragma unroll
+    for (int q = 0; q < PER; ++q) {
+        dst[k + q * KSTEP][c] = (col_ok && row0 + k + q * KSTEP < rows) ? p[(lp_i64)q * KSTEP * cols] : T(0);
+    }
+}
+
 template <typename T, int PV, int RB, int RI, bool APPROX>
 __global__ void __launch_bounds__(LP_THREADS, 2)
 lp_backward_fused(const T* __restrict__ X, const T* __restrict__ W, const T* __restrict__ G,
@@ -172,9 +192,14 @@ lp_backward_fused(const T* __restrict__ X, const T* __restrict__ W, const T* __r
     }
 
     for (int c0 = 0; c0 < N; c0 += LP_BK) {
-        lp_load_direct<T, BI, PAD>(sc, W, N, D, c0, i0);
-        lp_load_transposed<T, BB, PAD>(sg, G, B, N, b0, c0);
-        lp_load_transposed<T, BB, PAD>(sr, R, B, N, b0, c0);
+        {
+            lp_load_direct_unrolled<T, BI, PAD>(sc, W, N, D, c0, i0);
+            LpTileStage<T, BB> stage;
+            stage.fetch(G, B, N, b0, c0);
+            stage.template store<PAD>(sg);
+            stage.fetch(R, B, N, b0, c0);
+            stage.template store<PAD>(sr);
+        }
         __syncthreads();
 #pragma unroll(LP_SUM_UNROLL)
         for (int k = 0; k < LP_BK; ++k) {
@@ -209,21 +234,24 @@ lp_backward_fused(const T* __restrict__ X, const T* __restrict__ W, const T* __r
         }
         __syncthreads();
         // sp is next written after the next tile's first barrier: no third barrier
+        // s = -(sum over tb): the minus of dy/dw rides on the additions (FADD negates operands for free)
         T s[OUT];
+        lp_load_vec(s, &sp[rk][0][rf]);
 #pragma unroll
-        for (int m = 0; m < OUT; ++m) s[m] = T(0);
+        for (int m = 0; m < OUT; ++m) s[m] = -s[m];
 #pragma unroll
-        for (int q = 0; q < TB; ++q) {
+        for (int q = 1; q < TB; ++q) {
             T v[OUT];
             lp_load_vec(v, &sp[rk][q][rf]);
 #pragma unroll
-            for (int m = 0; m < OUT; ++m) s[m] += v[m];
+            for (int m = 0; m < OUT; ++m) s[m] -= v[m];
         }
         const int n = c0 + rk;
         if (n < N) {
+            T* dst = gw + ((lp_i64)n * D + i0 + rf);
 #pragma unroll
             for (int m = 0; m < OUT; ++m) {
-                if (i0 + rf + m < D) atomicAdd(&gw[(lp_i64)n * D + i0 + rf + m], -s[m]);
+                if (i0 + rf + m < D) atomicAdd(dst + m, s[m]);
             }
         }
     }
