@@ -157,6 +157,8 @@ FUSED_TILE = (8, 2)          # its (RB, RI): 64 batch rows x 64 features per blo
 def _fused_backward(pv: int, approx: bool, params: tuple) -> KernelSpec:
     """lp_backward_fused: 256 threads as FUSED_TB x (256 / FUSED_TB), so its tile is not 16 (RB, RI)."""
     rb, ri = FUSED_TILE
+    if pv == 1:
+        rb = 4   # the sign's two compares and selects per term: 8 rows spill 32 bytes at 128 registers
     return KernelSpec("lp_backward_fused", "float", (pv, rb, ri, approx), params,
                       (FUSED_TB * rb, THREADS // FUSED_TB * ri))
 

@@ -167,9 +167,9 @@ def test_nan_rows_give_nan_outputs(emu_backend, dtype, need_aux):
 @pytest.mark.parametrize("shape", [(37, 70, 41), (130, 17, 65), (1, 1, 1), (65, 33, 129), (64, 16, 64), (3, 40, 2)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_fused_backward_matches_float64(harness, emulator_lib, shape, p):
-    """lp_backward_fused against the float64 oracle: ragged tiles (64 x 64 per block, 16-deep n-tiles; 130 and 65
-    rows cross two batch blocks, so gw is summed by atomics from several blocks), outputs y = 0 (w[n] = x[b]
-    exactly), and the single-gradient kernels' results."""
+    """lp_backward_fused against the float64 oracle: ragged tiles (64 x 64 per block, 32 x 64 at p = 1; 16-deep
+    n-tiles; 130 and 65 rows cross batch blocks, so gw is summed by atomics from several blocks), outputs y = 0
+    (w[n] = x[b] exactly), and the single-gradient kernels' results."""
     from linf_plugin.ops.cupy_backend import CupyBackend
 
     launcher = harness.EmulatedLauncher(emulator_lib, "shuffled", seed=sum(shape))
@@ -183,7 +183,9 @@ def test_fused_backward_matches_float64(harness, emulator_lib, shape, p):
     start = len(launcher.calls)
     gx, gw = backend.backward(gy, x, w, y, aux, p)
     (name, grid), = launcher.calls[start:]
-    assert name.startswith("lp_backward_fused<float,") and grid == (-(-D // 64), -(-B // 64), 1)
+    rows, cols = next(k.tile for spec in all_module_specs() for k in spec.kernels.values() if k.name == name)
+    assert name.startswith("lp_backward_fused<float,") and grid == (-(-D // cols), -(-B // rows), 1)
+    assert cols == 64 and rows == (32 if p == 1.0 else 64)
     ox, ow = lp_grad_oracle(gy, x, w, p)
     tol = rel_tol(torch.float32, p, max(shape))
     assert rel_err(gx, ox) <= tol and rel_err(gw, ow) <= tol, (rel_err(gx, ox), rel_err(gw, ow), tol)
