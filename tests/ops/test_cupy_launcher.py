@@ -149,6 +149,20 @@ def test_cupy_path_is_as_accurate_as_the_torch_path(cupy_on_cpu, shape, p):
     B, N, D = shape
     x, w, gy = torch.randn(B, D, generator=g), torch.randn(N, D, generator=g), torch.randn(B, N, generator=g)
     check_accuracy(lp_outputs, (x, w, gy), p, max(shape), candidate="cupy")
+    if not math.isinf(p):   # both gradients in float32: the fused kernel, one launch
+        assert [n for n, _ in cupy_on_cpu.launcher.calls if n.startswith("lp_backward")] == \
+            [n for n, _ in cupy_on_cpu.launcher.calls if n.startswith("lp_backward_fused<float,")] != []
+
+
+@pytest.mark.parametrize("need", [("x",), ("w",)], ids=lambda n: "grad_" + n[0])
+@pytest.mark.parametrize("p", (2.0, 8.0, 8.5, 1000.0))
+def test_cupy_single_gradient_is_as_accurate_as_the_torch_path(cupy_on_cpu, p, need):
+    """One gradient wanted: the single-gradient kernels (both: the fused kernel, in the test above)."""
+    g = torch.Generator().manual_seed(4)
+    x, w, gy = torch.randn(70, 67, generator=g), torch.randn(45, 67, generator=g), torch.randn(70, 45, generator=g)
+    errors = check_accuracy(lambda *a: lp_outputs(*a, need=need), (x, w, gy), p, 70, candidate="cupy")
+    assert set(errors) == {"y", "grad_" + need[0]}
+    assert not any(n.startswith("lp_backward_fused") for n, _ in cupy_on_cpu.launcher.calls)
 
 
 @pytest.mark.parametrize("p", (1.0, 8.0, 1000.0, INF))
