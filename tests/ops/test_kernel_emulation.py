@@ -284,6 +284,8 @@ def test_results_do_not_depend_on_the_thread_schedule(harness, emulator_lib, sch
     backend = CupyBackend(launcher=harness.EmulatedLauncher(emulator_lib, schedule))
     _check_all(backend, 19, 23, 21, torch.float32, math.inf, seed=11)
     _check_all(backend, 19, 23, 21, torch.float64, 8.5, seed=12)
+    _check_all(backend, 70, 37, 69, torch.float32, 8.0, seed=13)   # the fused backward's gw reduction (2 x 2 blocks)
+    assert any(name.startswith("lp_backward_fused") for name, _ in backend.launcher.calls)
 
 
 def test_barrier_divergence_is_detected(harness, tmp_path):
