@@ -34,7 +34,7 @@ import math
 
 import torch
 
-from .kernel_specs import FAST_GRAD_MAX_P, grid_for, module_spec
+from .kernel_specs import FAST_GRAD_MAX_P, fused_n_splits, grid_for, module_spec
 from .torch_kernels import p_variant
 
 __all__ = ["CupyBackend", "CupyLauncher"]
@@ -201,9 +201,15 @@ class CupyBackend:
         suffix = self._backward_suffix(p, _CTYPES[x.dtype])
         if need_x and need_w and self._fused(_CTYPES[x.dtype]):
             # one power per triple for both gradients; gw is summed by atomics (over 64-row batch
-            # blocks) into zeros, so its last bits may change from run to run (see lp_backward.cu)
-            gx, gw = torch.empty_like(x), torch.zeros_like(w)
-            self._launch("lp", x.dtype, pv, "backward_fused" + suffix, B, D, x, w, grad_y, r, gx, gw, B, N, D, p - 1.0)
+            # blocks) into zeros, and so is gx when n is split over several blocks (small B D): their
+            # last bits may then change from run to run (see lp_backward.cu)
+            spec = module_spec("lp", _CTYPES[x.dtype], pv)
+            kernel = spec.kernels["backward_fused" + suffix]
+            splits = fused_n_splits(kernel, B, N, D)
+            gx = torch.zeros_like(x) if splits > 1 else torch.empty_like(x)
+            gw = torch.zeros_like(w)
+            gx_, gy_, _ = grid_for(kernel, B, D)
+            self.launcher(spec, kernel, (gx_, gy_, splits), (x, w, grad_y, r, gx, gw, B, N, D, p - 1.0))
             return gx, gw
         gx = gw = None
         if need_x:

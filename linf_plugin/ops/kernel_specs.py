@@ -34,6 +34,7 @@ from pathlib import Path
 
 __all__ = ["KERNEL_DIR", "NVRTC_OPTIONS", "DTYPES", "P_VARIANTS", "FAMILIES", "KernelSpec", "ModuleSpec",
            "module_spec", "all_module_specs", "read_source", "full_source", "grid_for", "MAX_GRID_Y", "FAST_GRAD_MAX_P",
+           "fused_n_splits",
            "nvrtc_compile"]
 
 KERNEL_DIR = Path(__file__).with_name("kernels")
@@ -44,6 +45,7 @@ TILE_THREADS = 16            # LP_TX = LP_TY in common.cuh
 THREADS = 256                # LP_THREADS
 BK = 16                      # LP_BK
 MAX_GRID_Y = 65535
+MAX_GRID_Z = 65535
 FAST_GRAD_MAX_P = 128.0      # float gradients through lg2/ex2.approx up to this p (error analysis: common.cuh)
 
 _FAMILY_FILES = {
@@ -157,8 +159,10 @@ FUSED_TILE = (8, 2)          # its (RB, RI): 64 batch rows x 64 features per blo
 def _fused_backward(pv: int, approx: bool, params: tuple) -> KernelSpec:
     """lp_backward_fused: 256 threads as FUSED_TB x (256 / FUSED_TB), so its tile is not 16 (RB, RI)."""
     rb, ri = FUSED_TILE
-    if pv == 1:
-        rb = 4   # the sign's two compares and selects per term: 8 rows spill 32 bytes at 128 registers
+    if pv == 1 or (pv == 0 and not approx):
+        # 32 x 64: at 8 rows the sign's compares and selects (p = 1) and the accurate exp2f/log2f
+        # (precise) spill at 128 registers
+        rb = 4
     return KernelSpec("lp_backward_fused", "float", (pv, rb, ri, approx), params,
                       (FUSED_TB * rb, THREADS // FUSED_TB * ri))
 
@@ -259,6 +263,23 @@ def grid_for(kernel: KernelSpec, rows: int, cols: int = 0) -> tuple:
     if kernel.template.endswith("resolve"):
         return (max(1, -(-rows // (THREADS // BK))), 1, 1)
     return (max(1, min(-(-rows // THREADS), 1 << 20)), 1, 1)
+
+
+FUSED_TARGET_BLOCKS = 1024     # enough blocks for a few waves on a large GPU (132 SMs x 2 blocks)
+FUSED_MIN_SPLIT_N = 512        # n per share at least: gx's atomics stay under 1 per 512 triples
+
+
+def fused_n_splits(kernel: KernelSpec, B: int, N: int, D: int) -> int:
+    """How many shares of n ``lp_backward_fused`` gets (``gridDim.z``) for a ``(B, D)`` output.
+
+    Its grid covers gx, ``ceil(B / 64) ceil(D / 64)`` blocks: 640 for the paper's 512 x 5120 layer,
+    a fraction of a wave for small batches, while every block runs all of n.  Splitting n into S
+    shares multiplies the blocks by S at the price of gx summed by atomics (S per element, into
+    zeros; no longer bit-for-bit reproducible).  S brings the grid to about
+    :data:`FUSED_TARGET_BLOCKS`, with at least :data:`FUSED_MIN_SPLIT_N` n per share.
+    """
+    blocks = -(-B // kernel.tile[0]) * -(-D // kernel.tile[1])
+    return max(1, min(-(-FUSED_TARGET_BLOCKS // blocks), N // FUSED_MIN_SPLIT_N, MAX_GRID_Z))
 
 
 def nvrtc_compile(source: str, name_expressions, options, arch: str, name: str = "lp_kernels.cu") -> dict:

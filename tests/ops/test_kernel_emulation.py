@@ -20,7 +20,7 @@ import torch
 from lp_accuracy import rel_err, rel_tol
 from oracles import lp_grad_oracle
 
-from linf_plugin.ops.kernel_specs import all_module_specs
+from linf_plugin.ops.kernel_specs import all_module_specs, fused_n_splits
 from linf_plugin.ops.reference import ReferenceBackend
 
 REF = ReferenceBackend()
@@ -164,12 +164,14 @@ def test_nan_rows_give_nan_outputs(emu_backend, dtype, need_aux):
 
 # -- the fused finite-p backward: both gradients from one kernel (float32) ------------------------------
 @pytest.mark.parametrize("p", (1.0, 2.0, 8.0, 8.5, 300.0))    # 300: the accurate-power (precise) instance
-@pytest.mark.parametrize("shape", [(37, 70, 41), (130, 17, 65), (1, 1, 1), (65, 33, 129), (64, 16, 64), (3, 40, 2)],
+@pytest.mark.parametrize("shape", [(37, 70, 41), (130, 17, 65), (1, 1, 1), (65, 33, 129), (64, 16, 64), (3, 40, 2),
+                                   (5, 1100, 7), (70, 1030, 3)],        # n split over 2 blocks: gx by atomics too
                          ids=lambda s: "x".join(map(str, s)))
 def test_fused_backward_matches_float64(harness, emulator_lib, shape, p):
-    """lp_backward_fused against the float64 oracle: ragged tiles (64 x 64 per block, 32 x 64 at p = 1; 16-deep
-    n-tiles; 130 and 65 rows cross batch blocks, so gw is summed by atomics from several blocks), outputs y = 0
-    (w[n] = x[b] exactly), and the single-gradient kernels' results."""
+    """lp_backward_fused against the float64 oracle: ragged tiles (64 x 64 per block, 32 x 64 at p = 1 and
+    p > 128; 16-deep n-tiles; 130 and 65 rows cross batch blocks, so gw is summed by atomics from several
+    blocks; N > 1024 splits n over blocks along z, so gx is too), outputs y = 0 (w[n] = x[b] exactly), and
+    the single-gradient kernels' results."""
     from linf_plugin.ops.cupy_backend import CupyBackend
 
     launcher = harness.EmulatedLauncher(emulator_lib, "shuffled", seed=sum(shape))
@@ -183,19 +185,32 @@ def test_fused_backward_matches_float64(harness, emulator_lib, shape, p):
     start = len(launcher.calls)
     gx, gw = backend.backward(gy, x, w, y, aux, p)
     (name, grid), = launcher.calls[start:]
-    rows, cols = next(k.tile for spec in all_module_specs() for k in spec.kernels.values() if k.name == name)
-    assert name.startswith("lp_backward_fused<float,") and grid == (-(-D // cols), -(-B // rows), 1)
-    assert cols == 64 and rows == (32 if p == 1.0 else 64)
+    kernel = next(k for spec in all_module_specs() for k in spec.kernels.values() if k.name == name)
+    rows, cols = kernel.tile
+    splits = fused_n_splits(kernel, B, N, D)
+    assert name.startswith("lp_backward_fused<float,") and grid == (-(-D // cols), -(-B // rows), splits)
+    assert cols == 64 and rows == (32 if p in (1.0, 300.0) else 64) and (splits > 1) == (N > 1000)
     ox, ow = lp_grad_oracle(gy, x, w, p)
     tol = rel_tol(torch.float32, p, max(shape))
     assert rel_err(gx, ox) <= tol and rel_err(gw, ow) <= tol, (rel_err(gx, ox), rel_err(gw, ow), tol)
     gx1, _ = backend.backward(gy, x, w, y, aux, p, need_w=False)
     _, gw1 = backend.backward(gy, x, w, y, aux, p, need_x=False)
-    if p != 8.5:
+    if p != 8.5 and splits == 1:
         # the same terms summed over n in the same order (8.5 splits ex2.approx / polynomial by another index)
         assert torch.equal(gx, gx1)
     torch.testing.assert_close(gx, gx1, **_gtol(torch.float32))
     torch.testing.assert_close(gw, gw1, **_gtol(torch.float32))
+
+
+def test_fused_backward_splits_n_only_when_the_grid_is_small():
+    from linf_plugin.ops.kernel_specs import module_spec
+
+    kernel = module_spec("lp", "float", 8).kernels["backward_fused"]
+    assert fused_n_splits(kernel, 512, 5120, 5120) == 2      # the paper's layer: 640 blocks -> 1280
+    assert fused_n_splits(kernel, 512, 5120, 3072) == 3      # its first layer: 384 blocks -> 1152
+    assert fused_n_splits(kernel, 4096, 5120, 5120) == 1     # 6400 blocks already
+    assert fused_n_splits(kernel, 8, 600, 64) == 1           # at least 512 n per share
+    assert fused_n_splits(kernel, 8, 10 ** 6, 64) == 1024
 
 
 @pytest.mark.parametrize("p", (1.0, 8.0, 8.5, 300.0))

@@ -101,12 +101,15 @@ lp_backward(const T* __restrict__ A, const T* __restrict__ C, const T* __restric
 // The power, the two products by G and the two sums cost about what ONE of
 // the single-gradient kernels above costs per triple (benchmarks/kernel_cost.py).
 //
-// Grid (ceil(D / BI), ceil(B / BB)), block 256 threads seen as TB x TI
+// Grid (ceil(D / BI), ceil(B / BB), S), block 256 threads seen as TB x TI
 // (thread tid: batch rows tb RB + i, features ti RI + j).  The block streams
-// w, G and R over n in LP_BK-deep tiles as lp_backward does; gx[b, i] sums
-// over n in registers and is stored once (deterministic).  gw needs a sum
-// over b, which is spread over the block's TB threads along b and over the
-// ceil(B / BB) blocks along b:
+// w, G and R over its share of n (the S = gridDim.z shares are whole
+// LP_BK-deep tiles) as lp_backward does; gx[b, i] sums over n in registers
+// and is stored once when S = 1 (deterministic), added atomically into
+// zeros when S > 1 (the caller's choice: more blocks when B D is small, see
+// fused_n_splits in kernel_specs.py).  gw needs a sum over b, which is
+// spread over the block's TB threads along b and over the ceil(B / BB)
+// blocks along b:
 //   1. each thread sums its RB rows in registers (one partial per k and j);
 //   2. the partials of a tile go to shared memory sp[k][tb][f], and after the
 //      tile's barrier every thread adds the TB partials of OUT consecutive
@@ -114,7 +117,7 @@ lp_backward(const T* __restrict__ A, const T* __restrict__ C, const T* __restric
 //   3. atomicAdd into gw, which the caller zeroes: the ceil(B / BB) blocks
 //      along b add in whatever order the hardware runs them, so gw is NOT
 //      bit-for-bit reproducible from run to run when B > BB (float addition
-//      is not associative); gx is.
+//      is not associative); gx is when S = 1.
 // Per tile a thread adds OUT x TB values and issues OUT atomics against
 // LP_BK RB RI triples: ~0.2 instructions per triple.
 // sp holds LP_BK TB BI values: 32 KiB in float at the catalogue's tile, so
@@ -191,7 +194,12 @@ lp_backward_fused(const T* __restrict__ X, const T* __restrict__ W, const T* __r
         }
     }
 
-    for (int c0 = 0; c0 < N; c0 += LP_BK) {
+    const int tiles = (N + LP_BK - 1) / LP_BK;
+    const int splits = (int)gridDim.z;
+    const int per = (tiles + splits - 1) / splits;
+    const int c_begin = (int)blockIdx.z * per * LP_BK;
+    const int c_end = c_begin + per * LP_BK < N ? c_begin + per * LP_BK : N;
+    for (int c0 = c_begin; c0 < c_end; c0 += LP_BK) {
         {
             lp_load_direct_unrolled<T, BI, PAD>(sc, W, N, D, c0, i0);
             LpTileStage<T, BB> stage;
@@ -262,7 +270,13 @@ lp_backward_fused(const T* __restrict__ X, const T* __restrict__ W, const T* __r
 #pragma unroll
         for (int j = 0; j < RI; ++j) {
             const int f = i0 + ti * RI + j;
-            if (b < B && f < D) gx[(lp_i64)b * D + f] = acc[i][j];
+            if (b < B && f < D) {
+                if (splits == 1) {
+                    gx[(lp_i64)b * D + f] = acc[i][j];
+                } else {
+                    atomicAdd(&gx[(lp_i64)b * D + f], acc[i][j]);
+                }
+            }
         }
     }
 }
