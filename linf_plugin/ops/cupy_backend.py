@@ -199,7 +199,7 @@ class CupyBackend:
         pv = p_variant(p)
         r = torch.where(y > 0, 1.0 / y, torch.zeros_like(y))
         suffix = self._backward_suffix(p, _CTYPES[x.dtype])
-        if need_x and need_w and self._fused(_CTYPES[x.dtype]):
+        if need_x and need_w and self._fused(_CTYPES[x.dtype]) and not torch.are_deterministic_algorithms_enabled():
             # one power per triple for both gradients; gw is summed by atomics (over 64-row batch
             # blocks) into zeros, and so is gx when n is split over several blocks (small B D): their
             # last bits may then change from run to run (see lp_backward.cu)
@@ -229,7 +229,9 @@ class CupyBackend:
         benchmarks/results/kernel_cost.json: p = 8 9.6 instructions against 9.4 + 9.6 for the two
         single-gradient kernels, general p 14.1 against 13.9 + 14.0).  For ONE gradient the
         single-gradient kernels stay: per triple they cost no more than the fused kernel (9.4 / 13.9),
-        need no zeroed buffer and no atomics, and their results are deterministic.
+        need no zeroed buffer and no atomics, and their results are deterministic.  So do both
+        gradients under ``torch.use_deterministic_algorithms(True)`` (the fused kernel's atomics
+        make its sums' last bits vary from run to run; :meth:`kernel_plan` shows the default).
         """
         return ctype == "float"
 

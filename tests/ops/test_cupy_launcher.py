@@ -85,6 +85,28 @@ def test_the_backward_launches_the_kernels_of_its_plan(cupy_on_cpu, p, dtype):
         assert [role for _, _, role in plan["bwd"]] == ["backward_x", "backward_w"]
 
 
+def test_deterministic_algorithms_keep_the_single_gradient_kernels(cupy_on_cpu):
+    """Under torch.use_deterministic_algorithms(True) both gradients come from the two atomic-free kernels,
+    and twice the same call gives bit-identical gradients."""
+    g = torch.Generator().manual_seed(6)
+    x0, w0 = torch.randn(70, 67, generator=g), torch.randn(1100, 67, generator=g)   # N = 1100: n split in two
+    gy = torch.randn(70, 1100, generator=g)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        grads = []
+        for _ in range(2):
+            x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+            start = len(cupy_on_cpu.launcher.calls)
+            lp_dist(x, w, 8.0).backward(gy)
+            assert [n.split("<")[0] for n, _ in cupy_on_cpu.launcher.calls[start:]] == \
+                ["lp_forward", "lp_backward", "lp_backward"]
+            grads.append((x.grad, w.grad))
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
 @pytest.mark.parametrize("p", (INF, 2.0))
 def test_interval_under_autograd_through_the_launcher(cupy_on_cpu, p):
     g = torch.Generator().manual_seed(1)
