@@ -23,10 +23,10 @@ p: one kernel, one pass over x and w, normalised by the running maximum
 polynomial exp2 for other p in float32).  The kernels' maxima keep NaN, so
 a NaN in x or w gives NaN outputs with no extra pass.
 
-Finite-p backward: when both gradients are wanted (training), float32 runs
-one fused kernel that raises each (b, n, i) term to its power once and
-adds it to both sums (grad_w through a shared-memory reduction and
-atomics); one gradient alone, and float64, use the single-gradient kernels.
+Finite-p backward: when both gradients are wanted (training), one fused
+kernel raises each (b, n, i) term to its power once and adds it to both
+sums (grad_w through a shared-memory reduction and atomics); one gradient
+alone uses a single-gradient kernel.
 """
 from __future__ import annotations
 
@@ -199,10 +199,10 @@ class CupyBackend:
         pv = p_variant(p)
         r = torch.where(y > 0, 1.0 / y, torch.zeros_like(y))
         suffix = self._backward_suffix(p, _CTYPES[x.dtype])
-        if need_x and need_w and self._fused(_CTYPES[x.dtype]) and not torch.are_deterministic_algorithms_enabled():
-            # one power per triple for both gradients; gw is summed by atomics (over 64-row batch
-            # blocks) into zeros, and so is gx when n is split over several blocks (small B D): their
-            # last bits may then change from run to run (see lp_backward.cu)
+        if self._fused(need_x, need_w):
+            # one power per triple for both gradients; gw is summed by atomics (over batch blocks)
+            # into zeros, and so is gx when n is split over several blocks (small B D): their last
+            # bits may then change from run to run (see lp_backward.cu)
             spec = module_spec("lp", _CTYPES[x.dtype], pv)
             kernel = spec.kernels["backward_fused" + suffix]
             splits = fused_n_splits(kernel, B, N, D)
@@ -221,8 +221,8 @@ class CupyBackend:
         return gx, gw
 
     @staticmethod
-    def _fused(ctype: str) -> bool:
-        """Both finite-p gradients from lp_backward_fused (float32; float64 runs the two kernels).
+    def _fused(need_x: bool, need_w: bool) -> bool:
+        """Whether the finite-p backward runs lp_backward_fused (both gradients) or the single-gradient kernels.
 
         When both are wanted (training) the fused kernel computes each power once for both sums
         and costs about one single-gradient kernel per triple (sm_90 cost model,
@@ -233,7 +233,7 @@ class CupyBackend:
         gradients under ``torch.use_deterministic_algorithms(True)`` (the fused kernel's atomics
         make its sums' last bits vary from run to run; :meth:`kernel_plan` shows the default).
         """
-        return ctype == "float"
+        return need_x and need_w and not torch.are_deterministic_algorithms_enabled()
 
     @staticmethod
     def _backward_suffix(p: float, ctype: str) -> str:
@@ -258,7 +258,7 @@ class CupyBackend:
         pv = p_variant(p)
         suffix = cls._backward_suffix(p, ctype)
         bwd_x, bwd_w = [("lp", pv, "backward_x" + suffix)], [("lp", pv, "backward_w" + suffix)]
-        bwd = [("lp", pv, "backward_fused" + suffix)] if cls._fused(ctype) else bwd_x + bwd_w
+        bwd = [("lp", pv, "backward_fused" + suffix)]
         return {"fwd": [("lp", pv, "forward")], "fwd_grad": [("lp", pv, "forward" + suffix)],
                 "bwd": bwd, "bwd_x": bwd_x, "bwd_w": bwd_w}
 

@@ -15,9 +15,9 @@ family         files                                   kernels (roles)
 linf           linf_forward, linf_backward             forward, forward_save, resolve, backward
 lp (pv)        lp_forward, lp_backward                 forward, backward_x, backward_w
                                                        (+ forward/backward_x/backward_w_precise:
-                                                       float, pv 0; + backward_fused, both
-                                                       gradients: float, and
-                                                       backward_fused_precise: float, pv 0)
+                                                       float, pv 0), backward_fused (both
+                                                       gradients; + backward_fused_precise:
+                                                       float, pv 0)
 interval_inf   interval_forward, interval_backward     forward, forward_save, resolve, backward
 interval_lp    interval_forward, interval_backward     forward, backward_box, backward_w
 box_argmax     linf_box_argmax                         argmax
@@ -152,19 +152,19 @@ def _tiles(family: str, role: str, ctype: str, pv: int | None = None) -> tuple:
     return (4, 4)
 
 
-FUSED_TB = 8                 # LP_FUSED_TB of lp_backward.cu: threads along the batch in lp_backward_fused
-FUSED_TILE = (8, 2)          # its (RB, RI): 64 batch rows x 64 features per block
+def _fused_backward(ctype: str, pv: int, approx: bool, params: tuple) -> KernelSpec:
+    """lp_backward_fused<T, PV, TB, RB, RI, APPROX>: 256 threads as TB x (256 / TB), tile (TB RB, 256 / TB RI).
 
-
-def _fused_backward(pv: int, approx: bool, params: tuple) -> KernelSpec:
-    """lp_backward_fused: 256 threads as FUSED_TB x (256 / FUSED_TB), so its tile is not 16 (RB, RI)."""
-    rb, ri = FUSED_TILE
-    if pv == 1 or (pv == 0 and not approx):
-        # 32 x 64: at 8 rows the sign's compares and selects (p = 1) and the accurate exp2f/log2f
-        # (precise) spill at 128 registers
-        rb = 4
-    return KernelSpec("lp_backward_fused", "float", (pv, rb, ri, approx), params,
-                      (FUSED_TB * rb, THREADS // FUSED_TB * ri))
+    float: 8 x 32 threads of 8 x 2 outputs (64 x 64); 4 rows at p = 1 and for the accurate powers, whose
+    sign selects / exp2f and log2f spill at 8 rows.  double: 4 x 64 threads of 4 x 1 (16 x 64), so that
+    the gw partials (LP_BK x TB x 64 doubles, 32 KiB) and the operand tiles fit 48 KiB of shared memory.
+    """
+    if ctype == "float":
+        tb, rb, ri = 8, (4 if pv == 1 or (pv == 0 and not approx) else 8), 2
+    else:
+        tb, rb, ri = 4, 4, 1
+    return KernelSpec("lp_backward_fused", ctype, (pv, tb, rb, ri, approx), params,
+                      (tb * rb, THREADS // tb * ri))
 
 
 def _build(family: str, ctype: str, pv: int | None) -> dict:
@@ -193,11 +193,10 @@ def _build(family: str, ctype: str, pv: int | None) -> dict:
             kernels["forward_precise"] = tiled("lp_forward", "forward", lambda a, b: (pv, a, b, False), fw)
             kernels["backward_x_precise"] = tiled("lp_backward", "backward", lambda a, b: (pv, a, b, False, False), bw)
             kernels["backward_w_precise"] = tiled("lp_backward", "backward", lambda a, b: (pv, a, b, True, False), bw)
-        if ctype == "float":   # both gradients in one kernel (its gw reduction buffer fits float only)
-            fused = (_TP,) * 6 + (_I, _I, _I, _S)
-            kernels["backward_fused"] = _fused_backward(pv, approx, fused)
-            if approx:
-                kernels["backward_fused_precise"] = _fused_backward(pv, False, fused)
+        fused = (_TP,) * 6 + (_I, _I, _I, _S)      # both gradients in one kernel
+        kernels["backward_fused"] = _fused_backward(ctype, pv, approx, fused)
+        if approx:
+            kernels["backward_fused_precise"] = _fused_backward(ctype, pv, False, fused)
         return kernels
     if family == "interval_inf":
         fw = (_TP, _TP, _TP, _TP, _TP, _IP, _I, _I, _I)

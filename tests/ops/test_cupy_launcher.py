@@ -52,9 +52,9 @@ def test_lp_dist_under_autograd_through_the_launcher(cupy_on_cpu, p):
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
 @pytest.mark.parametrize("p", (1.0, 8.0, 8.5, 300.0, INF))
 def test_the_backward_launches_the_kernels_of_its_plan(cupy_on_cpu, p, dtype):
-    """Autograd through lp_dist launches exactly ``kernel_plan``'s backward for the gradients it needs: in float32
-    at finite p ONE fused kernel for both (training), the single-gradient kernel for one (x or w alone);
-    the gradients match the float64 oracle either way (ragged 70 x 45 x 67: two batch blocks of 64)."""
+    """Autograd through lp_dist launches exactly ``kernel_plan``'s backward for the gradients it needs: at finite
+    p ONE fused kernel for both (training), the single-gradient kernel for one (x or w alone); the
+    gradients match the float64 oracle either way (ragged 70 x 45 x 67: several batch blocks)."""
     from oracles import lp_grad_oracle
 
     from linf_plugin.ops.kernel_specs import module_spec
@@ -79,10 +79,9 @@ def test_the_backward_launches_the_kernels_of_its_plan(cupy_on_cpu, p, dtype):
             for got, ref in ((x.grad, ox), (w.grad, ow)):
                 if got is not None:
                     assert ((got.double() - ref).norm() / ref.norm()).item() <= tol, key
-    if ctype == "float" and not math.isinf(p):
-        assert [role for _, _, role in plan["bwd"]] == ["backward_fused" + ("_precise" if p > 128 else "")]
-    elif not math.isinf(p):
-        assert [role for _, _, role in plan["bwd"]] == ["backward_x", "backward_w"]
+    if not math.isinf(p):
+        precise = ctype == "float" and p > 128
+        assert [role for _, _, role in plan["bwd"]] == ["backward_fused" + ("_precise" if precise else "")]
 
 
 def test_deterministic_algorithms_keep_the_single_gradient_kernels(cupy_on_cpu):

@@ -162,14 +162,15 @@ def test_nan_rows_give_nan_outputs(emu_backend, dtype, need_aux):
         assert torch.isnan(y[bad]).all() and not torch.isnan(y[~bad]).any(), p
 
 
-# -- the fused finite-p backward: both gradients from one kernel (float32) ------------------------------
-@pytest.mark.parametrize("p", (1.0, 2.0, 8.0, 8.5, 300.0))    # 300: the accurate-power (precise) instance
+# -- the fused finite-p backward: both gradients from one kernel -------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("p", (1.0, 2.0, 8.0, 8.5, 300.0))    # 300: the accurate-power (float precise) instance
 @pytest.mark.parametrize("shape", [(37, 70, 41), (130, 17, 65), (1, 1, 1), (65, 33, 129), (64, 16, 64), (3, 40, 2),
                                    (5, 1100, 7), (70, 1030, 3)],        # n split over 2 blocks: gx by atomics too
                          ids=lambda s: "x".join(map(str, s)))
-def test_fused_backward_matches_float64(harness, emulator_lib, shape, p):
-    """lp_backward_fused against the float64 oracle: ragged tiles (64 x 64 per block, 32 x 64 at p = 1 and
-    p > 128; 16-deep n-tiles; 130 and 65 rows cross batch blocks, so gw is summed by atomics from several
+def test_fused_backward_matches_float64(harness, emulator_lib, shape, p, dtype):
+    """lp_backward_fused against the float64 oracle: ragged tiles (float 64 x 64 per block, 32 x 64 at p = 1
+    and p > 128; double 16 x 64; 16-deep n-tiles; 130 and 65 rows cross batch blocks, so gw is summed by atomics from several
     blocks; N > 1024 splits n over blocks along z, so gx is too), outputs y = 0 (w[n] = x[b] exactly), and
     the single-gradient kernels' results."""
     from linf_plugin.ops.cupy_backend import CupyBackend
@@ -178,7 +179,7 @@ def test_fused_backward_matches_float64(harness, emulator_lib, shape, p):
     backend = CupyBackend(launcher=launcher)
     B, N, D = shape
     g = torch.Generator().manual_seed(sum(shape))
-    x, w, gy = torch.randn(B, D, generator=g), torch.randn(N, D, generator=g), torch.randn(B, N, generator=g)
+    x, w, gy = (torch.randn(*s, generator=g, dtype=dtype) for s in ((B, D), (N, D), (B, N)))
     w[N // 2] = x[B // 2]                                        # y[B // 2, N // 2] = 0: no gradient from it
     y, aux = backend.forward(x, w, p)
     assert y[B // 2, N // 2] == 0
@@ -188,18 +189,20 @@ def test_fused_backward_matches_float64(harness, emulator_lib, shape, p):
     kernel = next(k for spec in all_module_specs() for k in spec.kernels.values() if k.name == name)
     rows, cols = kernel.tile
     splits = fused_n_splits(kernel, B, N, D)
-    assert name.startswith("lp_backward_fused<float,") and grid == (-(-D // cols), -(-B // rows), splits)
-    assert cols == 64 and rows == (32 if p in (1.0, 300.0) else 64) and (splits > 1) == (N > 1000)
+    ctype = "float" if dtype == torch.float32 else "double"
+    assert name.startswith(f"lp_backward_fused<{ctype},") and grid == (-(-D // cols), -(-B // rows), splits)
+    assert cols == 64 and rows == (16 if ctype == "double" else 32 if p in (1.0, 300.0) else 64)
+    assert (splits > 1) == (N > 1000)
     ox, ow = lp_grad_oracle(gy, x, w, p)
-    tol = rel_tol(torch.float32, p, max(shape))
+    tol = rel_tol(dtype, p, max(shape))
     assert rel_err(gx, ox) <= tol and rel_err(gw, ow) <= tol, (rel_err(gx, ox), rel_err(gw, ow), tol)
     gx1, _ = backend.backward(gy, x, w, y, aux, p, need_w=False)
     _, gw1 = backend.backward(gy, x, w, y, aux, p, need_x=False)
     if p != 8.5 and splits == 1:
         # the same terms summed over n in the same order (8.5 splits ex2.approx / polynomial by another index)
         assert torch.equal(gx, gx1)
-    torch.testing.assert_close(gx, gx1, **_gtol(torch.float32))
-    torch.testing.assert_close(gw, gw1, **_gtol(torch.float32))
+    torch.testing.assert_close(gx, gx1, **_gtol(dtype))
+    torch.testing.assert_close(gw, gw1, **_gtol(dtype))
 
 
 def test_fused_backward_splits_n_only_when_the_grid_is_small():

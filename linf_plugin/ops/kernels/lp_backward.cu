@@ -120,16 +120,14 @@ lp_backward(const T* __restrict__ A, const T* __restrict__ C, const T* __restric
 //      is not associative); gx is when S = 1.
 // Per tile a thread adds OUT x TB values and issues OUT atomics against
 // LP_BK RB RI triples: ~0.2 instructions per triple.
-// sp holds LP_BK TB BI values: 32 KiB in float at the catalogue's tile, so
-// the fused kernel is float32 only (double, which needs twice that, keeps
-// the two single-gradient kernels).  No warp shuffles: the sums go through
-// shared memory, which the CPU emulation models.
+// sp holds LP_BK TB BI values, 32 KiB at the catalogue's tiles (float: TB = 8,
+// 64 features; double: TB = 4, RI = 1, 64 features), which with the operand
+// tiles stays under the 48 KiB of static shared memory.  No warp shuffles:
+// the sums go through shared memory, which the CPU emulation models.
 // Zero padding as above: rows past B have G = R = 0, columns past N have
 // G = 0; both add 0 (NaN only where the gradient is NaN anyway).
-#define LP_FUSED_TB 8
-
 // RI consecutive values of a shared row in one load/store (8 bytes for two
-// floats: LDS.64 / STS.64).
+// floats or one double: LDS.64 / STS.64).
 template <typename T, int N>
 struct alignas(N * sizeof(T)) LpSmallVec {
     T v[N];
@@ -155,17 +153,16 @@ __device__ __forceinline__ void lp_load_direct_unrolled(T (*dst)[COLS + PAD], co
     }
 }
 
-template <typename T, int PV, int RB, int RI, bool APPROX>
+template <typename T, int PV, int TB, int RB, int RI, bool APPROX>
 __global__ void __launch_bounds__(LP_THREADS, 2)
 lp_backward_fused(const T* __restrict__ X, const T* __restrict__ W, const T* __restrict__ G,
                   const T* __restrict__ R, T* __restrict__ gx, T* __restrict__ gw, int B, int N, int D, T pm1) {
-    constexpr int TB = LP_FUSED_TB;
     constexpr int TI = LP_THREADS / TB;
     constexpr int BB = TB * RB;
     constexpr int BI = TI * RI;
     constexpr int PAD = LP_VPAD(T);
     constexpr int OUT = LP_BK * BI / LP_THREADS;  // gw sums per thread and tile
-    static_assert(OUT * (int)sizeof(T) == 16, "the gw reduction reads 16 bytes per partial");
+    static_assert((OUT * (int)sizeof(T)) % 16 == 0, "the gw reduction reads 16-byte multiples");
     alignas(16) __shared__ T sc[LP_BK][BI + PAD];
     alignas(16) __shared__ T sg[LP_BK][BB + PAD];
     alignas(16) __shared__ T sr[LP_BK][BB + PAD];
