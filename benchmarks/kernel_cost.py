@@ -54,7 +54,7 @@ from linf_plugin.io import atomic_write_json  # noqa: E402
 from linf_plugin.ops.kernel_specs import BK, module_spec  # noqa: E402
 
 __all__ = ["find_tool", "lowered_names", "nvrtc_cubin", "nvcc_cubin", "disassemble", "parse_ptxas_log", "loops", "hot_loop_cost",
-           "KernelCost", "module_costs", "our_costs", "seed_plan", "seed_costs", "totals", "report", "VARIANTS",
+           "KernelCost", "MODES", "module_costs", "our_costs", "seed_plan", "seed_costs", "totals", "report", "VARIANTS",
            "main"]
 
 ARCH = "sm_90"
@@ -368,8 +368,12 @@ def module_costs(spec, cache: Path | None = None, arch: str = ARCH) -> dict:
     return out
 
 
+MODES = ("fwd", "bwd", "fwd+bwd")
+
+
 def our_costs(cache: Path | None = None, ps=VARIANTS) -> dict:
-    """``{p: {"fwd": [KernelCost], "fwd+bwd": [KernelCost]}}``: the float32 kernels lp_dist launches.
+    """``{p: {mode: [KernelCost]}}`` for each of :data:`MODES`: the float32 kernels lp_dist launches
+    (``"bwd"``: both gradients, the fused kernel at finite p).
 
     Steps the plan lists as ``"fixup"`` (p = 2, 8: the normalising forward after the raw sum, which
     returns at once in every block the raw sum did not flag) carry ``fixup=True`` and stay out of
@@ -384,7 +388,7 @@ def our_costs(cache: Path | None = None, ps=VARIANTS) -> dict:
         plan = CupyBackend.kernel_plan(p)
         fixups = set(plan.get("fixup", ()))
         rows = {}
-        for mode, steps in (("fwd", plan["fwd"]), ("fwd+bwd", plan["fwd_grad"] + plan["bwd"])):
+        for mode, steps in (("fwd", plan["fwd"]), ("bwd", plan["bwd"]), ("fwd+bwd", plan["fwd_grad"] + plan["bwd"])):
             rows[mode] = []
             for family, pv, role in steps:
                 if (family, pv) not in modules:
@@ -423,15 +427,16 @@ def _seed_norm_bwd(p: float) -> tuple:
 
 
 def seed_plan(p: float) -> dict:
-    """``{"fwd": [...], "fwd+bwd": [...]}`` of (mangled name, triples per hot-loop iteration, nested trips);
+    """``{"fwd": [...], "bwd": [...], "fwd+bwd": [...]}`` of (mangled name, triples per hot-loop iteration,
+    nested trips);
     a ``None`` triple count marks a kernel whose work is per output, not per triple."""
     if math.isinf(p):
         nograd = ("_Z23inf_dist_forward_kernelILb0ELb0ELb1ELi1ELi4ELi4EEvPKfS1_iiiiiPf", BK * 4 * 4, 1)
         withpos = ("_Z23inf_dist_forward_kernelILb0ELb0ELi1ELi4ELi4EEvPKfS1_iiiiiPfPi", BK * 4 * 4, 1)
         scatter = ("_Z37inf_dist_backward_input_weight_kernelILb0ELi32ELi16EEvPKfPKiiiiiiPfS4_", None, 1)
-        return {"fwd": [nograd], "fwd+bwd": [withpos, scatter]}
-    fwd = _seed_norm_fwd(p)
-    return {"fwd": [fwd], "fwd+bwd": [fwd, _seed_norm_bwd(p)]}
+        return {"fwd": [nograd], "bwd": [scatter], "fwd+bwd": [withpos, scatter]}
+    fwd, bwd = _seed_norm_fwd(p), _seed_norm_bwd(p)
+    return {"fwd": [fwd], "bwd": [bwd], "fwd+bwd": [fwd, bwd]}
 
 
 def seed_costs(seed_repo: Path, cache: Path | None = None, ps=VARIANTS) -> dict:
@@ -475,13 +480,14 @@ def _label(p: float) -> str:
 def report(ours: dict, seed: dict | None) -> dict:
     rows = []
     for p in ours:
-        for mode in ("fwd", "fwd+bwd"):
+        for mode in MODES:
             row = {"p": _label(p), "mode": mode, "ours": totals(ours[p][mode]),
                    "ours_kernels": [c.as_dict() for c in ours[p][mode]]}
             if seed is not None:
                 row["seed"] = totals(seed[p][mode])
                 row["seed_kernels"] = [c.as_dict() for c in seed[p][mode]]
-                row["cycles_seed_over_ours"] = round(row["seed"]["cycles"] / row["ours"]["cycles"], 3)
+                ours_cycles = row["ours"]["cycles"]     # 0 for p = inf "bwd": scatters, no per-triple work
+                row["cycles_seed_over_ours"] = round(row["seed"]["cycles"] / ours_cycles, 3) if ours_cycles else None
             rows.append(row)
     return {"rows": rows}
 
@@ -497,8 +503,9 @@ def print_table(result: dict) -> None:
         line = f"{r['p']:>5} {r['mode']:>8} | {o['instructions']:10.2f} {o['mufu']:5.2f} {o['cycles']:6.2f}"
         if "seed" in r:
             s = r["seed"]
+            ratio = r["cycles_seed_over_ours"]
             line += (f" | {s['instructions']:10.2f} {s['mufu']:5.2f} {s['cycles']:6.2f} | "
-                     f"{r['cycles_seed_over_ours']:9.2f}")
+                     + (f"{ratio:9.2f}" if ratio is not None else f"{'-':>9}"))
         print(line)
 
 

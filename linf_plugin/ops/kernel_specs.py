@@ -15,7 +15,10 @@ family         files                                   kernels (roles)
 linf           linf_forward, linf_backward             forward, forward_save, resolve, backward
 lp (pv)        lp_forward, lp_backward                 forward, backward_x, backward_w
                                                        (+ forward/backward_x/backward_w_precise:
-                                                       float, pv 0; + forward_raw: pv 2, 8)
+                                                       float, pv 0; + forward_raw: pv 2, 8),
+                                                       backward_fused (both
+                                                       gradients; + backward_fused_precise:
+                                                       float, pv 0)
 interval_inf   interval_forward, interval_backward     forward, forward_save, resolve, backward
 interval_lp    interval_forward, interval_backward     forward, backward_box, backward_w
 box_argmax     linf_box_argmax                         argmax
@@ -38,7 +41,7 @@ from pathlib import Path
 
 __all__ = ["KERNEL_DIR", "NVRTC_OPTIONS", "DTYPES", "P_VARIANTS", "FAMILIES", "KernelSpec", "ModuleSpec",
            "module_spec", "all_module_specs", "read_source", "full_source", "grid_for", "MAX_GRID_Y", "FAST_GRAD_MAX_P",
-           "RAW_P_VARIANTS", "nvrtc_compile"]
+           "RAW_P_VARIANTS", "fused_n_splits", "nvrtc_compile"]
 
 KERNEL_DIR = Path(__file__).with_name("kernels")
 NVRTC_OPTIONS = ("--std=c++17",)
@@ -49,6 +52,7 @@ TILE_THREADS = 16            # LP_TX = LP_TY in common.cuh
 THREADS = 256                # LP_THREADS
 BK = 16                      # LP_BK
 MAX_GRID_Y = 65535
+MAX_GRID_Z = 65535
 FAST_GRAD_MAX_P = 128.0      # float gradients through lg2/ex2.approx up to this p (error analysis: common.cuh)
 
 _FAMILY_FILES = {
@@ -155,6 +159,21 @@ def _tiles(family: str, role: str, ctype: str, pv: int | None = None) -> tuple:
     return (4, 4)
 
 
+def _fused_backward(ctype: str, pv: int, approx: bool, params: tuple) -> KernelSpec:
+    """lp_backward_fused<T, PV, TB, RB, RI, APPROX>: 256 threads as TB x (256 / TB), tile (TB RB, 256 / TB RI).
+
+    float: 8 x 32 threads of 8 x 2 outputs (64 x 64); 4 rows at p = 1 and for the accurate powers, whose
+    sign selects / exp2f and log2f spill at 8 rows.  double: 4 x 64 threads of 4 x 1 (16 x 64), so that
+    the gw partials (LP_BK x TB x 64 doubles, 32 KiB) and the operand tiles fit 48 KiB of shared memory.
+    """
+    if ctype == "float":
+        tb, rb, ri = 8, (4 if pv == 1 or (pv == 0 and not approx) else 8), 2
+    else:
+        tb, rb, ri = 4, 4, 1
+    return KernelSpec("lp_backward_fused", ctype, (pv, tb, rb, ri, approx), params,
+                      (tb * rb, THREADS // tb * ri))
+
+
 def _build(family: str, ctype: str, pv: int | None) -> dict:
     def tiled(template, role, targs, params):
         ra, rb = _tiles(family, role, ctype, pv)
@@ -184,6 +203,10 @@ def _build(family: str, ctype: str, pv: int | None) -> dict:
             kernels["forward_precise"] = tiled("lp_forward", "forward", lambda a, b: (pv, a, b, False), fw)
             kernels["backward_x_precise"] = tiled("lp_backward", "backward", lambda a, b: (pv, a, b, False, False), bw)
             kernels["backward_w_precise"] = tiled("lp_backward", "backward", lambda a, b: (pv, a, b, True, False), bw)
+        fused = (_TP,) * 6 + (_I, _I, _I, _S)      # both gradients in one kernel
+        kernels["backward_fused"] = _fused_backward(ctype, pv, approx, fused)
+        if approx:
+            kernels["backward_fused_precise"] = _fused_backward(ctype, pv, False, fused)
         return kernels
     if family == "interval_inf":
         fw = (_TP, _TP, _TP, _TP, _TP, _IP, _I, _I, _I)
@@ -249,6 +272,23 @@ def grid_for(kernel: KernelSpec, rows: int, cols: int = 0) -> tuple:
     if kernel.template.endswith("resolve"):
         return (max(1, -(-rows // (THREADS // BK))), 1, 1)
     return (max(1, min(-(-rows // THREADS), 1 << 20)), 1, 1)
+
+
+FUSED_TARGET_BLOCKS = 1024     # enough blocks for a few waves on a large GPU (132 SMs x 2 blocks)
+FUSED_MIN_SPLIT_N = 512        # n per share at least: gx's atomics stay under 1 per 512 triples
+
+
+def fused_n_splits(kernel: KernelSpec, B: int, N: int, D: int) -> int:
+    """How many shares of n ``lp_backward_fused`` gets (``gridDim.z``) for a ``(B, D)`` output.
+
+    Its grid covers gx, ``ceil(B / 64) ceil(D / 64)`` blocks: 640 for the paper's 512 x 5120 layer,
+    a fraction of a wave for small batches, while every block runs all of n.  Splitting n into S
+    shares multiplies the blocks by S at the price of gx summed by atomics (S per element, into
+    zeros; no longer bit-for-bit reproducible).  S brings the grid to about
+    :data:`FUSED_TARGET_BLOCKS`, with at least :data:`FUSED_MIN_SPLIT_N` n per share.
+    """
+    blocks = -(-B // kernel.tile[0]) * -(-D // kernel.tile[1])
+    return max(1, min(-(-FUSED_TARGET_BLOCKS // blocks), N // FUSED_MIN_SPLIT_N, MAX_GRID_Z))
 
 
 def nvrtc_compile(source: str, name_expressions, options, arch: str, name: str = "lp_kernels.cu") -> dict:

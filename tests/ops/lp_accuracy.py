@@ -57,13 +57,18 @@ def rel_tol(dtype: torch.dtype, p: float, size: int) -> float:
     return eps * ((0.0 if math.isinf(p) else p) + math.sqrt(size))
 
 
-def lp_outputs(x, w, g, p, backend) -> dict:
-    """``{"y", "grad_x", "grad_w"}`` of ``lp_dist(x, w, p)`` with upstream gradient ``g``."""
-    x = x.detach().clone().requires_grad_()
-    w = w.detach().clone().requires_grad_()
+def lp_outputs(x, w, g, p, backend, need=("x", "w")) -> dict:
+    """``{"y", "grad_x", "grad_w"}`` of ``lp_dist(x, w, p)`` with upstream gradient ``g``.
+
+    ``need`` names the inputs that require grad; only their gradients are returned (the CuPy backend
+    takes its fused kernel for both, a single-gradient kernel for one).
+    """
+    x = x.detach().clone().requires_grad_("x" in need)
+    w = w.detach().clone().requires_grad_("w" in need)
     y = lp_dist(x, w, p, backend=backend)
     y.backward(g)
-    return {"y": y.detach(), "grad_x": x.grad, "grad_w": w.grad}
+    out = {"y": y.detach(), "grad_x": x.grad, "grad_w": w.grad}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def interval_outputs(lower, upper, w, p, backend) -> dict:

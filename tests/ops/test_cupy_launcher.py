@@ -49,6 +49,63 @@ def test_lp_dist_under_autograd_through_the_launcher(cupy_on_cpu, p):
         torch.testing.assert_close(a, b, rtol=5e-5, atol=5e-5)
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+@pytest.mark.parametrize("p", (1.0, 8.0, 8.5, 300.0, INF))
+def test_the_backward_launches_the_kernels_of_its_plan(cupy_on_cpu, p, dtype):
+    """Autograd through lp_dist launches exactly ``kernel_plan``'s backward for the gradients it needs: at finite
+    p ONE fused kernel for both (training), the single-gradient kernel for one (x or w alone); the
+    gradients match the float64 oracle either way (ragged 70 x 45 x 67: several batch blocks)."""
+    from oracles import lp_grad_oracle
+
+    from linf_plugin.ops.kernel_specs import module_spec
+
+    ctype = "float" if dtype == torch.float32 else "double"
+    plan = CupyBackend.kernel_plan(p, ctype)
+    g = torch.Generator().manual_seed(2)
+    x0, w0 = torch.randn(70, 67, generator=g, dtype=dtype), torch.randn(45, 67, generator=g, dtype=dtype)
+    gy = torch.randn(70, 45, generator=g, dtype=dtype)
+    launcher = cupy_on_cpu.launcher
+    for key, need_x, need_w in (("bwd", True, True), ("bwd_x", True, False), ("bwd_w", False, True)):
+        x, w = x0.clone().requires_grad_(need_x), w0.clone().requires_grad_(need_w)
+        y = lp_dist(x, w, p)
+        start = len(launcher.calls)
+        y.backward(gy)
+        want = [module_spec(f, ctype, pv).kernels[role].name for f, pv, role in plan[key]]
+        assert [name for name, _ in launcher.calls[start:]] == want, key
+        if not math.isinf(p):
+            ox, ow = lp_grad_oracle(gy, x0, w0, p)
+            tol = 10 * torch.finfo(dtype).eps * (p + 70)
+            assert (x.grad is not None) == need_x and (w.grad is not None) == need_w
+            for got, ref in ((x.grad, ox), (w.grad, ow)):
+                if got is not None:
+                    assert ((got.double() - ref).norm() / ref.norm()).item() <= tol, key
+    if not math.isinf(p):
+        precise = ctype == "float" and p > 128
+        assert [role for _, _, role in plan["bwd"]] == ["backward_fused" + ("_precise" if precise else "")]
+
+
+def test_deterministic_algorithms_keep_the_single_gradient_kernels(cupy_on_cpu):
+    """Under torch.use_deterministic_algorithms(True) both gradients come from the two atomic-free kernels,
+    and twice the same call gives bit-identical gradients."""
+    g = torch.Generator().manual_seed(6)
+    x0, w0 = torch.randn(70, 67, generator=g), torch.randn(1100, 67, generator=g)   # N = 1100: n split in two
+    gy = torch.randn(70, 1100, generator=g)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        grads = []
+        for _ in range(2):
+            x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+            start = len(cupy_on_cpu.launcher.calls)
+            lp_dist(x, w, 8.0).backward(gy)
+            assert [n.split("<")[0] for n, _ in cupy_on_cpu.launcher.calls[start:]] == \
+                ["lp_forward_raw", "lp_forward", "lp_backward", "lp_backward"]   # raw sum + its fixup
+            grads.append((x.grad, w.grad))
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
 @pytest.mark.parametrize("p", (INF, 2.0))
 def test_interval_under_autograd_through_the_launcher(cupy_on_cpu, p):
     g = torch.Generator().manual_seed(1)
@@ -113,6 +170,20 @@ def test_cupy_path_is_as_accurate_as_the_torch_path(cupy_on_cpu, shape, p):
     B, N, D = shape
     x, w, gy = torch.randn(B, D, generator=g), torch.randn(N, D, generator=g), torch.randn(B, N, generator=g)
     check_accuracy(lp_outputs, (x, w, gy), p, max(shape), candidate="cupy")
+    if not math.isinf(p):   # both gradients in float32: the fused kernel, one launch
+        assert [n for n, _ in cupy_on_cpu.launcher.calls if n.startswith("lp_backward")] == \
+            [n for n, _ in cupy_on_cpu.launcher.calls if n.startswith("lp_backward_fused<float,")] != []
+
+
+@pytest.mark.parametrize("need", [("x",), ("w",)], ids=lambda n: "grad_" + n[0])
+@pytest.mark.parametrize("p", (2.0, 8.0, 8.5, 1000.0))
+def test_cupy_single_gradient_is_as_accurate_as_the_torch_path(cupy_on_cpu, p, need):
+    """One gradient wanted: the single-gradient kernels (both: the fused kernel, in the test above)."""
+    g = torch.Generator().manual_seed(4)
+    x, w, gy = torch.randn(70, 67, generator=g), torch.randn(45, 67, generator=g), torch.randn(70, 45, generator=g)
+    errors = check_accuracy(lambda *a: lp_outputs(*a, need=need), (x, w, gy), p, 70, candidate="cupy")
+    assert set(errors) == {"y", "grad_" + need[0]}
+    assert not any(n.startswith("lp_backward_fused") for n, _ in cupy_on_cpu.launcher.calls)
 
 
 @pytest.mark.parametrize("p", (1.0, 8.0, 1000.0, INF))

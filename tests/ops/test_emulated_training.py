@@ -36,7 +36,7 @@ def test_training_step_through_the_cupy_path_matches_the_torch_path(request, nam
     backend = request.getfixturevalue("cupy_on_cpu")              # from here on: the CuPy path
     got = train_step(model, p)
     launched = {n.split("<")[0] for n, _ in backend.launcher.calls}
-    assert ({"linf_forward", "lp_forward"} & launched) and ({"linf_backward", "lp_backward"} & launched), launched
+    assert ({"linf_forward", "lp_forward"} & launched) and ({"linf_backward", "lp_backward_fused"} & launched), launched
     if model.family == "hybrid":
         assert {"interval_inf_forward", "interval_lp_forward"} & launched, launched
     assert_same_step(got, want)

@@ -17,7 +17,10 @@ import math
 import pytest
 import torch
 
-from linf_plugin.ops.kernel_specs import all_module_specs
+from lp_accuracy import rel_err, rel_tol
+from oracles import lp_grad_oracle
+
+from linf_plugin.ops.kernel_specs import all_module_specs, fused_n_splits
 from linf_plugin.ops.reference import ReferenceBackend
 
 REF = ReferenceBackend()
@@ -159,6 +162,82 @@ def test_nan_rows_give_nan_outputs(emu_backend, dtype, need_aux):
         assert torch.isnan(y[bad]).all() and not torch.isnan(y[~bad]).any(), p
 
 
+# -- the fused finite-p backward: both gradients from one kernel -------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("p", (1.0, 2.0, 8.0, 8.5, 300.0))    # 300: the accurate-power (float precise) instance
+@pytest.mark.parametrize("shape", [(37, 70, 41), (130, 17, 65), (1, 1, 1), (65, 33, 129), (64, 16, 64), (3, 40, 2),
+                                   (5, 1100, 7), (70, 1030, 3)],        # n split over 2 blocks: gx by atomics too
+                         ids=lambda s: "x".join(map(str, s)))
+def test_fused_backward_matches_float64(harness, emulator_lib, shape, p, dtype):
+    """lp_backward_fused against the float64 oracle: ragged tiles (float 64 x 64 per block, 32 x 64 at p = 1
+    and p > 128; double 16 x 64; 16-deep n-tiles; 130 and 65 rows cross batch blocks, so gw is summed by atomics from several
+    blocks; N > 1024 splits n over blocks along z, so gx is too), outputs y = 0 (w[n] = x[b] exactly), and
+    the single-gradient kernels' results."""
+    from linf_plugin.ops.cupy_backend import CupyBackend
+
+    launcher = harness.EmulatedLauncher(emulator_lib, "shuffled", seed=sum(shape))
+    backend = CupyBackend(launcher=launcher)
+    B, N, D = shape
+    g = torch.Generator().manual_seed(sum(shape))
+    x, w, gy = (torch.randn(*s, generator=g, dtype=dtype) for s in ((B, D), (N, D), (B, N)))
+    w[N // 2] = x[B // 2]                                        # y[B // 2, N // 2] = 0: no gradient from it
+    y, aux = backend.forward(x, w, p)
+    assert y[B // 2, N // 2] == 0
+    start = len(launcher.calls)
+    gx, gw = backend.backward(gy, x, w, y, aux, p)
+    (name, grid), = launcher.calls[start:]
+    kernel = next(k for spec in all_module_specs() for k in spec.kernels.values() if k.name == name)
+    rows, cols = kernel.tile
+    splits = fused_n_splits(kernel, B, N, D)
+    ctype = "float" if dtype == torch.float32 else "double"
+    assert name.startswith(f"lp_backward_fused<{ctype},") and grid == (-(-D // cols), -(-B // rows), splits)
+    assert cols == 64 and rows == (16 if ctype == "double" else 32 if p in (1.0, 300.0) else 64)
+    assert (splits > 1) == (N > 1000)
+    ox, ow = lp_grad_oracle(gy, x, w, p)
+    tol = rel_tol(dtype, p, max(shape))
+    assert rel_err(gx, ox) <= tol and rel_err(gw, ow) <= tol, (rel_err(gx, ox), rel_err(gw, ow), tol)
+    gx1, _ = backend.backward(gy, x, w, y, aux, p, need_w=False)
+    _, gw1 = backend.backward(gy, x, w, y, aux, p, need_x=False)
+    if p != 8.5 and splits == 1:
+        # the same terms summed over n in the same order (8.5 splits ex2.approx / polynomial by another index)
+        assert torch.equal(gx, gx1)
+    torch.testing.assert_close(gx, gx1, **_gtol(dtype))
+    torch.testing.assert_close(gw, gw1, **_gtol(dtype))
+
+
+def test_fused_backward_splits_n_only_when_the_grid_is_small():
+    from linf_plugin.ops.kernel_specs import module_spec
+
+    kernel = module_spec("lp", "float", 8).kernels["backward_fused"]
+    assert fused_n_splits(kernel, 512, 5120, 5120) == 2      # the paper's layer: 640 blocks -> 1280
+    assert fused_n_splits(kernel, 512, 5120, 3072) == 3      # its first layer: 384 blocks -> 1152
+    assert fused_n_splits(kernel, 4096, 5120, 5120) == 1     # 6400 blocks already
+    assert fused_n_splits(kernel, 8, 600, 64) == 1           # at least 512 n per share
+    assert fused_n_splits(kernel, 8, 10 ** 6, 64) == 1024
+
+
+@pytest.mark.parametrize("p", (1.0, 8.0, 8.5, 300.0))
+def test_fused_backward_nan_as_the_single_gradient_kernels(emu_backend, p):
+    """A NaN in x[b, i] (w[n, i]) makes y[b, :] (y[:, n]) NaN, so 1 / y is taken as 0 there, and only the terms
+    with the NaN coordinate itself stay NaN: gx[b, i], gw[:, i] (gx[:, i], gw[n, i]).  The fused kernel
+    gives the same pattern as the single-gradient kernels and the oracle, also for NaN in padding-adjacent
+    tiles (B = 70: two batch blocks)."""
+    g = torch.Generator().manual_seed(5)
+    x, w, gy = torch.randn(70, 40, generator=g), torch.randn(20, 40, generator=g), torch.randn(70, 20, generator=g)
+    x[66, 37] = float("nan")
+    w[3, 2] = float("nan")
+    y, aux = emu_backend.forward(x, w, p)
+    gx, gw = emu_backend.backward(gy, x, w, y, aux, p)
+    assert emu_backend.launcher.calls[-1][0].startswith("lp_backward_fused")
+    gx1, _ = emu_backend.backward(gy, x, w, y, aux, p, need_w=False)
+    _, gw1 = emu_backend.backward(gy, x, w, y, aux, p, need_x=False)
+    ox, ow = lp_grad_oracle(gy, x, w, p)
+    for got, single, want in ((gx, gx1, ox), (gw, gw1, ow)):
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(single.isnan(), want.isnan())
+        ok = ~want.isnan()
+        assert ok.any() and rel_err(got[ok], want[ok]) <= rel_tol(torch.float32, p, 70)
+
+
 @pytest.fixture
 def pessimistic(emulator_lib):
     """Set the emulated lg2/ex2.approx to move by +1 or -1 times their maximum error (restored after)."""
@@ -194,9 +273,13 @@ def test_float32_accuracy_floor_with_pessimistic_intrinsics(emu_backend, pessimi
     y, aux = emu_backend.forward(x, w, p)
     y_ref, aux_ref = REF.forward(x.double(), w.double(), p)      # the same float32 inputs, in float64
     assert _rel_max(y, y_ref) <= 1e-6
-    gx, gw = emu_backend.backward(gy, x, w, y, aux, p)
     gx_ref, gw_ref = REF.backward(gy.double(), x.double(), w.double(), y_ref, aux_ref, p)
+    gx, gw = emu_backend.backward(gy, x, w, y, aux, p)              # both: the fused kernel at finite p
     assert _rel_norm(gx, gx_ref) <= 1e-4 and _rel_norm(gw, gw_ref) <= 1e-4
+    if not math.isinf(p):                                            # one: the single-gradient kernels
+        gx, _ = emu_backend.backward(gy, x, w, y, aux, p, need_w=False)
+        _, gw = emu_backend.backward(gy, x, w, y, aux, p, need_x=False)
+        assert _rel_norm(gx, gx_ref) <= 1e-4 and _rel_norm(gw, gw_ref) <= 1e-4
 
 
 def test_the_pessimistic_emulation_moves_the_result(emu_backend, pessimistic):
@@ -219,6 +302,8 @@ def test_results_do_not_depend_on_the_thread_schedule(harness, emulator_lib, sch
     backend = CupyBackend(launcher=harness.EmulatedLauncher(emulator_lib, schedule))
     _check_all(backend, 19, 23, 21, torch.float32, math.inf, seed=11)
     _check_all(backend, 19, 23, 21, torch.float64, 8.5, seed=12)
+    _check_all(backend, 70, 37, 69, torch.float32, 8.0, seed=13)   # the fused backward's gw reduction (2 x 2 blocks)
+    assert any(name.startswith("lp_backward_fused") for name, _ in backend.launcher.calls)
 
 
 def test_barrier_divergence_is_detected(harness, tmp_path):
@@ -275,6 +360,8 @@ def test_every_catalogue_kernel_was_launched(harness, emulator_lib):
             y, aux = backend.forward(x, w, p, need_aux=True)
             backend.forward(x, w, p, need_aux=False)
             backend.backward(g, x, w, y, aux, p)
+            backend.backward(g, x, w, y, aux, p, need_w=False)   # one gradient: the single-gradient kernels
+            backend.backward(g, x, w, y, aux, p, need_x=False)
             lo, hi, iaux = backend.interval_forward(lower, upper, w, p, need_aux=True)
             backend.interval_forward(lower, upper, w, p, need_aux=False)
             backend.interval_backward(g, g, lower, upper, w, lo, hi, iaux, p)
