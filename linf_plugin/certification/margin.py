@@ -97,15 +97,72 @@ def lipschitz_constant(model) -> float:
     return float(lip)
 
 
+def _plain_parts(model):
+    """``(normalize, layers)`` when ``model(x)`` is exactly :meth:`LinfDistNet.forward` over plain parts, else None.
+
+    Plain: the model's forward is ``LinfDistNet.forward``; the normalisation,
+    every layer and every mean shift are exactly
+    :class:`~linf_plugin.nn.InputNormalize`, :class:`~linf_plugin.nn.LpDistLinear`
+    and :class:`~linf_plugin.nn.MeanShiftNorm` with their own ``forward``; and
+    no forward hook or pre-hook is registered on any of them, on the model,
+    or globally.  Only then may :func:`linf_trace` run the layers' arithmetic
+    itself (the same torch ops in the same order as the modules, without
+    their per-call checks) and still be bounding the function ``model(x)``
+    computes.
+    """
+    from ..models.linf_dist import LinfDistNet
+    from ..nn import InputNormalize, LpDistLinear, MeanShiftNorm
+    from torch.nn.modules import module as nn_module
+
+    if type(model).forward is not LinfDistNet.forward or nn_module._global_forward_hooks or \
+            nn_module._global_forward_pre_hooks:
+        return None
+    normalize, layers = model.normalize, list(model.layers)
+    if type(normalize) is not InputNormalize or any(type(layer) is not LpDistLinear for layer in layers):
+        return None
+    shifts = [layer.mean_shift for layer in layers if layer.mean_shift is not None]
+    if any(type(m) is not MeanShiftNorm for m in shifts):
+        return None
+    for m in (model, normalize, *layers, *shifts):
+        if m.training or m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__:
+            return None
+    return normalize, layers
+
+
+def _plain_layer(layer, z: torch.Tensor):
+    """One eval-mode :class:`LpDistLinear` at p = inf: ``lp_dist``, ``- running_mean``, ``+ bias``, as its forward.
+
+    Returns None (the caller then calls the module) where the module's own
+    checks could raise: a shape, dtype or device that does not match, or an
+    empty batch.
+    """
+    w = layer.weight
+    if z.dim() != 2 or z.shape[1] != w.shape[1] or z.shape[0] == 0 or z.dtype != w.dtype or \
+            z.device != w.device:
+        return None
+    from ..ops.lp_dist import get_backend, resolve_backend
+
+    impl = get_backend(resolve_backend(layer.backend, z))
+    y = impl.forward(z.contiguous(), w.detach().contiguous(), layer.p, need_aux=False)[0]
+    if layer.mean_shift is not None:
+        y = y - layer.mean_shift.running_mean
+    if layer.bias is not None:
+        y = y + layer.bias
+    return y
+
+
 def linf_trace(model, x: torch.Tensor):
     """Run an l_inf-dist net once, keeping what the error bound needs.
 
     For a :class:`~linf_plugin.models.LinfDistNet` (whose ``forward`` is
     known: normalise, flatten, every layer, negate) the parts are called in
-    that order directly, so the values bounded are the logits returned.  Any
-    other model (a subclass with its own ``forward``) runs one ``model(x)``
-    call with forward hooks on the normalisation and every layer, and its
-    logits must equal the last layer's output.
+    that order directly, so the values bounded are the logits returned; when
+    every part is plain and nothing is hooked (see :func:`_plain_parts`),
+    each layer's arithmetic runs without the module's per-call checks (the
+    input is checked once here; the parameters' finiteness by the caller).
+    Any other model (a subclass with its own ``forward``) runs one
+    ``model(x)`` call with forward hooks on the normalisation and every
+    layer, and its logits must equal the last layer's output.
 
     Returns:
         ``(logits, z0, outputs)``: the logits ``(B, K)``, the normalised
@@ -118,12 +175,15 @@ def linf_trace(model, x: torch.Tensor):
         normalize, layers, negate = model.normalize, list(model.layers), bool(model.negate_output)
     except AttributeError as exc:
         raise MarginCertificateError(f"not an l_inf-dist net (needs normalize, layers, negate_output): {exc}") from None
-    if type(model).forward is LinfDistNet.forward and not (model._forward_hooks or model._forward_pre_hooks):
+    plain = _plain_parts(model)
+    if plain is not None or (type(model).forward is LinfDistNet.forward and
+                             not (model._forward_hooks or model._forward_pre_hooks)):
         check_input(x, model.input_shape, type(model).__name__)
         z0 = normalize(x).flatten(1)
         outs, z = [], z0
         for layer in layers:
-            z = layer(z)
+            y = _plain_layer(layer, z) if plain is not None else None
+            z = layer(z) if y is None else y
             outs.append(z)
         return (-z if negate else z), z0, outs
     seen = {}
@@ -166,15 +226,34 @@ def computation_unit_roundoff(model, tensors=()) -> float:
 
 
 def _layer_consts(layers, device) -> torch.Tensor:
-    """``(L, 2)`` float64: per layer ``max|running_mean|`` and ``max|bias|`` (0 where absent)."""
-    rows = []
-    zero = torch.zeros((), dtype=torch.float64, device=device)
-    for layer in layers:
-        ms = layer.mean_shift
-        m = ms.running_mean.detach().abs().max().double() if ms is not None else zero
-        b = layer.bias.detach().abs().max().double() if layer.bias is not None else zero
-        rows.append(torch.stack((m, b)))
-    return torch.stack(rows)
+    """``(L, 2)`` float64: per layer ``max|running_mean|`` and ``max|bias|`` (0 where absent).
+
+    One reduction per tensor and one transfer for all of them (the values are
+    float32 or float64 maxima, exact in float64).
+
+    Raises:
+        MarginCertificateError: a weight, running mean or bias holds NaN or
+        inf (no certificate can hold; the distance kernels are not relied on
+        to propagate NaN).
+    """
+    names, tensors = [], []
+    for k, layer in enumerate(layers):
+        for name, t in (("weight", layer.weight), ("bias", layer.bias),
+                        ("mean_shift.running_mean", None if layer.mean_shift is None else
+                         layer.mean_shift.running_mean)):
+            if t is not None and t.numel():
+                names.append((k, name))
+                tensors.append(t.detach().abs().amax())
+    if not tensors:
+        return torch.zeros(len(layers), 2, dtype=torch.float64, device=device)
+    values = torch.stack([t.to(torch.float64) for t in tensors]).tolist()
+    rows = [[0.0, 0.0] for _ in layers]
+    for (k, name), v in zip(names, values):
+        if not math.isfinite(v):
+            raise MarginCertificateError(f"layers.{k}.{name} contains NaN or inf; no certificate can hold")
+        if name != "weight":
+            rows[k][name == "bias"] = v
+    return torch.tensor(rows, dtype=torch.float64, device=device)
 
 
 def _error_bounds(z0_mag: torch.Tensor, mags: torch.Tensor, consts: torch.Tensor, gamma: float, lip: float):
@@ -242,6 +321,10 @@ def margin_certify(model, x: torch.Tensor, y: torch.Tensor, eps: float, float_mo
             f"ball; pass x as {p.dtype} (rounded by you, so the certificate is about the rounded point) or "
             f"convert the model with .to({x.dtype})")
     logits, z0, outs = linf_trace(model, x)
+    if logits.dim() != 2 or logits.shape[1] < 2:
+        raise MarginCertificateError(
+            f"{getattr(model, 'model_name', type(model).__name__)} returns logits of shape {tuple(logits.shape)}; "
+            "certifying a prediction needs at least 2 classes")
     u = computation_unit_roundoff(model, (z0, logits, *outs))
     gamma = 2 * u
     consts = _layer_consts(model.layers, logits.device)
@@ -254,7 +337,8 @@ def margin_certify(model, x: torch.Tensor, y: torch.Tensor, eps: float, float_mo
     pred = top2.indices[:, 0]
     margin = top2.values[:, 0] - top2.values[:, 1]
     margin = margin - margin.abs() * 2.0 ** -52
-    correct = pred == y
+    # A prediction from non-finite logits is no prediction (the verdict of every other method).
+    correct = (pred == y) & torch.isfinite(lg).all(dim=1)
 
     slack = margin - 2 * err
     if float_model:
@@ -267,5 +351,5 @@ def margin_certify(model, x: torch.Tensor, y: torch.Tensor, eps: float, float_mo
     radius = torch.where(correct & (radius > 0), radius, torch.zeros_like(radius))
     certified = correct & (radius > eps)
     info = {"lipschitz": lip, "unit_roundoff": u, "max_logit_error": float(err.max()) if err.numel() else 0.0,
-            "float_model": float_model}
+            "float_model": float_model, "num_classes": int(logits.shape[1])}
     return correct.cpu(), certified.cpu(), radius.cpu(), info
