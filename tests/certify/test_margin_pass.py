@@ -16,6 +16,8 @@ import torch
 from linf_plugin.certification import MarginCertificateError, certify, margin_certify
 from linf_plugin.certification.margin import _plain_parts
 from linf_plugin.models import LinfDistNet, create_model
+from linf_plugin.ops import use_backend
+from linf_plugin.ops.torch_backend import TorchBackend
 
 
 def _net(seed=0, depth=4, width=48, dtype=torch.float32):
@@ -177,3 +179,27 @@ def test_nan_and_inf_never_certify():
         net.layers[2].weight[3, 1] = math.nan
     with pytest.raises(MarginCertificateError, match=r"layers\.2\.weight.*NaN"):
         margin_certify(net, x, y, 0.0)
+
+
+def test_certify_runs_the_network_once_per_batch():
+    """No probe forward for margin: each layer's distance is computed once per batch."""
+
+    class Counting(TorchBackend):
+        def __init__(self):
+            super().__init__(compile=False)
+            self.rows = 0
+
+        def forward(self, x, w, p, need_aux=True):
+            self.rows += x.shape[0]
+            return super().forward(x, w, p, need_aux)
+
+    net = _net(8, depth=3)
+    x = torch.rand(30, 1, 8, 8)
+    y = net(x).argmax(1)
+    counting = Counting()
+    with use_backend(counting, "cpu"):
+        res = certify(net, (x, y), 0.01, "margin", batch_size=16)
+    assert counting.rows == 30 * 3
+    assert (res.radius == certify(net, (x, y), 0.01, "margin").radius).all()
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
+        certify(net, (x, torch.full((30,), 10)), 0.01, "margin")
