@@ -115,6 +115,24 @@ def test_small_problems_and_size_one_operands_stay_eager():
     assert not TorchBackend(compile=False).uses_compiled(x, 100, 100)
 
 
+def test_a_compiled_inf_forward_serves_smaller_problems():
+    """Once the p = inf forward's graph exists, problems down to min_warm_work use it (an output layer)."""
+    b = TorchBackend(compile=True, min_compiled_work=5000, min_warm_work=500, compile_backend="eager")
+    x, w, *_ = _problem(20, 16, 20, torch.float32)              # 6400 triples: compiles
+    small, w_small, *_ = _problem(20, 3, 20, torch.float32)     # 1200 triples
+    assert not b.uses_compiled(small, 3, 20, "linf_max")
+    b.forward(x, w, INF, need_aux=False)
+    assert b.uses_compiled(small, 3, 20, "linf_max")
+    assert not b.uses_compiled(small, 3, 20)                   # other kernels keep the cold threshold
+    assert not b.uses_compiled(small[:2], 3, 20, "linf_max")    # 120 triples < 500
+    calls = b.compiled_calls
+    y, aux = b.forward(small, w_small, INF, need_aux=False)
+    assert b.compiled_calls == calls + 1 and aux is None
+    assert torch.equal(y, REF.forward(small, w_small, INF)[0])
+    y, aux = b.forward(small, w_small, INF)                    # with the argmax: the cold threshold
+    assert b.compiled_calls == calls + 1 and torch.equal(y, REF.forward(small, w_small, INF)[0])
+
+
 def test_float32_key_packs_value_and_lowest_index():
     d = torch.tensor([[[0.0, 3.0, 1.0, 3.0]]])      # value 3 at indices 1 and 3
     x = torch.zeros(1, 4)
