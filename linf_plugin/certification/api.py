@@ -134,9 +134,12 @@ def _check_finite(model) -> None:
     if not named:
         return
     try:
-        ends = torch.stack([v.to(torch.float64) for _, _, t in named for v in torch.aminmax(t.detach())])
-        if bool(torch.isfinite(ends).all()):
-            return
+        with torch.no_grad():
+            ends = [v for _, _, t in named for v in torch.aminmax(t)]
+            if len({v.dtype for v in ends}) > 1:
+                ends = [v.double() for v in ends]
+            if bool(torch.isfinite(torch.stack(ends)).all()):
+                return
     except RuntimeError:  # tensors on several devices: check them one by one
         pass
     for kind, name, t in named:

@@ -243,10 +243,12 @@ def _layer_consts(layers, device) -> torch.Tensor:
                          layer.mean_shift.running_mean)):
             if t is not None and t.numel():
                 names.append((k, name))
-                tensors.append(t.detach().abs().amax())
+                tensors.append(t.abs().amax())
     if not tensors:
         return torch.zeros(len(layers), 2, dtype=torch.float64, device=device)
-    values = torch.stack([t.to(torch.float64) for t in tensors]).tolist()
+    if len({t.dtype for t in tensors}) > 1:
+        tensors = [t.double() for t in tensors]
+    values = torch.stack(tensors).tolist()   # float32 maxima are exact as Python floats
     rows = [[0.0, 0.0] for _ in layers]
     for (k, name), v in zip(names, values):
         if not math.isfinite(v):
@@ -328,8 +330,8 @@ def margin_certify(model, x: torch.Tensor, y: torch.Tensor, eps: float, float_mo
     u = computation_unit_roundoff(model, (z0, logits, *outs))
     gamma = 2 * u
     consts = _layer_consts(model.layers, logits.device)
-    z0_mag = z0.detach().abs().amax(dim=1).double()
-    mags = torch.stack([o.detach().abs().amax(dim=1) for o in outs]).double()
+    z0_mag = z0.abs().amax(dim=1).double()
+    mags = torch.stack([o.abs().amax(dim=1) for o in outs]).double()
     err, a, coef = _error_bounds(z0_mag, mags, consts, gamma, lip)
 
     lg = logits.detach().double()
