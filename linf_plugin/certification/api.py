@@ -38,12 +38,14 @@ def eval_mode(model: torch.nn.Module):
     into one state.)
     """
     modes = [(m, m.training) for m in model.modules()]
-    model.eval()
+    if any(was for _, was in modes):
+        model.eval()
     try:
         yield model
     finally:
         for m, was in modes:
-            m.training = was
+            if m.training != was:  # setting a module attribute is slow; most are unchanged
+                m.training = was
 
 
 def _name(model) -> str:
@@ -403,12 +405,12 @@ def certified_accuracy_curve(result_or_model, data=None, eps_grid: Sequence[floa
     model = result_or_model
     if data is None:
         raise ValueError("data is required when a model is given")
-    _check_method(model, method)
     start = time.perf_counter()
-    if method == "margin":
+    if method == "margin":  # certify() checks the method
         res = certify(model, data, 0.0, "margin", batch_size=batch_size, device=device, data_range=data_range)
         return _curve_from_radius(method, res.model_name, res.radius, res.correct, eps_grid,
                                   time.perf_counter() - start, {**res.extra, "float_rigorous": res.float_rigorous})
+    _check_method(model, method)
     if bisect and method in _BOUND_PROP:
         radius, correct, exact, why = _bisect_radius(model, data, method, max(eps_grid), bisect_steps, batch_size,
                                                      device, alpha_iterations, data_range, rigorous)

@@ -236,19 +236,20 @@ def _layer_consts(layers, device) -> torch.Tensor:
         inf (no certificate can hold; the distance kernels are not relied on
         to propagate NaN).
     """
-    names, tensors = [], []
+    names, ends = [], []
     for k, layer in enumerate(layers):
         for name, t in (("weight", layer.weight), ("bias", layer.bias),
                         ("mean_shift.running_mean", None if layer.mean_shift is None else
                          layer.mean_shift.running_mean)):
             if t is not None and t.numel():
                 names.append((k, name))
-                tensors.append(t.abs().amax())
-    if not tensors:
+                ends.extend(torch.aminmax(t))    # max|t| = max(-min t, max t); NaN gives NaN ends
+    if not ends:
         return torch.zeros(len(layers), 2, dtype=torch.float64, device=device)
-    if len({t.dtype for t in tensors}) > 1:
-        tensors = [t.double() for t in tensors]
-    values = torch.stack(tensors).tolist()   # float32 maxima are exact as Python floats
+    if len({t.dtype for t in ends}) > 1:
+        ends = [t.double() for t in ends]
+    flat = torch.stack(ends).tolist()   # float32 values are exact as Python floats
+    values = [max(-lo, hi) if lo == lo and hi == hi else math.nan for lo, hi in zip(flat[::2], flat[1::2])]
     rows = [[0.0, 0.0] for _ in layers]
     for (k, name), v in zip(names, values):
         if not math.isfinite(v):
