@@ -203,3 +203,26 @@ def test_certify_runs_the_network_once_per_batch():
     assert (res.radius == certify(net, (x, y), 0.01, "margin").radius).all()
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
         certify(net, (x, torch.full((30,), 10)), 0.01, "margin")
+
+
+def test_fixed_shape_graphs_give_the_module_paths_values():
+    """At the digits pass's sizes the plain path runs the torch backend's fixed-shape graphs (inductor): the
+    same logits and radii as the module path, bit for bit, and as many compiled graphs as weight shapes."""
+    from linf_plugin.ops import get_backend
+
+    backend = get_backend("torch")
+    if not backend.uses_compiled(torch.zeros(360, 128), 128, 128):
+        pytest.skip("the torch backend does not compile here")
+    net = _net(9, depth=3, width=128)
+    x = torch.rand(360, 1, 8, 8)
+    y = net(x).argmax(1)
+    fast = margin_certify(net, x, y, 0.0)
+    assert {k[2:] for k in backend._compiled if k[1] == "fixed"} >= {(128, 64), (128, 128), (10, 128)}
+    handle = net.layers[0].register_forward_hook(lambda m, i, out: None)
+    try:
+        slow = margin_certify(net, x, y, 0.0)
+    finally:
+        handle.remove()
+    assert _same(fast, slow)
+    part = margin_certify(net, x[:200], y[:200], 0.0)  # another batch size: the same graphs, the same values
+    assert all(torch.equal(a, b[:200]) for a, b in zip(part[:3], fast[:3]))

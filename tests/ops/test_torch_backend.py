@@ -133,6 +133,30 @@ def test_a_compiled_inf_forward_serves_smaller_problems():
     assert b.compiled_calls == calls + 1 and torch.equal(y, REF.forward(small, w_small, INF)[0])
 
 
+def test_fixed_shape_graphs_match_and_keep_the_batch_dynamic():
+    """linf_max_fixed: one graph per weight shape, any batch, the reference's values; capped; eager fallback."""
+    from torch._dynamo.utils import counters
+
+    b = TorchBackend(compile=True, min_compiled_work=0, compile_backend="eager", max_fixed_shapes=2)
+    for dtype in (torch.float32, torch.float64):
+        x, w, *_ = _problem(12, 16, 20, dtype)
+        assert torch.equal(b.linf_max_fixed(x, w), REF.forward(x, w, INF)[0])
+    before, calls = counters["stats"]["unique_graphs"], b.compiled_calls
+    for B in (5, 31, 2):
+        x, w, *_ = _problem(B, 16, 20, torch.float32, seed=B)
+        assert torch.equal(b.linf_max_fixed(x, w), REF.forward(x, w, INF)[0])
+        assert not hasattr(x, "_dynamo_dynamic_indices")        # the caller's tensor is not marked
+    assert counters["stats"]["unique_graphs"] == before and b.compiled_calls == calls + 3
+    for N, D in ((7, 9), (8, 9), (9, 9)):                       # the third new shape is past the cap
+        x, w, *_ = _problem(6, N, D, torch.float32)
+        assert torch.equal(b.linf_max_fixed(x, w), REF.forward(x, w, INF)[0])
+    assert sum(k[1] == "fixed" for k in b._compiled) == 2
+    x, w, *_ = _problem(6, 7, 9, torch.float32, seed=1)
+    one = TorchBackend(compile=False)
+    assert torch.equal(one.linf_max_fixed(x, w), REF.forward(x, w, INF)[0]) and one.compiled_calls == 0
+    assert torch.equal(b.linf_max_fixed(x[:1], w), REF.forward(x[:1], w, INF)[0])  # one row: eager
+
+
 def test_float32_key_packs_value_and_lowest_index():
     d = torch.tensor([[[0.0, 3.0, 1.0, 3.0]]])      # value 3 at indices 1 and 3
     x = torch.zeros(1, 4)
