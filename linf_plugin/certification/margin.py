@@ -54,6 +54,25 @@ affine in eps, so the certified radius has a closed form.
 Overhead: for trained nets E is ~1e-6 of the activations -- invisible in
 accuracy, but it refuses the adversarial cases naive float checks accept
 (see tests/certify/test_margin_float.py).
+
+The fast pass (issue #16 item 4)
+--------------------------------
+For a plain, unhooked :class:`~linf_plugin.models.LinfDistNet` (see
+:func:`_plain_parts`) :func:`linf_trace` runs each layer's torch ops itself,
+in the module's order (distance, ``- running_mean``, ``+ bias``), without
+the per-call checks, and the distance comes from the torch backend's graph
+compiled for that layer's weight shape (the same kernel: the same values bit
+for bit).  Nothing above depends on which IEEE round-to-nearest
+implementation computes these ops, and the bounds still use magnitudes
+*computed in this pass, per sample*: nothing derived from the weights or
+the inputs is cached (a cache keyed on ``Tensor._version`` would miss
+writes through ``.data``), so every call bounds the current weights at the
+given inputs, whatever their range.  The constants ``max|running_mean|``,
+``max|bias|`` and the weights' finiteness take one min/max reduction per
+tensor; NaN or inf inputs give non-finite logits or bounds and are never
+certified (nor counted correct).  TF32 and autocast touch none of these ops
+(no matmul or convolution), and ``u`` comes from the dtypes the pass really
+produced (:func:`computation_unit_roundoff`).
 """
 from __future__ import annotations
 

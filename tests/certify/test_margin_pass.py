@@ -226,3 +226,17 @@ def test_fixed_shape_graphs_give_the_module_paths_values():
     assert _same(fast, slow)
     part = margin_certify(net, x[:200], y[:200], 0.0)  # another batch size: the same graphs, the same values
     assert all(torch.equal(a, b[:200]) for a, b in zip(part[:3], fast[:3]))
+
+
+def test_autocast_and_tf32_settings_change_nothing():
+    net = _net(10)
+    x = torch.rand(50, 1, 8, 8)
+    y = net(x).argmax(1)
+    ref = margin_certify(net, x, y, 0.01)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert _same(margin_certify(net, x, y, 0.01), ref)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
