@@ -158,20 +158,22 @@ def _to_device(model, dev) -> bool:
     return True
 
 
-def _check_model(model, x, y, device, probe: bool = True) -> tuple:
+def _check_model(model, x, y, device, probe: bool = True, finite: bool = True) -> tuple:
     """-> (device, dtype, K), with the model moved to the device (in eval mode: the forward must not train).
 
     Refuses half precision and non-finite parameters before any bound is
     computed; K comes from one forward pass, never from the labels.  With
     ``probe=False`` (the margin method, whose pass returns the logits and
     checks their shape itself) K is None: call :func:`_check_logits` on the
-    first logits instead.
+    first logits instead.  ``finite=False`` leaves the parameters' finiteness
+    to the method (margin checks every tensor its pass uses).
     """
     dev, dtype = _model_device_dtype(model, device)
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"certification needs a float32 or float64 model, {_name(model)} is {dtype} (bounds in "
                         "half precision cannot be made rigorous); call model.float() first")
-    _check_finite(model)
+    if finite:
+        _check_finite(model)
     if x.dtype != dtype and not torch.equal(x.to(dtype).to(x.dtype), x):
         # The box would be built around the rounded inputs, not the user's: a certificate for a neighbour.
         raise ValueError(f"the inputs are {x.dtype} but {_name(model)} computes in {dtype}, and casting changes "
@@ -272,7 +274,8 @@ def certify(model: torch.nn.Module, data, eps: float, method: str, *, data_range
     rigorous_flag, reason = True, ""
     try:
         with eval_mode(model), exact_float():
-            dev, dtype, num_classes = _check_model(model, x, y, device, probe=method != "margin")
+            dev, dtype, num_classes = _check_model(model, x, y, device, probe=method != "margin",
+                                                   finite=method != "margin")
             certifier = None
             also_margin = method == "interval" and "margin" in applicable_methods(model)
             if method in _BOUND_PROP:

@@ -248,16 +248,18 @@ def computation_unit_roundoff(model, tensors=()) -> float:
     return max(unit_roundoff(d) for d in dtypes)
 
 
-def _layer_consts(layers, device) -> torch.Tensor:
+def _layer_consts(layers, device, others=()) -> torch.Tensor:
     """``(L, 2)`` float64: per layer ``max|running_mean|`` and ``max|bias|`` (0 where absent).
 
     One reduction per tensor and one transfer for all of them (the values are
-    float32 or float64 maxima, exact in float64).
+    float32 or float64 maxima, exact in float64).  ``others``: more
+    ``(name, tensor)`` pairs (the normalisation's buffers) checked for
+    finiteness only.
 
     Raises:
-        MarginCertificateError: a weight, running mean or bias holds NaN or
-        inf (no certificate can hold; the distance kernels are not relied on
-        to propagate NaN).
+        MarginCertificateError: a weight, running mean, bias or one of
+        ``others`` holds NaN or inf (no certificate can hold; the distance
+        kernels are not relied on to propagate NaN).
     """
     names, ends = [], []
     for k, layer in enumerate(layers):
@@ -267,17 +269,22 @@ def _layer_consts(layers, device) -> torch.Tensor:
             if t is not None and t.numel():
                 names.append((k, name))
                 ends.extend(torch.aminmax(t))    # max|t| = max(-min t, max t); NaN gives NaN ends
+    for name, t in others:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+            names.append((None, name))
+            ends.extend(torch.aminmax(t))
+    rows = [[0.0, 0.0] for _ in layers]
     if not ends:
-        return torch.zeros(len(layers), 2, dtype=torch.float64, device=device)
+        return torch.tensor(rows, dtype=torch.float64, device=device).reshape(len(layers), 2)
     if len({t.dtype for t in ends}) > 1:
         ends = [t.double() for t in ends]
     flat = torch.stack(ends).tolist()   # float32 values are exact as Python floats
     values = [max(-lo, hi) if lo == lo and hi == hi else math.nan for lo, hi in zip(flat[::2], flat[1::2])]
-    rows = [[0.0, 0.0] for _ in layers]
     for (k, name), v in zip(names, values):
         if not math.isfinite(v):
-            raise MarginCertificateError(f"layers.{k}.{name} contains NaN or inf; no certificate can hold")
-        if name != "weight":
+            where = name if k is None else f"layers.{k}.{name}"
+            raise MarginCertificateError(f"{where} contains NaN or inf; no certificate can hold")
+        if k is not None and name != "weight":
             rows[k][name == "bias"] = v
     return torch.tensor(rows, dtype=torch.float64, device=device)
 
@@ -353,7 +360,9 @@ def margin_certify(model, x: torch.Tensor, y: torch.Tensor, eps: float, float_mo
             "certifying a prediction needs at least 2 classes")
     u = computation_unit_roundoff(model, (z0, logits, *outs))
     gamma = 2 * u
-    consts = _layer_consts(model.layers, logits.device)
+    norm = getattr(model, "normalize", None)
+    consts = _layer_consts(model.layers, logits.device,
+                           [(f"normalize.{n}", getattr(norm, n, None)) for n in ("mean", "std")])
     z0_mag = z0.abs().amax(dim=1).double()
     mags = torch.stack([o.abs().amax(dim=1) for o in outs]).double()
     err, a, coef = _error_bounds(z0_mag, mags, consts, gamma, lip)

@@ -240,3 +240,20 @@ def test_autocast_and_tf32_settings_change_nothing():
             assert _same(margin_certify(net, x, y, 0.01), ref)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+@pytest.mark.parametrize("where", ["normalize.mean", "normalize.std", "layers.0.mean_shift.running_mean",
+                                   "layers.3.bias"])
+def test_every_tensor_the_pass_uses_is_checked(where):
+    """certify(..., "margin") leaves the finiteness check to the pass, which names the tensor."""
+    net = _net(11)
+    x = torch.rand(4, 1, 8, 8)
+    y = net(x).argmax(1)
+    with torch.no_grad():
+        t = net.get_parameter(where) if where.endswith("bias") else net.get_buffer(where)
+        t.view(-1)[0] = math.inf if where.endswith("std") else math.nan
+    match = where.replace(".", r"\.") + ".*NaN or inf"
+    with pytest.raises(MarginCertificateError, match=match):
+        margin_certify(net, x, y, 0.0)
+    with pytest.raises(ValueError, match=match):
+        certify(net, (x, y), 0.0, "margin")
