@@ -151,9 +151,10 @@ def _plain_parts(model):
 def _plain_layer(layer, z: torch.Tensor):
     """One eval-mode :class:`LpDistLinear` at p = inf: ``lp_dist``, ``- running_mean``, ``+ bias``, as its forward.
 
-    Returns None (the caller then calls the module) where the module's own
-    checks could raise: a shape, dtype or device that does not match, or an
-    empty batch.
+    Returns ``(y, max_n |y|)`` (the second None when the backend does not
+    fuse it), or None (the caller then calls the module) where the module's
+    own checks could raise: a shape, dtype or device that does not match,
+    or an empty batch.
     """
     w = layer.weight
     if z.dim() != 2 or z.shape[1] != w.shape[1] or z.shape[0] == 0 or z.dtype != w.dtype or \
@@ -162,16 +163,17 @@ def _plain_layer(layer, z: torch.Tensor):
     from ..ops.lp_dist import get_backend, resolve_backend
 
     impl = get_backend(resolve_backend(layer.backend, z))
+    shift = None if layer.mean_shift is None else layer.mean_shift.running_mean
+    bias = None if layer.bias is None else layer.bias.detach()
     fixed = getattr(impl, "linf_max_fixed", None) if math.isinf(layer.p) else None
-    if fixed is not None:  # the torch backend's graph for this layer's shape (the same kernel, faster)
-        y = fixed(z.contiguous(), w.detach().contiguous())
-    else:
-        y = impl.forward(z.contiguous(), w.detach().contiguous(), layer.p, need_aux=False)[0]
-    if layer.mean_shift is not None:
-        y = y - layer.mean_shift.running_mean
-    if layer.bias is not None:
-        y = y + layer.bias
-    return y
+    if fixed is not None:  # the torch backend's graph for this layer (the same ops, faster)
+        return fixed(z.contiguous(), w.detach().contiguous(), shift, bias, max_abs=True)
+    y = impl.forward(z.contiguous(), w.detach().contiguous(), layer.p, need_aux=False)[0]
+    if shift is not None:
+        y = y - shift
+    if bias is not None:
+        y = y + bias
+    return y, None
 
 
 def linf_trace(model, x: torch.Tensor):
@@ -191,6 +193,11 @@ def linf_trace(model, x: torch.Tensor):
         ``(logits, z0, outputs)``: the logits ``(B, K)``, the normalised
         flattened input ``(B, D)`` and each layer's output ``(B, N_l)``.
     """
+    return _trace(model, x)[:3]
+
+
+def _trace(model, x: torch.Tensor):
+    """:func:`linf_trace` plus ``max_n |out_l|`` per layer where the plain path fused it (else None)."""
     from ..models.linf_dist import LinfDistNet
     from ..models.base import check_input
 
@@ -203,12 +210,13 @@ def linf_trace(model, x: torch.Tensor):
                              not (model._forward_hooks or model._forward_pre_hooks)):
         check_input(x, model.input_shape, type(model).__name__)
         z0 = normalize(x).flatten(1)
-        outs, z = [], z0
+        outs, mags, z = [], [], z0
         for layer in layers:
-            y = _plain_layer(layer, z) if plain is not None else None
-            z = layer(z) if y is None else y
+            got = _plain_layer(layer, z) if plain is not None else None
+            z, mag = (layer(z), None) if got is None else got
             outs.append(z)
-        return (-z if negate else z), z0, outs
+            mags.append(mag)
+        return (-z if negate else z), z0, outs, mags
     seen = {}
     hooks = [normalize.register_forward_hook(lambda _m, _i, out: seen.__setitem__("z0", out))]
     hooks += [layer.register_forward_hook(lambda _m, _i, out, k=k: seen.__setitem__(k, out))
@@ -225,7 +233,7 @@ def linf_trace(model, x: torch.Tensor):
     if not torch.equal(logits, -outs[-1] if negate else outs[-1]):
         raise MarginCertificateError("the logits are not the last l_inf-dist layer's output; the margin "
                                      "certificate cannot vouch for this model's forward pass")
-    return logits, seen["z0"].flatten(1), outs
+    return logits, seen["z0"].flatten(1), outs, [None] * len(outs)
 
 
 def computation_unit_roundoff(model, tensors=()) -> float:
@@ -353,7 +361,7 @@ def margin_certify(model, x: torch.Tensor, y: torch.Tensor, eps: float, float_mo
             f"x is {x.dtype} but the model computes in {p.dtype}: rounding x would move the centre of the "
             f"ball; pass x as {p.dtype} (rounded by you, so the certificate is about the rounded point) or "
             f"convert the model with .to({x.dtype})")
-    logits, z0, outs = linf_trace(model, x)
+    logits, z0, outs, fused_mags = _trace(model, x)
     if logits.dim() != 2 or logits.shape[1] < 2:
         raise MarginCertificateError(
             f"{getattr(model, 'model_name', type(model).__name__)} returns logits of shape {tuple(logits.shape)}; "
@@ -364,7 +372,7 @@ def margin_certify(model, x: torch.Tensor, y: torch.Tensor, eps: float, float_mo
     consts = _layer_consts(model.layers, logits.device,
                            [(f"normalize.{n}", getattr(norm, n, None)) for n in ("mean", "std")])
     z0_mag = z0.abs().amax(dim=1).double()
-    mags = torch.stack([o.abs().amax(dim=1) for o in outs]).double()
+    mags = torch.stack([o.abs().amax(dim=1) if m is None else m for o, m in zip(outs, fused_mags)]).double()
     err, a, coef = _error_bounds(z0_mag, mags, consts, gamma, lip)
 
     lg = logits.detach().double()

@@ -87,10 +87,23 @@ def _renamed(fn, name: str):
     return fn
 
 
-def _fixed_fn(fn, n: int, d: int):
-    def fixed(*args):
-        return fn(*args)
-    return _renamed(fixed, f"{fn.__name__}_{n}x{d}")
+def _epilogue(y, extra, has_sub: bool, has_add: bool, max_abs: bool):
+    """``y (- sub) (+ add)`` and, with ``max_abs``, the per-row ``max |.|`` (see ``linf_max_fixed``)."""
+    if has_sub:
+        y = y - extra[0]
+    if has_add:
+        y = y + extra[-1]
+    return (y, y.abs().amax(1)) if max_abs else y
+
+
+def _fixed_fn(spec):
+    """``linf_max`` and its epilogue for one ``(N, D, has_sub, has_add, max_abs)``, under its own code object."""
+    n, d, has_sub, has_add, max_abs = spec
+
+    def fixed(x, w, *extra):
+        return _epilogue(K.linf_max(x, w), extra, has_sub, has_add, max_abs)
+    tags = "".join(t for t, on in (("_sub", has_sub), ("_add", has_add), ("_maxabs", max_abs)) if on)
+    return _renamed(fixed, f"linf_max_{n}x{d}{tags}")
 
 
 class TorchBackend:
@@ -178,45 +191,61 @@ class TorchBackend:
         for start in range(0, rows, step):
             yield slice(start, min(rows, start + step))
 
-    def linf_max_fixed(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """``(B, N)`` p = inf distances, no argmax, from a graph compiled for ``w``'s shape with the batch dynamic.
+    def linf_max_fixed(self, x: torch.Tensor, w: torch.Tensor, sub: torch.Tensor | None = None,
+                       add: torch.Tensor | None = None, max_abs: bool = False):
+        """p = inf distances, no argmax, from a graph compiled for ``w``'s shape with the batch dynamic.
+
+        ``y = lp_dist(x, w, inf)``, then ``y - sub`` and ``y + add`` where
+        given, in that order (an ℓ∞-dist layer's mean shift and bias), each
+        rounded once as the eager ops round them (inductor compiles without
+        fast-math, so there is nothing to contract or reassociate).  With
+        ``max_abs`` also ``max_n |y[b, n]|``, fused into the same graph.
 
         With ``N`` and ``D`` constants inductor's loops have fixed trip counts
         and the reduction over ``D`` unrolls: 30-45% faster than the
         dynamic-shape graph of :meth:`forward` at the digits margin pass's
-        sizes (360 x 128 x 128 on 2 cores).  Meant for passes that run the
-        same layers again and again (the margin certificate).  Each new
-        ``(N, D)`` compiles a graph (seconds, once per process with a warm
-        inductor cache), at most ``max_fixed_shapes`` of them; beyond that,
-        and wherever :meth:`forward` would not run compiled code, this is
-        ``forward(x, w, inf, need_aux=False)``.  The same kernel
-        (:func:`torch_kernels.linf_max`), so the same values bit for bit.
+        sizes (360 x 128 x 128 on 2 cores), and the epilogue costs no extra
+        pass.  Meant for passes that run the same layers again and again (the
+        margin certificate).  Each new ``(N, D)`` and epilogue compiles a
+        graph (seconds, once per process with a warm inductor cache), at most
+        ``max_fixed_shapes`` of them; beyond that, and wherever
+        :meth:`forward` would not run compiled code, the same ops run
+        through :meth:`forward` and eager torch (the same values bit for bit).
 
         Args:
             x: ``(B, D)``; w: ``(N, D)``, contiguous, same dtype and device.
+            sub, add: ``(N,)`` or None.
+            max_abs: also return the per-row maximum of ``|y|``.
+
+        Returns:
+            ``y`` ``(B, N)``, or ``(y, (B,))`` with ``max_abs``.
         """
         B, N, D = x.shape[0], w.shape[0], w.shape[1]
-        key = ("linf_max", "fixed", N, D)
+        extra = [t for t in (sub, add) if t is not None]
+        key = ("linf_max", "fixed", N, D, sub is not None, add is not None, bool(max_abs))
         fn = self._compiled.get(key)
-        if fn is None and sum(k[1] == "fixed" for k in self._compiled) >= self.max_fixed_shapes:
-            return self.forward(x, w, math.inf, need_aux=False)[0]
-        if B < 2 or not self.uses_compiled(x, N, D, "linf_max") or not self._one_chunk(B, N, D, True):
-            return self.forward(x, w, math.inf, need_aux=False)[0]
+        full = fn is None and sum(k[1] == "fixed" for k in self._compiled) >= self.max_fixed_shapes
+        if full or B < 2 or not self.uses_compiled(x, N, D, "linf_max") or not self._one_chunk(B, N, D, True):
+            return self._linf_epilogue(self.forward(x, w, math.inf, need_aux=False)[0], sub, add, max_abs)
         if fn is None:
             options = _INDUCTOR_OPTIONS if self.compile_backend == "inductor" else None
-            fn = self._compiled[key] = torch.compile(_fixed_fn(K.linf_max, N, D), dynamic=False,
+            fn = self._compiled[key] = torch.compile(_fixed_fn(key[2:]), dynamic=False,
                                                      backend=self.compile_backend, options=options)
         xv = x.view(x.shape)  # mark the batch dynamic on a view: the caller's tensor is left alone
         torch._dynamo.mark_dynamic(xv, 0)
         try:
-            out = fn(xv, w)
+            out = fn(xv, w, *extra)
         except Exception as exc:  # noqa: BLE001  (as in _run: any compile failure -> eager, once)
             self.compile_failed = _describe(exc)
             log.warning("lp_dist: torch.compile failed (%s); the torch backend runs eagerly from now on",
                         self.compile_failed)
-            return self.forward(x, w, math.inf, need_aux=False)[0]
+            return self._linf_epilogue(self.forward(x, w, math.inf, need_aux=False)[0], sub, add, max_abs)
         self.compiled_calls += 1
         return out
+
+    @staticmethod
+    def _linf_epilogue(y, sub, add, max_abs):
+        return _epilogue(y, [t for t in (sub, add) if t is not None], sub is not None, add is not None, max_abs)
 
     def _one_chunk(self, rows: int, n: int, d: int, compiled: bool) -> bool:
         budget = self.compiled_budget if compiled else self.eager_budget

@@ -152,6 +152,11 @@ def test_fixed_shape_graphs_match_and_keep_the_batch_dynamic():
         assert torch.equal(b.linf_max_fixed(x, w), REF.forward(x, w, INF)[0])
     assert sum(k[1] == "fixed" for k in b._compiled) == 2
     x, w, *_ = _problem(6, 7, 9, torch.float32, seed=1)
+    sub, add = torch.randn(7), torch.randn(7)
+    y = REF.forward(x, w, INF)[0] - sub + add
+    for backend in (b, TorchBackend(compile=True, min_compiled_work=0, compile_backend="eager")):
+        got, mag = backend.linf_max_fixed(x, w, sub, add, max_abs=True)   # the epilogue: same ops, same order
+        assert torch.equal(got, y) and torch.equal(mag, y.abs().amax(1))
     one = TorchBackend(compile=False)
     assert torch.equal(one.linf_max_fixed(x, w), REF.forward(x, w, INF)[0]) and one.compiled_calls == 0
     assert torch.equal(b.linf_max_fixed(x[:1], w), REF.forward(x[:1], w, INF)[0])  # one row: eager
