@@ -60,9 +60,10 @@ The fast pass (issue #16 item 4)
 For a plain, unhooked :class:`~linf_plugin.models.LinfDistNet` (see
 :func:`_plain_parts`) :func:`linf_trace` runs each layer's torch ops itself,
 in the module's order (distance, ``- running_mean``, ``+ bias``), without
-the per-call checks, and the distance comes from the torch backend's graph
-compiled for that layer's weight shape (the same kernel: the same values bit
-for bit).  Nothing above depends on which IEEE round-to-nearest
+the per-call checks, and on the torch backend one graph compiled for that
+layer's weight shape computes the distance, the mean shift, the bias and
+the layer's per-sample ``max|out|`` (the same ops in the same order: the
+same values bit for bit, tested against the module path).  Nothing above depends on which IEEE round-to-nearest
 implementation computes these ops, and the bounds still use magnitudes
 *computed in this pass, per sample*: nothing derived from the weights or
 the inputs is cached (a cache keyed on ``Tensor._version`` would miss
