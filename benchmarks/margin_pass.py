@@ -8,7 +8,9 @@ architectures (digits-linf: 5 × 128 ℓ∞-dist layers; digits cnn_7layer width
 16), untrained (the work does not depend on the weights), in one process,
 interleaved, so a loaded machine slows both alike; it reports medians, the
 ratio, and the margin pass's parts (the forward pass alone, ``margin_certify``
-on one batch, the public call).
+on one batch, the public call), with the fastest round beside each median
+and the load average before and after (other jobs on a shared machine slow
+everything; compare runs at a similar load).
 
 Goals: the margin pass over the 360 test digits in <= 3 ms on 2 cores, and
 >= 10x faster than the IBP pass.
@@ -18,6 +20,7 @@ Goals: the margin pass over the 360 test digits in <= 3 ms on 2 cores, and
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -63,18 +66,23 @@ def main(argv=None) -> dict:
     }
     for fn in calls.values():  # warm-up: kernels compiled, BoundedModule code paths loaded
         fn(), fn()
+    load_before = os.getloadavg()
     rows = {k: [] for k in calls}
     for _ in range(5):  # interleaved rounds: load changes hit every call alike
         for k, fn in calls.items():
             rows[k].append(_median_ms(fn, max(1, args.repeats // 5)))
+    load_after = os.getloadavg()
     med = {k: statistics.median(v) for k, v in rows.items()}
+    best = {k: min(v) for k, v in rows.items()}
     ratio = med["IBP pass on the CNN (one eps)"] / med["margin pass (harness call)"]
-    print(f"{n} digits test points, {args.threads} threads, median of {args.repeats} calls (ms):")
+    print(f"{n} digits test points, {args.threads} threads, median of {args.repeats} calls (ms; fastest of the "
+          f"5 rounds' medians beside it); load average {load_before[0]:.2f} before, {load_after[0]:.2f} after:")
     for k, v in med.items():
-        print(f"  {k:<32} {v:9.3f}")
+        print(f"  {k:<32} {v:9.3f}  ({best[k]:.3f})")
     print(f"  IBP / margin                     {ratio:9.1f}x   (goal >= 10x; margin goal <= 3 ms)")
     record = {"benchmark": "margin_pass", "points": n, "threads": args.threads, "repeats": args.repeats,
-              "median_ms": med, "ibp_over_margin": ratio, "torch": torch.__version__,
+              "median_ms": med, "best_round_ms": best, "ibp_over_margin": ratio,
+              "load_average_1min": {"before": load_before[0], "after": load_after[0]}, "torch": torch.__version__,
               "linf_plugin": linf_plugin.__version__, "platform": platform.platform(),
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     if args.out:

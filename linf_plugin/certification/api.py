@@ -38,12 +38,14 @@ def eval_mode(model: torch.nn.Module):
     into one state.)
     """
     modes = [(m, m.training) for m in model.modules()]
-    model.eval()
+    if any(was for _, was in modes):
+        model.eval()
     try:
         yield model
     finally:
         for m, was in modes:
-            m.training = was
+            if m.training != was:  # setting a module attribute is slow; most are unchanged
+                m.training = was
 
 
 def _name(model) -> str:
@@ -109,12 +111,13 @@ def _as_tensors(data, model, data_range=None):
         raise ValueError(f"labels of shape {tuple(y.shape)} do not match {x.shape[0]} inputs")
     if not x.is_floating_point():
         raise TypeError(f"inputs must be floating point, got {x.dtype}")
-    if torch.isnan(x).any():
+    # One pass for NaN, inf and the range: min and max are NaN when any input is.
+    x_min, x_max = (float(v) for v in torch.aminmax(x))
+    if math.isnan(x_min) or math.isnan(x_max):
         raise ValueError("the inputs contain NaN")
-    if not torch.isfinite(x).all():
+    if math.isinf(x_min) or math.isinf(x_max):
         raise ValueError("the inputs contain inf")
     lo, hi = data_range
-    x_min, x_max = float(x.min()), float(x.max())
     if x_min < lo or x_max > hi:
         raise ValueError(f"the inputs lie in [{x_min:g}, {x_max:g}], outside data_range=({lo:g}, {hi:g}); "
                          "certify(..., data_range=(low, high)) must name the range your inputs live in "
@@ -125,38 +128,77 @@ def _as_tensors(data, model, data_range=None):
     return x, y.long(), data_range
 
 
-def _check_model(model, x, y, device) -> tuple:
+def _check_finite(model) -> None:
+    """Refuse NaN or inf in any floating parameter or buffer (one min/max reduction per tensor, one sync)."""
+    named = [("parameter", n, t) for n, t in model.named_parameters()]
+    named += [("buffer", n, t) for n, t in model.named_buffers()]
+    named = [(kind, n, t) for kind, n, t in named if t.is_floating_point() and t.numel()]
+    if not named:
+        return
+    try:
+        with torch.no_grad():
+            ends = [v for _, _, t in named for v in torch.aminmax(t)]
+            if len({v.dtype for v in ends}) > 1:
+                ends = [v.double() for v in ends]
+            if bool(torch.isfinite(torch.stack(ends)).all()):
+                return
+    except RuntimeError:  # tensors on several devices: check them one by one
+        pass
+    for kind, name, t in named:
+        if not torch.isfinite(t).all():
+            raise ValueError(f"the model's {kind} {name!r} contains NaN or inf; no certificate can hold")
+
+
+def _to_device(model, dev) -> bool:
+    """Move ``model`` to ``dev`` unless every parameter and buffer is already there; True when moved."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if all(t.device == dev for t in tensors):
+        return False
+    model.to(dev)
+    return True
+
+
+def _check_model(model, x, y, device, probe: bool = True, finite: bool = True) -> tuple:
     """-> (device, dtype, K), with the model moved to the device (in eval mode: the forward must not train).
 
     Refuses half precision and non-finite parameters before any bound is
-    computed; K comes from one forward pass, never from the labels.
+    computed; K comes from one forward pass, never from the labels.  With
+    ``probe=False`` (the margin method, whose pass returns the logits and
+    checks their shape itself) K is None: call :func:`_check_logits` on the
+    first logits instead.  ``finite=False`` leaves the parameters' finiteness
+    to the method (margin checks every tensor its pass uses).
     """
     dev, dtype = _model_device_dtype(model, device)
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"certification needs a float32 or float64 model, {_name(model)} is {dtype} (bounds in "
                         "half precision cannot be made rigorous); call model.float() first")
-    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
-        for name, t in named:
-            if t.is_floating_point() and not torch.isfinite(t).all():
-                raise ValueError(f"the model's {kind} {name!r} contains NaN or inf; no certificate can hold")
+    if finite:
+        _check_finite(model)
     if x.dtype != dtype and not torch.equal(x.to(dtype).to(x.dtype), x):
         # The box would be built around the rounded inputs, not the user's: a certificate for a neighbour.
         raise ValueError(f"the inputs are {x.dtype} but {_name(model)} computes in {dtype}, and casting changes "
                          f"their values; certify a {x.dtype} copy of the model (model.to({x.dtype})) or pass "
                          f"inputs that are exactly {dtype}")
-    model.to(dev)
+    _to_device(model, dev)
+    if not probe:
+        return dev, dtype, None
     with torch.no_grad():
         out = model(x[:1].to(dev, dtype))
-    if out.dim() != 2:
-        raise ValueError(f"{_name(model)} returns logits of shape {tuple(out.shape)} for one input; "
+    return dev, dtype, _check_logits(model, out.shape, y)
+
+
+def _check_logits(model, shape, y) -> int:
+    """K from the logits' ``shape``, refusing one that is not ``(batch, K)``, K < 2, and labels outside ``[0, K)``."""
+    if len(shape) != 2:
+        raise ValueError(f"{_name(model)} returns logits of shape {tuple(shape)} for one input; "
                          "certification needs (batch, num_classes)")
-    k = int(out.shape[1])
+    k = int(shape[1])
     if k < 2:
         raise ValueError(f"{_name(model)} has {k} output; certifying a prediction needs at least 2 classes")
-    if y.min() < 0 or y.max() >= k:
-        raise ValueError(f"labels must lie in [0, {k}) for {_name(model)} ({k} outputs), got "
-                         f"[{int(y.min())}, {int(y.max())}]")
-    return dev, dtype, k
+    y_min, y_max = (int(v) for v in torch.aminmax(y))
+    if y_min < 0 or y_max >= k:
+        raise ValueError(f"labels must lie in [0, {k}) for {_name(model)} ({k} outputs), got [{y_min}, {y_max}]")
+    return k
 
 
 def _model_device_dtype(model, device):
@@ -232,7 +274,8 @@ def certify(model: torch.nn.Module, data, eps: float, method: str, *, data_range
     rigorous_flag, reason = True, ""
     try:
         with eval_mode(model), exact_float():
-            dev, dtype, num_classes = _check_model(model, x, y, device)
+            dev, dtype, num_classes = _check_model(model, x, y, device, probe=method != "margin",
+                                                   finite=method != "margin")
             certifier = None
             also_margin = method == "interval" and "margin" in applicable_methods(model)
             if method in _BOUND_PROP:
@@ -249,6 +292,8 @@ def certify(model: torch.nn.Module, data, eps: float, method: str, *, data_range
             for xb, yb in batches:
                 if method == "margin":
                     c, k, r, info = margin_certify(model, xb, yb, eps, float_model=float_model)
+                    if num_classes is None:  # the pass's own logits stand in for a probe forward
+                        num_classes = _check_logits(model, (xb.shape[0], info["num_classes"]), y)
                     k = k & torch.isfinite(r)
                     radii.append(r)
                     extra["max_logit_error"] = max(extra.get("max_logit_error", 0.0), info["max_logit_error"])
@@ -267,7 +312,7 @@ def certify(model: torch.nn.Module, data, eps: float, method: str, *, data_range
             if certifier is not None:
                 rigorous_flag, reason = certifier.float_rigorous, certifier.reason
     finally:
-        model.to(orig_device)
+        _to_device(model, orig_device)
     if reason:
         extra["float_rigorous_reason"] = reason
     wall = time.perf_counter() - start
@@ -330,7 +375,7 @@ def _bisect_radius(model, data, method, eps_max, steps, batch_size, device, alph
                 radius[start:start + xb.shape[0]] = torch.where(c, lo, torch.zeros_like(lo)).cpu()
                 correct[start:start + xb.shape[0]] = c.cpu()
     finally:
-        model.to(orig_device)
+        _to_device(model, orig_device)
     return radius.numpy(), correct.numpy(), cert.float_rigorous, cert.reason
 
 
@@ -363,12 +408,12 @@ def certified_accuracy_curve(result_or_model, data=None, eps_grid: Sequence[floa
     model = result_or_model
     if data is None:
         raise ValueError("data is required when a model is given")
-    _check_method(model, method)
     start = time.perf_counter()
-    if method == "margin":
+    if method == "margin":  # certify() checks the method
         res = certify(model, data, 0.0, "margin", batch_size=batch_size, device=device, data_range=data_range)
         return _curve_from_radius(method, res.model_name, res.radius, res.correct, eps_grid,
                                   time.perf_counter() - start, {**res.extra, "float_rigorous": res.float_rigorous})
+    _check_method(model, method)
     if bisect and method in _BOUND_PROP:
         radius, correct, exact, why = _bisect_radius(model, data, method, max(eps_grid), bisect_steps, batch_size,
                                                      device, alpha_iterations, data_range, rigorous)

@@ -54,6 +54,26 @@ affine in eps, so the certified radius has a closed form.
 Overhead: for trained nets E is ~1e-6 of the activations -- invisible in
 accuracy, but it refuses the adversarial cases naive float checks accept
 (see tests/certify/test_margin_float.py).
+
+The fast pass (issue #16 item 4)
+--------------------------------
+For a plain, unhooked :class:`~linf_plugin.models.LinfDistNet` (see
+:func:`_plain_parts`) :func:`linf_trace` runs each layer's torch ops itself,
+in the module's order (distance, ``- running_mean``, ``+ bias``), without
+the per-call checks, and on the torch backend one graph compiled for that
+layer's weight shape computes the distance, the mean shift, the bias and
+the layer's per-sample ``max|out|`` (the same ops in the same order: the
+same values bit for bit, tested against the module path).  Nothing above depends on which IEEE round-to-nearest
+implementation computes these ops, and the bounds still use magnitudes
+*computed in this pass, per sample*: nothing derived from the weights or
+the inputs is cached (a cache keyed on ``Tensor._version`` would miss
+writes through ``.data``), so every call bounds the current weights at the
+given inputs, whatever their range.  The constants ``max|running_mean|``,
+``max|bias|`` and the weights' finiteness take one min/max reduction per
+tensor; NaN or inf inputs give non-finite logits or bounds and are never
+certified (nor counted correct).  TF32 and autocast touch none of these ops
+(no matmul or convolution), and ``u`` comes from the dtypes the pass really
+produced (:func:`computation_unit_roundoff`).
 """
 from __future__ import annotations
 
@@ -97,20 +117,88 @@ def lipschitz_constant(model) -> float:
     return float(lip)
 
 
+def _plain_parts(model):
+    """``(normalize, layers)`` when ``model(x)`` is exactly :meth:`LinfDistNet.forward` over plain parts, else None.
+
+    Plain: the model's forward is ``LinfDistNet.forward``; the normalisation,
+    every layer and every mean shift are exactly
+    :class:`~linf_plugin.nn.InputNormalize`, :class:`~linf_plugin.nn.LpDistLinear`
+    and :class:`~linf_plugin.nn.MeanShiftNorm` with their own ``forward``; and
+    no forward hook or pre-hook is registered on any of them, on the model,
+    or globally.  Only then may :func:`linf_trace` run the layers' arithmetic
+    itself (the same torch ops in the same order as the modules, without
+    their per-call checks) and still be bounding the function ``model(x)``
+    computes.
+    """
+    from ..models.linf_dist import LinfDistNet
+    from ..nn import InputNormalize, LpDistLinear, MeanShiftNorm
+    from torch.nn.modules import module as nn_module
+
+    if type(model).forward is not LinfDistNet.forward or nn_module._global_forward_hooks or \
+            nn_module._global_forward_pre_hooks:
+        return None
+    normalize, layers = model.normalize, list(model.layers)
+    if type(normalize) is not InputNormalize or any(type(layer) is not LpDistLinear for layer in layers):
+        return None
+    shifts = [layer.mean_shift for layer in layers if layer.mean_shift is not None]
+    if any(type(m) is not MeanShiftNorm for m in shifts):
+        return None
+    for m in (model, normalize, *layers, *shifts):
+        if m.training or m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__:
+            return None
+    return normalize, layers
+
+
+def _plain_layer(layer, z: torch.Tensor):
+    """One eval-mode :class:`LpDistLinear` at p = inf: ``lp_dist``, ``- running_mean``, ``+ bias``, as its forward.
+
+    Returns ``(y, max_n |y|)`` (the second None when the backend does not
+    fuse it), or None (the caller then calls the module) where the module's
+    own checks could raise: a shape, dtype or device that does not match,
+    or an empty batch.
+    """
+    w = layer.weight
+    if z.dim() != 2 or z.shape[1] != w.shape[1] or z.shape[0] == 0 or z.dtype != w.dtype or \
+            z.device != w.device:
+        return None
+    from ..ops.lp_dist import get_backend, resolve_backend
+
+    impl = get_backend(resolve_backend(layer.backend, z))
+    shift = None if layer.mean_shift is None else layer.mean_shift.running_mean
+    bias = None if layer.bias is None else layer.bias.detach()
+    fixed = getattr(impl, "linf_max_fixed", None) if math.isinf(layer.p) else None
+    if fixed is not None:  # the torch backend's graph for this layer (the same ops, faster)
+        return fixed(z.contiguous(), w.detach().contiguous(), shift, bias, max_abs=True)
+    y = impl.forward(z.contiguous(), w.detach().contiguous(), layer.p, need_aux=False)[0]
+    if shift is not None:
+        y = y - shift
+    if bias is not None:
+        y = y + bias
+    return y, None
+
+
 def linf_trace(model, x: torch.Tensor):
     """Run an l_inf-dist net once, keeping what the error bound needs.
 
     For a :class:`~linf_plugin.models.LinfDistNet` (whose ``forward`` is
     known: normalise, flatten, every layer, negate) the parts are called in
-    that order directly, so the values bounded are the logits returned.  Any
-    other model (a subclass with its own ``forward``) runs one ``model(x)``
-    call with forward hooks on the normalisation and every layer, and its
-    logits must equal the last layer's output.
+    that order directly, so the values bounded are the logits returned; when
+    every part is plain and nothing is hooked (see :func:`_plain_parts`),
+    each layer's arithmetic runs without the module's per-call checks (the
+    input is checked once here; the parameters' finiteness by the caller).
+    Any other model (a subclass with its own ``forward``) runs one
+    ``model(x)`` call with forward hooks on the normalisation and every
+    layer, and its logits must equal the last layer's output.
 
     Returns:
         ``(logits, z0, outputs)``: the logits ``(B, K)``, the normalised
         flattened input ``(B, D)`` and each layer's output ``(B, N_l)``.
     """
+    return _trace(model, x)[:3]
+
+
+def _trace(model, x: torch.Tensor):
+    """:func:`linf_trace` plus ``max_n |out_l|`` per layer where the plain path fused it (else None)."""
     from ..models.linf_dist import LinfDistNet
     from ..models.base import check_input
 
@@ -118,14 +206,18 @@ def linf_trace(model, x: torch.Tensor):
         normalize, layers, negate = model.normalize, list(model.layers), bool(model.negate_output)
     except AttributeError as exc:
         raise MarginCertificateError(f"not an l_inf-dist net (needs normalize, layers, negate_output): {exc}") from None
-    if type(model).forward is LinfDistNet.forward and not (model._forward_hooks or model._forward_pre_hooks):
+    plain = _plain_parts(model)
+    if plain is not None or (type(model).forward is LinfDistNet.forward and
+                             not (model._forward_hooks or model._forward_pre_hooks)):
         check_input(x, model.input_shape, type(model).__name__)
         z0 = normalize(x).flatten(1)
-        outs, z = [], z0
+        outs, mags, z = [], [], z0
         for layer in layers:
-            z = layer(z)
+            got = _plain_layer(layer, z) if plain is not None else None
+            z, mag = (layer(z), None) if got is None else got
             outs.append(z)
-        return (-z if negate else z), z0, outs
+            mags.append(mag)
+        return (-z if negate else z), z0, outs, mags
     seen = {}
     hooks = [normalize.register_forward_hook(lambda _m, _i, out: seen.__setitem__("z0", out))]
     hooks += [layer.register_forward_hook(lambda _m, _i, out, k=k: seen.__setitem__(k, out))
@@ -142,7 +234,7 @@ def linf_trace(model, x: torch.Tensor):
     if not torch.equal(logits, -outs[-1] if negate else outs[-1]):
         raise MarginCertificateError("the logits are not the last l_inf-dist layer's output; the margin "
                                      "certificate cannot vouch for this model's forward pass")
-    return logits, seen["z0"].flatten(1), outs
+    return logits, seen["z0"].flatten(1), outs, [None] * len(outs)
 
 
 def computation_unit_roundoff(model, tensors=()) -> float:
@@ -165,16 +257,45 @@ def computation_unit_roundoff(model, tensors=()) -> float:
     return max(unit_roundoff(d) for d in dtypes)
 
 
-def _layer_consts(layers, device) -> torch.Tensor:
-    """``(L, 2)`` float64: per layer ``max|running_mean|`` and ``max|bias|`` (0 where absent)."""
-    rows = []
-    zero = torch.zeros((), dtype=torch.float64, device=device)
-    for layer in layers:
-        ms = layer.mean_shift
-        m = ms.running_mean.detach().abs().max().double() if ms is not None else zero
-        b = layer.bias.detach().abs().max().double() if layer.bias is not None else zero
-        rows.append(torch.stack((m, b)))
-    return torch.stack(rows)
+def _layer_consts(layers, device, others=()) -> torch.Tensor:
+    """``(L, 2)`` float64: per layer ``max|running_mean|`` and ``max|bias|`` (0 where absent).
+
+    One reduction per tensor and one transfer for all of them (the values are
+    float32 or float64 maxima, exact in float64).  ``others``: more
+    ``(name, tensor)`` pairs (the normalisation's buffers) checked for
+    finiteness only.
+
+    Raises:
+        MarginCertificateError: a weight, running mean, bias or one of
+        ``others`` holds NaN or inf (no certificate can hold; the distance
+        kernels are not relied on to propagate NaN).
+    """
+    names, ends = [], []
+    for k, layer in enumerate(layers):
+        for name, t in (("weight", layer.weight), ("bias", layer.bias),
+                        ("mean_shift.running_mean", None if layer.mean_shift is None else
+                         layer.mean_shift.running_mean)):
+            if t is not None and t.numel():
+                names.append((k, name))
+                ends.extend(torch.aminmax(t))    # max|t| = max(-min t, max t); NaN gives NaN ends
+    for name, t in others:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+            names.append((None, name))
+            ends.extend(torch.aminmax(t))
+    rows = [[0.0, 0.0] for _ in layers]
+    if not ends:
+        return torch.tensor(rows, dtype=torch.float64, device=device).reshape(len(layers), 2)
+    if len({t.dtype for t in ends}) > 1:
+        ends = [t.double() for t in ends]
+    flat = torch.stack(ends).tolist()   # float32 values are exact as Python floats
+    values = [max(-lo, hi) if lo == lo and hi == hi else math.nan for lo, hi in zip(flat[::2], flat[1::2])]
+    for (k, name), v in zip(names, values):
+        if not math.isfinite(v):
+            where = name if k is None else f"layers.{k}.{name}"
+            raise MarginCertificateError(f"{where} contains NaN or inf; no certificate can hold")
+        if k is not None and name != "weight":
+            rows[k][name == "bias"] = v
+    return torch.tensor(rows, dtype=torch.float64, device=device)
 
 
 def _error_bounds(z0_mag: torch.Tensor, mags: torch.Tensor, consts: torch.Tensor, gamma: float, lip: float):
@@ -241,12 +362,18 @@ def margin_certify(model, x: torch.Tensor, y: torch.Tensor, eps: float, float_mo
             f"x is {x.dtype} but the model computes in {p.dtype}: rounding x would move the centre of the "
             f"ball; pass x as {p.dtype} (rounded by you, so the certificate is about the rounded point) or "
             f"convert the model with .to({x.dtype})")
-    logits, z0, outs = linf_trace(model, x)
+    logits, z0, outs, fused_mags = _trace(model, x)
+    if logits.dim() != 2 or logits.shape[1] < 2:
+        raise MarginCertificateError(
+            f"{getattr(model, 'model_name', type(model).__name__)} returns logits of shape {tuple(logits.shape)}; "
+            "certifying a prediction needs at least 2 classes")
     u = computation_unit_roundoff(model, (z0, logits, *outs))
     gamma = 2 * u
-    consts = _layer_consts(model.layers, logits.device)
-    z0_mag = z0.detach().abs().amax(dim=1).double()
-    mags = torch.stack([o.detach().abs().amax(dim=1) for o in outs]).double()
+    norm = getattr(model, "normalize", None)
+    consts = _layer_consts(model.layers, logits.device,
+                           [(f"normalize.{n}", getattr(norm, n, None)) for n in ("mean", "std")])
+    z0_mag = z0.abs().amax(dim=1).double()
+    mags = torch.stack([o.abs().amax(dim=1) if m is None else m for o, m in zip(outs, fused_mags)]).double()
     err, a, coef = _error_bounds(z0_mag, mags, consts, gamma, lip)
 
     lg = logits.detach().double()
@@ -254,7 +381,8 @@ def margin_certify(model, x: torch.Tensor, y: torch.Tensor, eps: float, float_mo
     pred = top2.indices[:, 0]
     margin = top2.values[:, 0] - top2.values[:, 1]
     margin = margin - margin.abs() * 2.0 ** -52
-    correct = pred == y
+    # A prediction from non-finite logits is no prediction (the verdict of every other method).
+    correct = (pred == y) & torch.isfinite(lg).all(dim=1)
 
     slack = margin - 2 * err
     if float_model:
@@ -267,5 +395,5 @@ def margin_certify(model, x: torch.Tensor, y: torch.Tensor, eps: float, float_mo
     radius = torch.where(correct & (radius > 0), radius, torch.zeros_like(radius))
     certified = correct & (radius > eps)
     info = {"lipschitz": lip, "unit_roundoff": u, "max_logit_error": float(err.max()) if err.numel() else 0.0,
-            "float_model": float_model}
+            "float_model": float_model, "num_classes": int(logits.shape[1])}
     return correct.cpu(), certified.cpu(), radius.cpu(), info

@@ -117,6 +117,53 @@ def test_small_problems_and_size_one_operands_stay_eager():
     assert not TorchBackend(compile=False).uses_compiled(x, 100, 100)
 
 
+def test_a_compiled_inf_forward_serves_smaller_problems():
+    """Once the p = inf forward's graph exists, problems down to min_warm_work use it (an output layer)."""
+    b = TorchBackend(compile=True, min_compiled_work=5000, min_warm_work=500, compile_backend="eager")
+    x, w, *_ = _problem(20, 16, 20, torch.float32)              # 6400 triples: compiles
+    small, w_small, *_ = _problem(20, 3, 20, torch.float32)     # 1200 triples
+    assert not b.uses_compiled(small, 3, 20, "linf_max")
+    b.forward(x, w, INF, need_aux=False)
+    assert b.uses_compiled(small, 3, 20, "linf_max")
+    assert not b.uses_compiled(small, 3, 20)                   # other kernels keep the cold threshold
+    assert not b.uses_compiled(small[:2], 3, 20, "linf_max")    # 120 triples < 500
+    calls = b.compiled_calls
+    y, aux = b.forward(small, w_small, INF, need_aux=False)
+    assert b.compiled_calls == calls + 1 and aux is None
+    assert torch.equal(y, REF.forward(small, w_small, INF)[0])
+    y, aux = b.forward(small, w_small, INF)                    # with the argmax: the cold threshold
+    assert b.compiled_calls == calls + 1 and torch.equal(y, REF.forward(small, w_small, INF)[0])
+
+
+def test_fixed_shape_graphs_match_and_keep_the_batch_dynamic():
+    """linf_max_fixed: one graph per weight shape, any batch, the reference's values; capped; eager fallback."""
+    from torch._dynamo.utils import counters
+
+    b = TorchBackend(compile=True, min_compiled_work=0, compile_backend="eager", max_fixed_shapes=2)
+    for dtype in (torch.float32, torch.float64):
+        x, w, *_ = _problem(12, 16, 20, dtype)
+        assert torch.equal(b.linf_max_fixed(x, w), REF.forward(x, w, INF)[0])
+    before, calls = counters["stats"]["unique_graphs"], b.compiled_calls
+    for B in (5, 31, 2):
+        x, w, *_ = _problem(B, 16, 20, torch.float32, seed=B)
+        assert torch.equal(b.linf_max_fixed(x, w), REF.forward(x, w, INF)[0])
+        assert not hasattr(x, "_dynamo_dynamic_indices")        # the caller's tensor is not marked
+    assert counters["stats"]["unique_graphs"] == before and b.compiled_calls == calls + 3
+    for N, D in ((7, 9), (8, 9), (9, 9)):                       # the third new shape is past the cap
+        x, w, *_ = _problem(6, N, D, torch.float32)
+        assert torch.equal(b.linf_max_fixed(x, w), REF.forward(x, w, INF)[0])
+    assert sum(k[1] == "fixed" for k in b._compiled) == 2
+    x, w, *_ = _problem(6, 7, 9, torch.float32, seed=1)
+    sub, add = torch.randn(7), torch.randn(7)
+    y = REF.forward(x, w, INF)[0] - sub + add
+    for backend in (b, TorchBackend(compile=True, min_compiled_work=0, compile_backend="eager")):
+        got, mag = backend.linf_max_fixed(x, w, sub, add, max_abs=True)   # the epilogue: same ops, same order
+        assert torch.equal(got, y) and torch.equal(mag, y.abs().amax(1))
+    one = TorchBackend(compile=False)
+    assert torch.equal(one.linf_max_fixed(x, w), REF.forward(x, w, INF)[0]) and one.compiled_calls == 0
+    assert torch.equal(b.linf_max_fixed(x[:1], w), REF.forward(x[:1], w, INF)[0])  # one row: eager
+
+
 def test_float32_key_packs_value_and_lowest_index():
     d = torch.tensor([[[0.0, 3.0, 1.0, 3.0]]])      # value 3 at indices 1 and 3
     x = torch.zeros(1, 4)

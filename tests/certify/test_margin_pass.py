@@ -1,0 +1,259 @@
+"""The fast margin pass (#16 item 4) certifies exactly what ``model(x)`` computes, from the current weights.
+
+The pass runs a plain l_inf-dist net's layer arithmetic itself (no per-layer
+checks) and ``certify(..., "margin")`` no longer runs a probe forward.  These
+tests pin what that must not change: hooks and subclasses still take the
+module path, weight changes between calls are seen (nothing is cached), NaN
+never certifies, and the pass runs the network once.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from linf_plugin.certification import MarginCertificateError, certify, margin_certify
+from linf_plugin.certification.margin import _plain_parts
+from linf_plugin.models import LinfDistNet, create_model
+from linf_plugin.ops import use_backend
+from linf_plugin.ops.torch_backend import TorchBackend
+
+
+def _net(seed=0, depth=4, width=48, dtype=torch.float32):
+    torch.manual_seed(seed)
+    net = create_model("linf_dist_mlp", input_shape=(1, 8, 8), num_classes=10, depth=depth, width=width,
+                       mean=0.3, std=0.3)
+    net.train()
+    for _ in range(3):  # non-zero running means
+        net(torch.rand(32, 1, 8, 8))
+    with torch.no_grad():
+        net.layers[-1].bias.normal_(0, 3)
+    return net.eval().to(dtype)
+
+
+def _fresh_copy(net):
+    other = create_model("linf_dist_mlp", input_shape=(1, 8, 8), num_classes=10, depth=len(net.layers),
+                         width=net.layers[0].out_features, mean=0.3, std=0.3).to(net.layers[0].weight.dtype)
+    other.load_state_dict(net.state_dict())
+    return other.eval()
+
+
+def _same(a, b):
+    return all(torch.equal(u, v) for u, v in zip(a[:3], b[:3])) and a[3] == b[3]
+
+
+def test_plain_and_module_paths_agree_bit_for_bit():
+    net = _net(1)
+    x = torch.rand(64, 1, 8, 8)
+    y = net(x).argmax(1)
+    assert _plain_parts(net) is not None
+    fast = margin_certify(net, x, y, 0.01)
+    handle = net.layers[1].register_forward_hook(lambda m, i, out: None)  # a no-op hook: module path
+    try:
+        assert _plain_parts(net) is None
+        slow = margin_certify(net, x, y, 0.01)
+    finally:
+        handle.remove()
+    assert _same(fast, slow)
+    with torch.no_grad():
+        assert torch.equal(fast[0], net(x).argmax(1) == y)
+
+
+@pytest.mark.parametrize("where", ["layer", "mean_shift", "normalize", "global"])
+def test_a_hook_that_changes_outputs_is_never_bypassed(where):
+    """A forward hook changes what model(x) computes; the pass must certify that function, not the plain one."""
+    net = _net(2)
+    x = torch.rand(64, 1, 8, 8)
+    with torch.no_grad():
+        y = net(x).argmax(1)
+
+    def shift(_m, _i, out):
+        return out + 0.5 if out.shape[1] != 10 else out + torch.linspace(0, 50, 10)
+
+    target = {"layer": net.layers[-1], "mean_shift": net.layers[0].mean_shift, "normalize": net.normalize}
+    if where == "global":
+        handle = torch.nn.modules.module.register_module_forward_hook(
+            lambda m, i, out: shift(m, i, out) if m is net.layers[-1] else None)
+    else:
+        handle = target[where].register_forward_hook(
+            shift if where == "layer" else (lambda m, i, out: out + 0.5))
+    try:
+        assert _plain_parts(net) is None
+        with torch.no_grad():
+            hooked = net(x)
+        correct, certified, radius, _ = margin_certify(net, x, y, 0.0)
+    finally:
+        handle.remove()
+    assert torch.equal(correct, hooked.argmax(1) == y)
+    if where in ("layer", "global"):
+        assert not torch.equal(hooked.argmax(1), y)  # the hook really moved predictions
+
+
+def test_subclass_and_per_instance_forward_take_the_module_path():
+    class Sub(LinfDistNet):
+        pass
+
+    net = _net(3)
+    sub = Sub(net.input_shape, net.num_classes, [48, 48, 48], mean=0.3, std=0.3).eval()
+    sub.load_state_dict(net.state_dict())
+    assert _plain_parts(sub) is not None  # same forward, plain parts: fine
+    layer = net.layers[2]
+    layer.forward = lambda z: type(layer).forward(layer, z) * 1.0
+    assert _plain_parts(net) is None
+    del layer.forward
+    assert _plain_parts(net) is not None
+    net.layers[1].mean_shift.train()
+    assert _plain_parts(net) is None
+
+
+def test_weight_changes_between_calls_are_seen():
+    """Nothing derived from the weights is cached: after any kind of update the certificate is a fresh one's."""
+    net = _net(4)
+    x = torch.rand(80, 1, 8, 8)
+    y = net(x).argmax(1)
+    margin_certify(net, x, y, 0.01)
+    certify(net, (x, y), 0.01, "margin")
+
+    def check():
+        assert _same(margin_certify(net, x, y, 0.01), margin_certify(_fresh_copy(net), x, y, 0.01))
+        a, b = certify(net, (x, y), 0.0, "margin"), certify(_fresh_copy(net), (x, y), 0.0, "margin")
+        assert (a.radius == b.radius).all() and (a.correct == b.correct).all()
+
+    before = margin_certify(net, x, y, 0.0)[2]
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)  # an optimizer step
+    net.train()
+    loss = -net(x).gather(1, y[:, None]).sum()
+    loss.backward()
+    opt.step()
+    net.eval()
+    check()
+    assert not torch.equal(before, margin_certify(net, x, y, 0.0)[2])
+    other = _net(5)
+    net.load_state_dict(other.state_dict())  # load_state_dict
+    check()
+    with torch.no_grad():
+        net.layers[-1].bias.data.add_(torch.linspace(0, 3, 10))  # a write the version counter does not see
+        net.layers[1].mean_shift.running_mean.data.mul_(2)
+    check()
+    net.normalize.std.data.fill_(0.6)  # the Lipschitz constant follows the std buffer
+    check()
+    assert margin_certify(net, x, y, 0.0)[3]["lipschitz"] == pytest.approx(1 / 0.6)
+
+
+def test_dtype_and_input_range_changes_are_seen():
+    net = _net(6)
+    x = torch.rand(40, 1, 8, 8)
+    y = net(x).argmax(1)
+    r32 = margin_certify(net, x, y, 0.0)
+    net.double()
+    r64 = margin_certify(net, x.double(), y, 0.0)
+    assert r32[3]["unit_roundoff"] == 2.0 ** -24 and r64[3]["unit_roundoff"] == 2.0 ** -53
+    assert r64[3]["max_logit_error"] < r32[3]["max_logit_error"]
+    net.float()
+    # pixels far outside [0, 1]: the error bound grows with the activations (computed per sample)
+    far = margin_certify(net, x + 100.0, y, 0.0)
+    assert far[3]["max_logit_error"] > 10 * r32[3]["max_logit_error"]
+    with torch.no_grad():
+        exact = net.double()(x.double() + 100.0)
+    net.float()
+    top2 = exact.topk(2, dim=1).values
+    exact_radius = (top2[:, 0] - top2[:, 1]) * net.normalize.std.double().min() / 2
+    assert (far[2] <= exact_radius).all()
+
+
+def test_nan_and_inf_never_certify():
+    net = _net(7)
+    x = torch.rand(6, 1, 8, 8)
+    y = net(x).argmax(1)
+    ok = margin_certify(net, x, y, 0.0)
+    assert ok[0].all() and (ok[2] > 0).all()
+    bad = x.clone()
+    bad[1, 0, 3, 3] = math.nan
+    bad[2, 0, 0, 0] = math.inf
+    correct, certified, radius, _ = margin_certify(net, bad, y, 0.0)
+    assert not correct[1] and not correct[2] and (radius[1:3] == 0).all() and not certified[1:3].any()
+    keep = torch.tensor([0, 3, 4, 5])
+    assert torch.equal(radius[keep], ok[2][keep]) and torch.equal(correct[keep], ok[0][keep])
+    with torch.no_grad():
+        net.layers[2].weight[3, 1] = math.nan
+    with pytest.raises(MarginCertificateError, match=r"layers\.2\.weight.*NaN"):
+        margin_certify(net, x, y, 0.0)
+
+
+def test_certify_runs_the_network_once_per_batch():
+    """No probe forward for margin: each layer's distance is computed once per batch."""
+
+    class Counting(TorchBackend):
+        def __init__(self):
+            super().__init__(compile=False)
+            self.rows = 0
+
+        def forward(self, x, w, p, need_aux=True):
+            self.rows += x.shape[0]
+            return super().forward(x, w, p, need_aux)
+
+    net = _net(8, depth=3)
+    x = torch.rand(30, 1, 8, 8)
+    y = net(x).argmax(1)
+    counting = Counting()
+    with use_backend(counting, "cpu"):
+        res = certify(net, (x, y), 0.01, "margin", batch_size=16)
+    assert counting.rows == 30 * 3
+    assert (res.radius == certify(net, (x, y), 0.01, "margin").radius).all()
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
+        certify(net, (x, torch.full((30,), 10)), 0.01, "margin")
+
+
+def test_fixed_shape_graphs_give_the_module_paths_values():
+    """At the digits pass's sizes the plain path runs the torch backend's fixed-shape graphs (inductor): the
+    same logits and radii as the module path, bit for bit, and as many compiled graphs as weight shapes."""
+    from linf_plugin.ops import get_backend
+
+    backend = get_backend("torch")
+    if not backend.uses_compiled(torch.zeros(360, 128), 128, 128):
+        pytest.skip("the torch backend does not compile here")
+    net = _net(9, depth=3, width=128)
+    x = torch.rand(360, 1, 8, 8)
+    y = net(x).argmax(1)
+    fast = margin_certify(net, x, y, 0.0)
+    assert {k[2:4] for k in backend._compiled if k[1] == "fixed"} >= {(128, 64), (128, 128), (10, 128)}
+    handle = net.layers[0].register_forward_hook(lambda m, i, out: None)
+    try:
+        slow = margin_certify(net, x, y, 0.0)
+    finally:
+        handle.remove()
+    assert _same(fast, slow)
+    part = margin_certify(net, x[:200], y[:200], 0.0)  # another batch size: the same graphs, the same values
+    assert all(torch.equal(a, b[:200]) for a, b in zip(part[:3], fast[:3]))
+
+
+def test_autocast_and_tf32_settings_change_nothing():
+    net = _net(10)
+    x = torch.rand(50, 1, 8, 8)
+    y = net(x).argmax(1)
+    ref = margin_certify(net, x, y, 0.01)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert _same(margin_certify(net, x, y, 0.01), ref)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+@pytest.mark.parametrize("where", ["normalize.mean", "normalize.std", "layers.0.mean_shift.running_mean",
+                                   "layers.3.bias"])
+def test_every_tensor_the_pass_uses_is_checked(where):
+    """certify(..., "margin") leaves the finiteness check to the pass, which names the tensor."""
+    net = _net(11)
+    x = torch.rand(4, 1, 8, 8)
+    y = net(x).argmax(1)
+    with torch.no_grad():
+        t = net.get_parameter(where) if where.endswith("bias") else net.get_buffer(where)
+        t.view(-1)[0] = math.inf if where.endswith("std") else math.nan
+    match = where.replace(".", r"\.") + ".*NaN or inf"
+    with pytest.raises(MarginCertificateError, match=match):
+        margin_certify(net, x, y, 0.0)
+    with pytest.raises(ValueError, match=match):
+        certify(net, (x, y), 0.0, "margin")
