@@ -31,7 +31,7 @@ import math
 import torch
 
 from ..ops import lp_dist_interval
-from .margin import MarginCertificateError, unit_roundoff
+from .margin import MarginCertificateError, check_unmodified, unit_roundoff
 
 __all__ = ["interval_bounds", "interval_certify"]
 
@@ -57,6 +57,15 @@ def interval_bounds(model, lower: torch.Tensor, upper: torch.Tensor):
         normalize, layers, negate = model.normalize, list(model.layers), bool(model.negate_output)
     except AttributeError as exc:
         raise MarginCertificateError(f"'interval' needs an l_inf-dist net: {exc}") from None
+    from ..models.linf_dist import LinfDistNet
+
+    # the propagation below follows LinfDistNet.forward over the library's
+    # parts; what model(x) computes must be exactly that
+    check_unmodified(model, normalize, layers, "interval propagation")
+    if isinstance(model, LinfDistNet) and type(model).forward is not LinfDistNet.forward:
+        raise MarginCertificateError(
+            f"{type(model).__name__} has a forward of its own, which interval propagation (it follows "
+            "LinfDistNet.forward) does not see; use 'margin' or a bound-propagation method")
     training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
     if training:
         # Checked before any forward: a mean shift in train mode would update its running mean.

@@ -82,7 +82,7 @@ import math
 import torch
 
 __all__ = ["margin_certify", "lipschitz_constant", "linf_trace", "MarginCertificateError", "unit_roundoff",
-           "computation_unit_roundoff"]
+           "computation_unit_roundoff", "check_unmodified"]
 
 
 class MarginCertificateError(ValueError):
@@ -197,6 +197,69 @@ def linf_trace(model, x: torch.Tensor):
     return _trace(model, x)[:3]
 
 
+def _forward_hook_owner(model):
+    """The name of a module of ``model`` that carries a forward hook or pre-hook (``"global"`` for a
+    module-wide one registered with ``torch.nn.modules.module.register_module_forward_hook``), else None."""
+    from torch.nn.modules import module as nn_module
+
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return "global"
+    for name, m in model.named_modules():
+        if m._forward_hooks or m._forward_pre_hooks:
+            return name or "the model"
+    return None
+
+
+def _foreign_part(normalize, layers):
+    """A description of the first part whose ``forward`` is not the library's own, else None.
+
+    The Lipschitz constant (:func:`lipschitz_constant`) holds for
+    :class:`~linf_plugin.nn.InputNormalize`, :class:`~linf_plugin.nn.LpDistLinear`
+    at p = inf and :class:`~linf_plugin.nn.MeanShiftNorm` as the library
+    defines them; a subclass or a per-instance ``forward`` may compute
+    anything (subclasses that keep the forward are fine).
+    """
+    from ..nn import InputNormalize, LpDistLinear, MeanShiftNorm
+
+    parts = [("the normalisation", normalize, InputNormalize)]
+    for k, layer in enumerate(layers):
+        parts.append((f"layer {k}", layer, LpDistLinear))
+        shift = getattr(layer, "mean_shift", None)
+        if shift is not None:
+            parts.append((f"layer {k}'s mean shift", shift, MeanShiftNorm))
+    for what, m, cls in parts:
+        if not isinstance(m, cls):
+            return f"{what} is a {type(m).__name__}, not a {cls.__name__}"
+        if type(m).forward is not cls.forward or "forward" in m.__dict__:
+            return f"{what} ({type(m).__name__}) has a forward of its own"
+    return None
+
+
+def check_unmodified(model, normalize, layers, what: str) -> None:
+    """Raise :class:`MarginCertificateError` unless ``model``'s parts compute what the library's do.
+
+    ``what`` names the certificate for the message.  Refused: any forward hook
+    or pre-hook (on a module of ``model`` or module-wide) and any part whose
+    forward is not the library's (:func:`_foreign_part`).  A hook may return a
+    new output (scaled, clipped, anything) and so change the function
+    ``model(x)`` computes at the perturbed inputs, where nobody watches it;
+    equal outputs at the clean input would prove nothing about the rest of
+    the ball.  Bound propagation traces hooks into its graph and stays sound.
+    """
+    owner = _forward_hook_owner(model)
+    if owner is not None:
+        where = "every module (a global hook)" if owner == "global" else repr(owner)
+        raise MarginCertificateError(
+            f"a forward hook or pre-hook is registered on {where}: it can change what the model computes, "
+            f"which {what} does not cover; remove it (handle.remove()) or certify with a bound-propagation "
+            "method ('ibp', 'crown-ibp', 'crown')")
+    foreign = _foreign_part(normalize, layers)
+    if foreign is not None:
+        raise MarginCertificateError(
+            f"{foreign}: {what} holds for the library's l_inf-dist parts only; certify this model with a "
+            "bound-propagation method ('ibp', 'crown-ibp', 'crown')")
+
+
 def _trace(model, x: torch.Tensor):
     """:func:`linf_trace` plus ``max_n |out_l|`` per layer where the plain path fused it (else None)."""
     from ..models.linf_dist import LinfDistNet
@@ -206,6 +269,7 @@ def _trace(model, x: torch.Tensor):
         normalize, layers, negate = model.normalize, list(model.layers), bool(model.negate_output)
     except AttributeError as exc:
         raise MarginCertificateError(f"not an l_inf-dist net (needs normalize, layers, negate_output): {exc}") from None
+    check_unmodified(model, normalize, layers, "the margin certificate")
     plain = _plain_parts(model)
     if plain is not None or (type(model).forward is LinfDistNet.forward and
                              not (model._forward_hooks or model._forward_pre_hooks)):
@@ -218,9 +282,11 @@ def _trace(model, x: torch.Tensor):
             outs.append(z)
             mags.append(mag)
         return (-z if negate else z), z0, outs, mags
-    seen = {}
+    seen, fed = {}, {}
     hooks = [normalize.register_forward_hook(lambda _m, _i, out: seen.__setitem__("z0", out))]
     hooks += [layer.register_forward_hook(lambda _m, _i, out, k=k: seen.__setitem__(k, out))
+              for k, layer in enumerate(layers)]
+    hooks += [layer.register_forward_pre_hook(lambda _m, inp, k=k: fed.__setitem__(k, inp[0]))
               for k, layer in enumerate(layers)]
     try:
         logits = model(x)
@@ -231,6 +297,14 @@ def _trace(model, x: torch.Tensor):
         raise MarginCertificateError("the model's forward pass does not run its normalisation and every "
                                      "l_inf-dist layer; the margin certificate cannot vouch for it")
     outs = [seen[k] for k in range(len(layers))]
+    # a forward of its own may also do something between the layers (scale,
+    # add, mix): each layer must be fed exactly its predecessor's output
+    for k in range(len(layers)):
+        before = seen["z0"].flatten(1) if k == 0 else outs[k - 1]
+        if not torch.equal(fed[k], before):
+            raise MarginCertificateError(
+                f"l_inf-dist layer {k} is not fed {'the normalised input' if k == 0 else f'layer {k - 1}'}'s "
+                "output in the model's forward pass; the margin certificate cannot vouch for what runs between them")
     if not torch.equal(logits, -outs[-1] if negate else outs[-1]):
         raise MarginCertificateError("the logits are not the last l_inf-dist layer's output; the margin "
                                      "certificate cannot vouch for this model's forward pass")

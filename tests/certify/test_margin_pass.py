@@ -2,9 +2,10 @@
 
 The pass runs a plain l_inf-dist net's layer arithmetic itself (no per-layer
 checks) and ``certify(..., "margin")`` no longer runs a probe forward.  These
-tests pin what that must not change: hooks and subclasses still take the
-module path, weight changes between calls are seen (nothing is cached), NaN
-never certifies, and the pass runs the network once.
+tests pin what that must not change: hooks and parts with a forward of
+their own refuse the certificate, subclasses take the module path, weight
+changes between calls are seen (nothing is cached), NaN never certifies,
+and the pass runs the network once.
 """
 from __future__ import annotations
 
@@ -43,51 +44,109 @@ def _same(a, b):
     return all(torch.equal(u, v) for u, v in zip(a[:3], b[:3])) and a[3] == b[3]
 
 
+def _module_path(fn, *args):
+    """``fn(*args)`` with the fast path switched off: every layer runs as a module call."""
+    import linf_plugin.certification.margin as margin
+
+    plain = margin._plain_parts
+    margin._plain_parts = lambda model: None
+    try:
+        return fn(*args)
+    finally:
+        margin._plain_parts = plain
+
+
 def test_plain_and_module_paths_agree_bit_for_bit():
     net = _net(1)
     x = torch.rand(64, 1, 8, 8)
     y = net(x).argmax(1)
     assert _plain_parts(net) is not None
     fast = margin_certify(net, x, y, 0.01)
-    handle = net.layers[1].register_forward_hook(lambda m, i, out: None)  # a no-op hook: module path
-    try:
-        assert _plain_parts(net) is None
-        slow = margin_certify(net, x, y, 0.01)
-    finally:
-        handle.remove()
+    slow = _module_path(margin_certify, net, x, y, 0.01)
     assert _same(fast, slow)
     with torch.no_grad():
         assert torch.equal(fast[0], net(x).argmax(1) == y)
 
 
-@pytest.mark.parametrize("where", ["layer", "mean_shift", "normalize", "global"])
-def test_a_hook_that_changes_outputs_is_never_bypassed(where):
-    """A forward hook changes what model(x) computes; the pass must certify that function, not the plain one."""
+@pytest.mark.parametrize("where", ["layer", "mean_shift", "normalize", "model", "global", "pre"])
+def test_a_forward_hook_anywhere_refuses_the_margin_certificate(where):
+    """A hook can return a new output (here: logits scaled by 50, which multiplies the Lipschitz constant
+    by 50): the margin certificate must refuse rather than certify the unhooked net's radius for it, even
+    for a hook that returns nothing (it could act only away from the clean input)."""
     net = _net(2)
     x = torch.rand(64, 1, 8, 8)
     with torch.no_grad():
         y = net(x).argmax(1)
-
-    def shift(_m, _i, out):
-        return out + 0.5 if out.shape[1] != 10 else out + torch.linspace(0, 50, 10)
-
-    target = {"layer": net.layers[-1], "mean_shift": net.layers[0].mean_shift, "normalize": net.normalize}
+    before = margin_certify(net, x, y, 0.01)
+    scale = (lambda _m, _i, out: out * 50)
+    target = {"layer": net.layers[-1], "mean_shift": net.layers[0].mean_shift, "normalize": net.normalize,
+              "model": net}
     if where == "global":
         handle = torch.nn.modules.module.register_module_forward_hook(
-            lambda m, i, out: shift(m, i, out) if m is net.layers[-1] else None)
+            lambda m, i, out: out * 50 if m is net.layers[-1] else None)
+    elif where == "pre":
+        handle = net.layers[1].register_forward_pre_hook(lambda _m, _i: None)
     else:
-        handle = target[where].register_forward_hook(
-            shift if where == "layer" else (lambda m, i, out: out + 0.5))
+        handle = target[where].register_forward_hook(scale)
     try:
-        assert _plain_parts(net) is None
-        with torch.no_grad():
-            hooked = net(x)
-        correct, certified, radius, _ = margin_certify(net, x, y, 0.0)
+        with pytest.raises(MarginCertificateError, match="hook"):
+            margin_certify(net, x, y, 0.01)
+        for method in ("margin", "interval"):  # interval propagation ignores hooks just the same
+            with pytest.raises(MarginCertificateError, match="hook"):
+                certify(net, (x, y), 0.01, method)
     finally:
         handle.remove()
-    assert torch.equal(correct, hooked.argmax(1) == y)
-    if where in ("layer", "global"):
-        assert not torch.equal(hooked.argmax(1), y)  # the hook really moved predictions
+    assert _same(margin_certify(net, x, y, 0.01), before)  # removed: certifies as before
+
+
+@pytest.mark.parametrize("how", ["instance_forward", "subclass_forward", "foreign_layer"])
+def test_a_part_with_its_own_forward_refuses_the_margin_certificate(how):
+    """Only the library's parts are 1-Lipschitz: a layer whose forward scales its output by 3, or a plain
+    nn.Linear swapped in, must not be certified with the l_inf-dist net's constant."""
+    from linf_plugin.nn import LpDistLinear
+
+    net = _net(5)
+    x = torch.rand(32, 1, 8, 8)
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    layer = net.layers[1]
+    if how == "instance_forward":
+        layer.forward = lambda z: LpDistLinear.forward(layer, z) * 3.0
+    elif how == "subclass_forward":
+        class Scaled(LpDistLinear):
+            def forward(self, z):
+                return super().forward(z) * 3.0
+
+        layer.__class__ = Scaled
+    else:
+        net.layers[1] = torch.nn.Linear(layer.in_features, layer.out_features).eval()
+        assert net.lipschitz_linf is not None  # the model alone does not notice
+    with pytest.raises(MarginCertificateError, match="layer 1"):
+        margin_certify(net, x, y, 0.01)
+    with pytest.raises(MarginCertificateError, match="layer 1"):
+        certify(net, (x, y), 0.01, "interval")
+
+
+def test_a_forward_of_its_own_must_chain_the_layers():
+    """A model's own forward that rescales between the layers feeds a layer something else than its
+    predecessor's output: refused, even though the logits are the last layer's output."""
+    class Between(LinfDistNet):
+        def forward(self, x):
+            z = self.normalize(x).flatten(1)
+            for k, layer in enumerate(self.layers):
+                z = layer(z * 3.0 if k == 1 else z)
+            return -z if self.negate_output else z
+
+    net = _net(6)
+    other = Between(net.input_shape, net.num_classes, [48, 48, 48], mean=0.3, std=0.3).eval()
+    other.load_state_dict(net.state_dict())
+    x = torch.rand(16, 1, 8, 8)
+    with torch.no_grad():
+        y = other(x).argmax(1)
+    with pytest.raises(MarginCertificateError, match="layer 1 is not fed layer 0"):
+        margin_certify(other, x, y, 0.01)
+    with pytest.raises(MarginCertificateError, match="forward of its own"):
+        certify(other, (x, y), 0.01, "interval")   # it would propagate LinfDistNet.forward instead
 
 
 def test_subclass_and_per_instance_forward_take_the_module_path():
@@ -218,11 +277,7 @@ def test_fixed_shape_graphs_give_the_module_paths_values():
     y = net(x).argmax(1)
     fast = margin_certify(net, x, y, 0.0)
     assert {k[2:4] for k in backend._compiled if k[1] == "fixed"} >= {(128, 64), (128, 128), (10, 128)}
-    handle = net.layers[0].register_forward_hook(lambda m, i, out: None)
-    try:
-        slow = margin_certify(net, x, y, 0.0)
-    finally:
-        handle.remove()
+    slow = _module_path(margin_certify, net, x, y, 0.0)
     assert _same(fast, slow)
     part = margin_certify(net, x[:200], y[:200], 0.0)  # another batch size: the same graphs, the same values
     assert all(torch.equal(a, b[:200]) for a, b in zip(part[:3], fast[:3]))
