@@ -217,7 +217,9 @@ def _foreign_part(normalize, layers):
     :class:`~linf_plugin.nn.InputNormalize`, :class:`~linf_plugin.nn.LpDistLinear`
     at p = inf and :class:`~linf_plugin.nn.MeanShiftNorm` as the library
     defines them; a subclass or a per-instance ``forward`` may compute
-    anything (subclasses that keep the forward are fine).
+    anything (subclasses that keep the forward are fine, and so is a library
+    subclass whose class body sets ``eval_forward_is_parents = True``: its
+    eval-mode forward is the parent's, e.g. the DDP ``SyncMeanShiftNorm``).
     """
     from ..nn import InputNormalize, LpDistLinear, MeanShiftNorm
 
@@ -230,7 +232,8 @@ def _foreign_part(normalize, layers):
     for what, m, cls in parts:
         if not isinstance(m, cls):
             return f"{what} is a {type(m).__name__}, not a {cls.__name__}"
-        if type(m).forward is not cls.forward or "forward" in m.__dict__:
+        owner = next(c for c in type(m).__mro__ if "forward" in c.__dict__)
+        if "forward" in m.__dict__ or not (owner is cls or owner.__dict__.get("eval_forward_is_parents", False)):
             return f"{what} ({type(m).__name__}) has a forward of its own"
     return None
 

@@ -5,11 +5,13 @@ Through :func:`linf_plugin.certification.certify`:
 * ℓ∞-dist nets: the Lipschitz-margin certificate (float-safe) at p = ∞; p
   is switched to ∞ and the model put in eval mode for the evaluation, then
   both are restored, like the authors' "test at inf" logs;
-* hybrids and ReLU baselines: IBP (auto_LiRPA).
+* hybrids and ReLU baselines: IBP (auto_LiRPA), and ℓ∞-dist nets that the
+  margin certificate refuses (a forward hook, a modified part).
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from typing import Optional
 
@@ -21,6 +23,7 @@ from ..nn import lp_dist_layers
 __all__ = ["evaluate", "eval_mode", "EVAL_METHODS"]
 
 EVAL_METHODS = {"linf_dist": "margin", "hybrid": "ibp", "relu": "ibp"}
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -59,10 +62,19 @@ def evaluate(model: nn.Module, family: str, x: torch.Tensor, y: torch.Tensor, ep
     from ..certification import certify
     from ..data import DatasetSplit
 
+    from ..certification import MarginCertificateError
+
     method = EVAL_METHODS[family]
     data = DatasetSplit(x, y, name="eval", split="test", num_classes=int(model.num_classes),
                         data_range=tuple(data_range))
     with eval_mode(model):
-        res = certify(model, data, eps, method, batch_size=batch_size)
+        try:
+            res = certify(model, data, eps, method, batch_size=batch_size)
+        except MarginCertificateError as exc:
+            # a hook or a modified part (the user's) voids the Lipschitz argument, not
+            # the training run: IBP traces whatever the model computes
+            log.warning("evaluation: %s; certifying with IBP instead", exc)
+            method = "ibp"
+            res = certify(model, data, eps, method, batch_size=batch_size)
     return {"clean_acc": float(res.clean_accuracy), "cert_acc": float(res.certified_accuracy), "method": method,
             "n": int(res.n), "eval_time": float(res.wall_time)}

@@ -312,3 +312,44 @@ def test_every_tensor_the_pass_uses_is_checked(where):
         margin_certify(net, x, y, 0.0)
     with pytest.raises(ValueError, match=match):
         certify(net, (x, y), 0.0, "margin")
+
+
+def test_the_ddp_mean_shift_is_the_librarys_own_in_eval_mode():
+    """DDP training swaps every mean shift for SyncMeanShiftNorm; in eval mode it is MeanShiftNorm.forward, so
+    margin and interval keep certifying the converted model, with the same radii."""
+    from linf_plugin.training.ddp import SyncMeanShiftNorm, convert_sync_mean_shift
+
+    net = _net(11)
+    x = torch.rand(40, 1, 8, 8)
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    before = _module_path(margin_certify, net, x, y, 0.01)
+    convert_sync_mean_shift(net)
+    assert isinstance(net.layers[0].mean_shift, SyncMeanShiftNorm)
+    assert _same(margin_certify(net, x, y, 0.01), before)
+    certify(net, (x, y), 0.01, "interval")
+
+    class Mine(SyncMeanShiftNorm):  # the marker is not inherited by a forward of the user's
+        def forward(self, z):
+            return super().forward(z) * 2
+
+    net.layers[0].mean_shift.__class__ = Mine
+    with pytest.raises(MarginCertificateError, match="mean shift"):
+        margin_certify(net, x, y, 0.01)
+
+
+def test_training_evaluation_falls_back_to_ibp_for_a_hooked_net():
+    """The trainer's evaluation must not die on a user's hook: the margin certificate refuses, IBP certifies."""
+    from linf_plugin.training.evaluate import evaluate
+
+    net = _net(12, depth=3, width=32)
+    x = torch.rand(24, 1, 8, 8)
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    assert evaluate(net, "linf_dist", x, y, 0.01)["method"] == "margin"
+    handle = net.register_forward_hook(lambda m, i, out: None)
+    try:
+        got = evaluate(net, "linf_dist", x, y, 0.01)
+    finally:
+        handle.remove()
+    assert got["method"] == "ibp" and got["clean_acc"] == 1.0
