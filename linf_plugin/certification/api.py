@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from ..data import DatasetSplit
 from ..data.box import check_data_range, linf_box
 from .bound_prop import LIRPA_METHODS, BoundPropCertifier
-from .float_safety import exact_float
+from .float_safety import exact_float, value_ranges
 from .interval import interval_certify
 from .margin import margin_certify
 from .result import CertResult
@@ -133,19 +133,8 @@ def _check_finite(model) -> None:
     named = [("parameter", n, t) for n, t in model.named_parameters()]
     named += [("buffer", n, t) for n, t in model.named_buffers()]
     named = [(kind, n, t) for kind, n, t in named if t.is_floating_point() and t.numel()]
-    if not named:
-        return
-    try:
-        with torch.no_grad():
-            ends = [v for _, _, t in named for v in torch.aminmax(t)]
-            if len({v.dtype for v in ends}) > 1:
-                ends = [v.double() for v in ends]
-            if bool(torch.isfinite(torch.stack(ends)).all()):
-                return
-    except RuntimeError:  # tensors on several devices: check them one by one
-        pass
-    for kind, name, t in named:
-        if not torch.isfinite(t).all():
+    for (kind, name, _), (lo, hi) in zip(named, value_ranges([t for _, _, t in named])):
+        if not (math.isfinite(lo) and math.isfinite(hi)):
             raise ValueError(f"the model's {kind} {name!r} contains NaN or inf; no certificate can hold")
 
 

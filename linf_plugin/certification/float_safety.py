@@ -30,7 +30,27 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["exact_float", "widen_box", "rounding_slack", "unit_roundoff_of", "SlackInfo"]
+__all__ = ["exact_float", "widen_box", "rounding_slack", "unit_roundoff_of", "SlackInfo", "value_ranges"]
+
+
+def value_ranges(tensors) -> list:
+    """``[(min, max)]`` of each tensor as Python floats (NaN where it holds a NaN), with one transfer.
+
+    One ``aminmax`` per tensor (each non-empty), stacked (in float64 when the
+    dtypes differ: float32 and float64 extremes are exact there) and read
+    back once: the finiteness and magnitude checks of the certificates cost
+    one synchronisation, not one per tensor.
+    """
+    with torch.no_grad():
+        ends = [v for t in tensors for v in torch.aminmax(t)]
+        if not ends:
+            return []
+        if len({v.dtype for v in ends}) > 1:
+            ends = [v.double() for v in ends]
+        if len({v.device for v in ends}) > 1:
+            ends = [v.cpu() for v in ends]
+        flat = torch.stack(ends).tolist()
+    return list(zip(flat[::2], flat[1::2]))
 
 
 def unit_roundoff_of(dtype: torch.dtype) -> float:

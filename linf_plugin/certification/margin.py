@@ -81,6 +81,8 @@ import math
 
 import torch
 
+from .float_safety import value_ranges
+
 __all__ = ["margin_certify", "lipschitz_constant", "linf_trace", "MarginCertificateError", "unit_roundoff",
            "computation_unit_roundoff", "check_unmodified"]
 
@@ -123,19 +125,17 @@ def _plain_parts(model):
     Plain: the model's forward is ``LinfDistNet.forward``; the normalisation,
     every layer and every mean shift are exactly
     :class:`~linf_plugin.nn.InputNormalize`, :class:`~linf_plugin.nn.LpDistLinear`
-    and :class:`~linf_plugin.nn.MeanShiftNorm` with their own ``forward``; and
-    no forward hook or pre-hook is registered on any of them, on the model,
-    or globally.  Only then may :func:`linf_trace` run the layers' arithmetic
+    and :class:`~linf_plugin.nn.MeanShiftNorm` with their own ``forward``,
+    in eval mode.  Only then may :func:`linf_trace` run the layers' arithmetic
     itself (the same torch ops in the same order as the modules, without
     their per-call checks) and still be bounding the function ``model(x)``
-    computes.
+    computes.  Hooks are not looked at here: :func:`check_unmodified`, which
+    :func:`_trace` calls first, refuses any.
     """
     from ..models.linf_dist import LinfDistNet
     from ..nn import InputNormalize, LpDistLinear, MeanShiftNorm
-    from torch.nn.modules import module as nn_module
 
-    if type(model).forward is not LinfDistNet.forward or nn_module._global_forward_hooks or \
-            nn_module._global_forward_pre_hooks:
+    if type(model).forward is not LinfDistNet.forward:
         return None
     normalize, layers = model.normalize, list(model.layers)
     if type(normalize) is not InputNormalize or any(type(layer) is not LpDistLinear for layer in layers):
@@ -144,7 +144,7 @@ def _plain_parts(model):
     if any(type(m) is not MeanShiftNorm for m in shifts):
         return None
     for m in (model, normalize, *layers, *shifts):
-        if m.training or m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__:
+        if m.training or "forward" in m.__dict__:
             return None
     return normalize, layers
 
@@ -274,8 +274,7 @@ def _trace(model, x: torch.Tensor):
         raise MarginCertificateError(f"not an l_inf-dist net (needs normalize, layers, negate_output): {exc}") from None
     check_unmodified(model, normalize, layers, "the margin certificate")
     plain = _plain_parts(model)
-    if plain is not None or (type(model).forward is LinfDistNet.forward and
-                             not (model._forward_hooks or model._forward_pre_hooks)):
+    if plain is not None or type(model).forward is LinfDistNet.forward:   # hooks: refused above
         check_input(x, model.input_shape, type(model).__name__)
         z0 = normalize(x).flatten(1)
         outs, mags, z = [], [], z0
@@ -347,32 +346,28 @@ def _layer_consts(layers, device, others=()) -> torch.Tensor:
         ``others`` holds NaN or inf (no certificate can hold; the distance
         kernels are not relied on to propagate NaN).
     """
-    names, ends = [], []
+    names, tensors = [], []
     for k, layer in enumerate(layers):
         for name, t in (("weight", layer.weight), ("bias", layer.bias),
                         ("mean_shift.running_mean", None if layer.mean_shift is None else
                          layer.mean_shift.running_mean)):
             if t is not None and t.numel():
                 names.append((k, name))
-                ends.extend(torch.aminmax(t))    # max|t| = max(-min t, max t); NaN gives NaN ends
+                tensors.append(t)
     for name, t in others:
         if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
             names.append((None, name))
-            ends.extend(torch.aminmax(t))
+            tensors.append(t)
     rows = [[0.0, 0.0] for _ in layers]
-    if not ends:
-        return torch.tensor(rows, dtype=torch.float64, device=device).reshape(len(layers), 2)
-    if len({t.dtype for t in ends}) > 1:
-        ends = [t.double() for t in ends]
-    flat = torch.stack(ends).tolist()   # float32 values are exact as Python floats
-    values = [max(-lo, hi) if lo == lo and hi == hi else math.nan for lo, hi in zip(flat[::2], flat[1::2])]
+    # max|t| = max(-min t, max t), exact; a NaN end gives NaN
+    values = [max(-lo, hi) if lo == lo and hi == hi else math.nan for lo, hi in value_ranges(tensors)]
     for (k, name), v in zip(names, values):
         if not math.isfinite(v):
             where = name if k is None else f"layers.{k}.{name}"
             raise MarginCertificateError(f"{where} contains NaN or inf; no certificate can hold")
         if k is not None and name != "weight":
             rows[k][name == "bias"] = v
-    return torch.tensor(rows, dtype=torch.float64, device=device)
+    return torch.tensor(rows, dtype=torch.float64, device=device).reshape(len(layers), 2)
 
 
 def _error_bounds(z0_mag: torch.Tensor, mags: torch.Tensor, consts: torch.Tensor, gamma: float, lip: float):

@@ -183,9 +183,12 @@ class TorchBackend:
                             self.compile_failed)
         return self._fn(name, pv, False)(*args)
 
-    def _chunks(self, rows: int, n: int, d: int, compiled: bool):
+    def _rows_per_chunk(self, n: int, d: int, compiled: bool) -> int:
         budget = self.compiled_budget if compiled else self.eager_budget
-        cap = max(1, budget // max(1, n * d))
+        return max(1, budget // max(1, n * d))
+
+    def _chunks(self, rows: int, n: int, d: int, compiled: bool):
+        cap = self._rows_per_chunk(n, d, compiled)
         count = -(-rows // cap)
         step = -(-rows // count) if count else 1
         for start in range(0, rows, step):
@@ -225,8 +228,12 @@ class TorchBackend:
         key = ("linf_max", "fixed", N, D, sub is not None, add is not None, bool(max_abs))
         fn = self._compiled.get(key)
         full = fn is None and sum(k[1] == "fixed" for k in self._compiled) >= self.max_fixed_shapes
+        def uncompiled():   # the same ops through forward() and eager torch: the same values
+            return _epilogue(self.forward(x, w, math.inf, need_aux=False)[0], extra, sub is not None,
+                             add is not None, max_abs)
+
         if full or B < 2 or not self.uses_compiled(x, N, D, "linf_max") or not self._one_chunk(B, N, D, True):
-            return self._linf_epilogue(self.forward(x, w, math.inf, need_aux=False)[0], sub, add, max_abs)
+            return uncompiled()
         if fn is None:
             options = _INDUCTOR_OPTIONS if self.compile_backend == "inductor" else None
             fn = self._compiled[key] = torch.compile(_fixed_fn(key[2:]), dynamic=False,
@@ -239,17 +246,12 @@ class TorchBackend:
             self.compile_failed = _describe(exc)
             log.warning("lp_dist: torch.compile failed (%s); the torch backend runs eagerly from now on",
                         self.compile_failed)
-            return self._linf_epilogue(self.forward(x, w, math.inf, need_aux=False)[0], sub, add, max_abs)
+            return uncompiled()
         self.compiled_calls += 1
         return out
 
-    @staticmethod
-    def _linf_epilogue(y, sub, add, max_abs):
-        return _epilogue(y, [t for t in (sub, add) if t is not None], sub is not None, add is not None, max_abs)
-
     def _one_chunk(self, rows: int, n: int, d: int, compiled: bool) -> bool:
-        budget = self.compiled_budget if compiled else self.eager_budget
-        return rows <= max(1, budget // max(1, n * d))
+        return rows <= self._rows_per_chunk(n, d, compiled)
 
     @staticmethod
     def _scalar(value: float, ref: torch.Tensor) -> torch.Tensor:
