@@ -100,6 +100,12 @@ def init_distributed(device: str = "auto", backend: Optional[str] = None) -> Dis
         torch.cuda.set_device(dev)
     owns = False
     if not dist.is_initialized():
+        # torch._dynamo imported while a process group exists (DDP's constructor imports it) keeps
+        # that group alive past destroy_process_group (seen with torch 2.14): its gloo threads then
+        # run on into interpreter exit, where a rank now and then aborts ("terminate called without
+        # an active exception") after its work is done.  Imported before the group, it holds nothing.
+        import torch._dynamo  # noqa: F401
+
         backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
         dist.init_process_group(backend=backend)
         owns = True

@@ -43,10 +43,13 @@ def _single(args, out):
 
 
 def _torchrun(args, out):
+    # the ranks run the CLI's main() through a driver that also checks they leave no process group or
+    # gloo thread behind; faulthandler prints every thread's stack if a rank dies of a signal anyway
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "linf_plugin.training", *args, "--out", str(out)], cwd=ROOT, env=_env(),
-                          capture_output=True, text=True, timeout=300)
+                           str(Path(__file__).with_name("torchrun_main.py")), *args, "--out", str(out)], cwd=ROOT,
+                          env=dict(_env(), PYTHONFAULTHANDLER="1"), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("nothing left running") == 2, proc.stderr[-3000:]
     return proc
 
 
