@@ -259,7 +259,7 @@ def certify(model: torch.nn.Module, data, eps: float, method: str, *, data_range
     x, y, data_range = _as_tensors(data, model, data_range)
     corrects, certs, radii, extra = [], [], [], {}
     start = time.perf_counter()
-    orig_device = _model_device_dtype(model, None)[0]
+    orig_device = dev = _model_device_dtype(model, None)[0]
     rigorous_flag, reason = True, ""
     try:
         with eval_mode(model), exact_float():
@@ -301,7 +301,8 @@ def certify(model: torch.nn.Module, data, eps: float, method: str, *, data_range
             if certifier is not None:
                 rigorous_flag, reason = certifier.float_rigorous, certifier.reason
     finally:
-        _to_device(model, orig_device)
+        if dev != orig_device:  # _check_model moved the model (to dev, all of it); else it is where it was
+            _to_device(model, orig_device)
     if reason:
         extra["float_rigorous_reason"] = reason
     wall = time.perf_counter() - start

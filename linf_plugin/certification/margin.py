@@ -58,20 +58,24 @@ accuracy, but it refuses the adversarial cases naive float checks accept
 The fast pass (issue #16 item 4)
 --------------------------------
 For a plain, unhooked :class:`~linf_plugin.models.LinfDistNet` (see
-:func:`_plain_parts`) :func:`linf_trace` runs each layer's torch ops itself,
-in the module's order (distance, ``- running_mean``, ``+ bias``), without
-the per-call checks, and on the torch backend one graph compiled for that
-layer's weight shape computes the distance, the mean shift, the bias and
-the layer's per-sample ``max|out|`` (the same ops in the same order: the
-same values bit for bit, tested against the module path).  Nothing above depends on which IEEE round-to-nearest
+:func:`_plain_parts`) :func:`linf_trace` runs the layers' torch ops itself,
+in the modules' order (distance, ``- running_mean``, ``+ bias``), without
+the per-call checks.  On the torch backend ONE graph compiled for the
+stack's weight shapes (``linf_stack_fixed``) computes every layer, each
+layer's per-sample ``max|out|``, ``max|z0|``, and the range of every weight,
+running mean, bias and normalisation buffer: the same ops in the same
+order, so the same values bit for bit (tested against the module path),
+compiled without unsafe-math optimisations or FMA contraction whatever the
+environment asks.  Nothing above depends on which IEEE round-to-nearest
 implementation computes these ops, and the bounds still use magnitudes
 *computed in this pass, per sample*: nothing derived from the weights or
 the inputs is cached (a cache keyed on ``Tensor._version`` would miss
 writes through ``.data``), so every call bounds the current weights at the
 given inputs, whatever their range.  The constants ``max|running_mean|``,
-``max|bias|`` and the weights' finiteness take one min/max reduction per
-tensor; NaN or inf inputs give non-finite logits or bounds and are never
-certified (nor counted correct).  TF32 and autocast touch none of these ops
+``max|bias|`` and the weights' finiteness come from those ranges (one
+min/max reduction per tensor where the graph does not run); NaN or inf
+inputs give non-finite logits or bounds and are never certified (nor
+counted correct).  TF32 and autocast touch none of these ops
 (no matmul or convolution), and ``u`` comes from the dtypes the pass really
 produced (:func:`computation_unit_roundoff`).
 """
@@ -150,12 +154,12 @@ def _plain_parts(model):
 
 
 def _plain_layer(layer, z: torch.Tensor):
-    """One eval-mode :class:`LpDistLinear` at p = inf: ``lp_dist``, ``- running_mean``, ``+ bias``, as its forward.
+    """One eval-mode :class:`LpDistLinear` at p = inf: ``lp_dist``, ``- running_mean``, ``+ bias``, as its forward,
+    without its per-call checks (NaN inputs give NaN outputs, which never certify, rather than an error).
 
-    Returns ``(y, max_n |y|)`` (the second None when the backend does not
-    fuse it), or None (the caller then calls the module) where the module's
-    own checks could raise: a shape, dtype or device that does not match,
-    or an empty batch.
+    Returns None (the caller then calls the module) where the module's own
+    checks could raise otherwise: a shape, dtype or device that does not
+    match, or an empty batch.
     """
     w = layer.weight
     if z.dim() != 2 or z.shape[1] != w.shape[1] or z.shape[0] == 0 or z.dtype != w.dtype or \
@@ -164,17 +168,41 @@ def _plain_layer(layer, z: torch.Tensor):
     from ..ops.lp_dist import get_backend, resolve_backend
 
     impl = get_backend(resolve_backend(layer.backend, z))
-    shift = None if layer.mean_shift is None else layer.mean_shift.running_mean
-    bias = None if layer.bias is None else layer.bias.detach()
-    fixed = getattr(impl, "linf_max_fixed", None) if math.isinf(layer.p) else None
-    if fixed is not None:  # the torch backend's graph for this layer (the same ops, faster)
-        return fixed(z.contiguous(), w.detach().contiguous(), shift, bias, max_abs=True)
     y = impl.forward(z.contiguous(), w.detach().contiguous(), layer.p, need_aux=False)[0]
-    if shift is not None:
-        y = y - shift
-    if bias is not None:
-        y = y + bias
-    return y, None
+    if layer.mean_shift is not None:
+        y = y - layer.mean_shift.running_mean
+    if layer.bias is not None:
+        y = y + layer.bias.detach()
+    return y
+
+
+def _plain_stack(layers, z0: torch.Tensor, named):
+    """Every eval-mode :class:`LpDistLinear` at p = inf, ``lp_dist``, ``- running_mean``, ``+ bias``, as their
+    forwards compute them, in the torch backend's one graph for the stack (see ``linf_stack_fixed``).
+
+    ``named``: :func:`_named_tensors`, whose layer entries are exactly the
+    graph's ``(w, sub, add)`` in order.  Returns ``(outs, row_max, ranges)``,
+    or None (the caller then calls the modules) where another backend serves
+    the layers, the graph does not run, or an input could make a module's own
+    checks raise: a shape, dtype or device that does not match, or an empty
+    batch.
+    """
+    w0 = layers[0].weight
+    if z0.dim() != 2 or z0.shape[1] != w0.shape[1] or z0.shape[0] == 0 or z0.dtype != w0.dtype or \
+            z0.device != w0.device or not all(math.isinf(layer.p) and layer.weight.numel() for layer in layers):
+        return None
+    from ..ops.lp_dist import get_backend, resolve_backend
+
+    backends = {resolve_backend(layer.backend, z0) for layer in layers}
+    impl = get_backend(backends.pop()) if len(backends) == 1 else None
+    stack = getattr(impl, "linf_stack_fixed", None)
+    if stack is None:
+        return None
+    spec = [(layer.weight.detach().contiguous(),
+             None if layer.mean_shift is None else layer.mean_shift.running_mean,
+             None if layer.bias is None else layer.bias.detach()) for layer in layers]
+    extra = [t for k, _, t in named if k is None]
+    return stack(z0.contiguous(), spec, extra)
 
 
 def linf_trace(model, x: torch.Tensor):
@@ -264,7 +292,8 @@ def check_unmodified(model, normalize, layers, what: str) -> None:
 
 
 def _trace(model, x: torch.Tensor):
-    """:func:`linf_trace` plus ``max_n |out_l|`` per layer where the plain path fused it (else None)."""
+    """:func:`linf_trace` plus, where the plain path ran the stack's graph, its ``(row_max, ranges)`` and the
+    :func:`_named_tensors` they belong to (see :func:`_plain_stack`; else None)."""
     from ..models.linf_dist import LinfDistNet
     from ..models.base import check_input
 
@@ -277,13 +306,17 @@ def _trace(model, x: torch.Tensor):
     if plain is not None or type(model).forward is LinfDistNet.forward:   # hooks: refused above
         check_input(x, model.input_shape, type(model).__name__)
         z0 = normalize(x).flatten(1)
-        outs, mags, z = [], [], z0
+        named = _named_tensors(layers, normalize) if plain is not None and layers else None
+        got = None if named is None else _plain_stack(layers, z0, named)
+        if got is not None:
+            outs, row_max, ranges = got
+            return (-outs[-1] if negate else outs[-1]), z0, outs, (row_max, ranges, named)
+        outs, z = [], z0
         for layer in layers:
             got = _plain_layer(layer, z) if plain is not None else None
-            z, mag = (layer(z), None) if got is None else got
+            z = layer(z) if got is None else got
             outs.append(z)
-            mags.append(mag)
-        return (-z if negate else z), z0, outs, mags
+        return (-z if negate else z), z0, outs, None
     seen, fed = {}, {}
     hooks = [normalize.register_forward_hook(lambda _m, _i, out: seen.__setitem__("z0", out))]
     hooks += [layer.register_forward_hook(lambda _m, _i, out, k=k: seen.__setitem__(k, out))
@@ -310,7 +343,7 @@ def _trace(model, x: torch.Tensor):
     if not torch.equal(logits, -outs[-1] if negate else outs[-1]):
         raise MarginCertificateError("the logits are not the last l_inf-dist layer's output; the margin "
                                      "certificate cannot vouch for this model's forward pass")
-    return logits, seen["z0"].flatten(1), outs, [None] * len(outs)
+    return logits, seen["z0"].flatten(1), outs, None
 
 
 def computation_unit_roundoff(model, tensors=()) -> float:
@@ -333,41 +366,47 @@ def computation_unit_roundoff(model, tensors=()) -> float:
     return max(unit_roundoff(d) for d in dtypes)
 
 
-def _layer_consts(layers, device, others=()) -> torch.Tensor:
+def _named_tensors(layers, normalize):
+    """``[(layer index or None, name, tensor)]``: each layer's weight, running mean and bias (where present),
+    then the normalisation's floating buffers ``mean`` and ``std``: the tensors whose finiteness and
+    magnitudes the error bound needs, in the order :func:`_plain_stack`'s graph takes them."""
+    named = []
+    for k, layer in enumerate(layers):
+        shift = None if layer.mean_shift is None else layer.mean_shift.running_mean
+        for name, t in (("weight", layer.weight), ("mean_shift.running_mean", shift), ("bias", layer.bias)):
+            if t is not None and t.numel():
+                named.append((k, name, t))
+    for name in ("mean", "std"):
+        t = getattr(normalize, name, None)
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+            named.append((None, f"normalize.{name}", t))
+    return named
+
+
+def _layer_consts(named, n_layers: int, device, ranges=None) -> torch.Tensor:
     """``(L, 2)`` float64: per layer ``max|running_mean|`` and ``max|bias|`` (0 where absent).
 
-    One reduction per tensor and one transfer for all of them (the values are
-    float32 or float64 maxima, exact in float64).  ``others``: more
-    ``(name, tensor)`` pairs (the normalisation's buffers) checked for
-    finiteness only.
+    ``named``: :func:`_named_tensors`; ``ranges``: their ``(min, max)``
+    rows (float64, NaN where a tensor holds NaN) when the pass computed them
+    already, else one reduction per tensor and one transfer for all of them
+    (:func:`value_ranges`).  Float32 and float64 extremes are exact in
+    float64.
 
     Raises:
-        MarginCertificateError: a weight, running mean, bias or one of
-        ``others`` holds NaN or inf (no certificate can hold; the distance
+        MarginCertificateError: a weight, running mean, bias or normalisation
+        buffer holds NaN or inf (no certificate can hold; the distance
         kernels are not relied on to propagate NaN).
     """
-    names, tensors = [], []
-    for k, layer in enumerate(layers):
-        for name, t in (("weight", layer.weight), ("bias", layer.bias),
-                        ("mean_shift.running_mean", None if layer.mean_shift is None else
-                         layer.mean_shift.running_mean)):
-            if t is not None and t.numel():
-                names.append((k, name))
-                tensors.append(t)
-    for name, t in others:
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
-            names.append((None, name))
-            tensors.append(t)
-    rows = [[0.0, 0.0] for _ in layers]
-    # max|t| = max(-min t, max t), exact; a NaN end gives NaN
-    values = [max(-lo, hi) if lo == lo and hi == hi else math.nan for lo, hi in value_ranges(tensors)]
-    for (k, name), v in zip(names, values):
+    ends = value_ranges([t for _, _, t in named]) if ranges is None else ranges.tolist()
+    rows = [[0.0, 0.0] for _ in range(n_layers)]
+    for (k, name, _), (lo, hi) in zip(named, ends):
+        v = max(-lo, hi) if lo == lo and hi == hi else math.nan  # max|t| = max(-min t, max t), exact
         if not math.isfinite(v):
-            where = name if k is None else f"layers.{k}.{name}"
-            raise MarginCertificateError(f"{where} contains NaN or inf; no certificate can hold")
+            raise MarginCertificateError(f"{name if k is None else f'layers.{k}.{name}'} contains NaN or inf; "
+                                         "no certificate can hold")
         if k is not None and name != "weight":
             rows[k][name == "bias"] = v
-    return torch.tensor(rows, dtype=torch.float64, device=device).reshape(len(layers), 2)
+    return torch.tensor(rows, dtype=torch.float64, device=device).reshape(n_layers, 2)
 
 
 def _error_bounds(z0_mag: torch.Tensor, mags: torch.Tensor, consts: torch.Tensor, gamma: float, lip: float):
@@ -434,18 +473,22 @@ def margin_certify(model, x: torch.Tensor, y: torch.Tensor, eps: float, float_mo
             f"x is {x.dtype} but the model computes in {p.dtype}: rounding x would move the centre of the "
             f"ball; pass x as {p.dtype} (rounded by you, so the certificate is about the rounded point) or "
             f"convert the model with .to({x.dtype})")
-    logits, z0, outs, fused_mags = _trace(model, x)
+    logits, z0, outs, fused = _trace(model, x)
     if logits.dim() != 2 or logits.shape[1] < 2:
         raise MarginCertificateError(
             f"{getattr(model, 'model_name', type(model).__name__)} returns logits of shape {tuple(logits.shape)}; "
             "certifying a prediction needs at least 2 classes")
     u = computation_unit_roundoff(model, (z0, logits, *outs))
     gamma = 2 * u
-    norm = getattr(model, "normalize", None)
-    consts = _layer_consts(model.layers, logits.device,
-                           [(f"normalize.{n}", getattr(norm, n, None)) for n in ("mean", "std")])
-    z0_mag = z0.abs().amax(dim=1).double()
-    mags = torch.stack([o.abs().amax(dim=1) if m is None else m for o, m in zip(outs, fused_mags)]).double()
+    layers = list(model.layers)
+    named = _named_tensors(layers, getattr(model, "normalize", None)) if fused is None else fused[2]
+    consts = _layer_consts(named, len(layers), logits.device, None if fused is None else fused[1])
+    if fused is None:
+        z0_mag = z0.abs().amax(dim=1).double()
+        mags = torch.stack([o.abs().amax(dim=1) for o in outs]).double()
+    else:
+        row_max = fused[0].double()
+        z0_mag, mags = row_max[0], row_max[1:]
     err, a, coef = _error_bounds(z0_mag, mags, consts, gamma, lip)
 
     lg = logits.detach().double()

@@ -46,7 +46,13 @@ COMPILE_ENV = "LINF_LP_DIST_COMPILE"
 # single-threaded for good.  dynamic_threads always opens a parallel region
 # (and does not specialise on the thread count); a chunk size of 1 lets it
 # collapse the row and neuron loops when a chunk has few rows.
-_INDUCTOR_OPTIONS = {"cpp.dynamic_threads": True, "cpp.min_chunk_size": 1}
+# The C++ compiler's unsafe-math optimisations and FMA contraction stay off
+# whatever the environment says (TORCHINDUCTOR_CPP_ENABLE_UNSAFE_MATH_OPT_FLAG,
+# ..._FLOATING_POINT_CONTRACT_FLAG): they may reassociate ``(y - m) + b`` or
+# fuse a product into a sum, and the margin certificate's float argument and
+# its bit-for-bit tests assume each op rounds once, in the written order.
+_INDUCTOR_OPTIONS = {"cpp.dynamic_threads": True, "cpp.min_chunk_size": 1,
+                     "cpp.enable_unsafe_math_opt_flag": False, "cpp.enable_floating_point_contract_flag": "off"}
 
 
 def _env_compile() -> bool | None:
@@ -88,7 +94,7 @@ def _renamed(fn, name: str):
 
 
 def _epilogue(y, extra, has_sub: bool, has_add: bool, max_abs: bool):
-    """``y (- sub) (+ add)`` and, with ``max_abs``, the per-row ``max |.|`` (see ``linf_max_fixed``)."""
+    """``y (- sub) (+ add)`` and, with ``max_abs``, the per-row ``max |.|`` (see ``linf_stack_fixed``)."""
     if has_sub:
         y = y - extra[0]
     if has_add:
@@ -96,14 +102,28 @@ def _epilogue(y, extra, has_sub: bool, has_add: bool, max_abs: bool):
     return (y, y.abs().amax(1)) if max_abs else y
 
 
-def _fixed_fn(spec):
-    """``linf_max`` and its epilogue for one ``(N, D, has_sub, has_add, max_abs)``, under its own code object."""
-    n, d, has_sub, has_add, max_abs = spec
+def _stack_fn(spec):
+    """The p = inf layers of ``spec`` with their magnitudes, under a code object of its own.
 
-    def fixed(x, w, *extra):
-        return _epilogue(K.linf_max(x, w), extra, has_sub, has_add, max_abs)
-    tags = "".join(t for t, on in (("_sub", has_sub), ("_add", has_add), ("_maxabs", max_abs)) if on)
-    return _renamed(fixed, f"linf_max_{n}x{d}{tags}")
+    ``spec``: ``(layers, n_extra)`` with ``layers`` a tuple of
+    ``(N, D, has_sub, has_add)``; the graph takes ``x`` and, per layer, its
+    weight, then its ``sub`` and ``add`` where present, then ``n_extra`` more
+    tensors (see :meth:`TorchBackend.linf_stack_fixed`).
+    """
+    layers, n_extra = spec
+
+    def stack(x, *tensors):
+        outs, rows, z, i = [], [x.abs().amax(1)], x, 0
+        for _n, _d, has_sub, has_add in layers:
+            k = 1 + has_sub + has_add
+            z, mag = _epilogue(K.linf_max(z, tensors[i]), tensors[i + 1:i + k], has_sub, has_add, True)
+            outs.append(z)
+            rows.append(mag)
+            i += k
+        ranges = torch.stack([v.double() for t in tensors for v in torch.aminmax(t)]).view(-1, 2)
+        return outs, torch.stack(rows), ranges
+    shapes = "_".join(f"{n}x{d}{'s' if hs else ''}{'a' if ha else ''}" for n, d, hs, ha in layers)
+    return _renamed(stack, f"linf_stack_{shapes}_e{n_extra}")
 
 
 class TorchBackend:
@@ -119,7 +139,7 @@ class TorchBackend:
         min_compiled_work: ``B * N * D`` below which the eager path is used.
         min_warm_work: the same threshold for a kernel whose graph is already
             compiled (the p = inf forward only).
-        max_fixed_shapes: how many weight shapes :meth:`linf_max_fixed`
+        max_fixed_shapes: how many layer stacks :meth:`linf_stack_fixed`
             compiles a graph for.
         compile_backend: the ``torch.compile`` backend (tests pass a failing
             one to exercise the fallback).
@@ -150,16 +170,19 @@ class TorchBackend:
         ``kernel`` names the (p-variant-free) kernel the problem runs; when its
         graph is compiled already, ``min_warm_work`` replaces ``min_compiled_work``.
         """
-        if self.compile is False or self.compile_failed is not None:
-            return False
-        if ref.device.type == "cuda":
-            if self.compile is None and not _triton_available():
-                return False
-        elif ref.device.type != "cpu":
+        if not self._compiles_on(ref):
             return False
         warm = kernel is not None and any(key[0] == kernel for key in self._compiled)
         least = min(self.min_warm_work, self.min_compiled_work) if warm else self.min_compiled_work
         return n >= 2 and d >= 2 and ref.shape[0] * n * d >= least
+
+    def _compiles_on(self, ref: torch.Tensor) -> bool:
+        """Whether compiled code may run on ``ref``'s device (compilation on, not failed; Triton on CUDA)."""
+        if self.compile is False or self.compile_failed is not None:
+            return False
+        if ref.device.type == "cuda":
+            return self.compile is not None or _triton_available()
+        return ref.device.type == "cpu"
 
     def _fn(self, name: str, pv: int | None, compiled: bool):
         fn = K.KERNELS[name] if pv is None else _pv_fn(K.KERNELS[name], pv)
@@ -194,59 +217,62 @@ class TorchBackend:
         for start in range(0, rows, step):
             yield slice(start, min(rows, start + step))
 
-    def linf_max_fixed(self, x: torch.Tensor, w: torch.Tensor, sub: torch.Tensor | None = None,
-                       add: torch.Tensor | None = None, max_abs: bool = False):
-        """p = inf distances, no argmax, from a graph compiled for ``w``'s shape with the batch dynamic.
+    def linf_stack_fixed(self, x: torch.Tensor, layers, extra=()):
+        """A stack of p = inf distance layers in ONE graph compiled for its weight shapes, the batch dynamic.
 
-        ``y = lp_dist(x, w, inf)``, then ``y - sub`` and ``y + add`` where
-        given, in that order (an ℓ∞-dist layer's mean shift and bias), each
-        rounded once as the eager ops round them (inductor compiles without
-        fast-math, so there is nothing to contract or reassociate).  With
-        ``max_abs`` also ``max_n |y[b, n]|``, fused into the same graph.
-
-        With ``N`` and ``D`` constants inductor's loops have fixed trip counts
-        and the reduction over ``D`` unrolls: 30-45% faster than the
-        dynamic-shape graph of :meth:`forward` at the digits margin pass's
-        sizes (360 x 128 x 128 on 2 cores), and the epilogue costs no extra
-        pass.  Meant for passes that run the same layers again and again (the
-        margin certificate).  Each new ``(N, D)`` and epilogue compiles a
-        graph (seconds, once per process with a warm inductor cache), at most
-        ``max_fixed_shapes`` of them; beyond that, and wherever
-        :meth:`forward` would not run compiled code, the same ops run
-        through :meth:`forward` and eager torch (the same values bit for bit).
+        Layer ``l`` computes ``z_l = lp_dist(z_{l-1}, w_l, inf)``, then
+        ``- sub_l`` and ``+ add_l`` where given, in that order (an ℓ∞-dist
+        layer's mean shift and bias), each rounded once as the eager ops
+        round them (inductor compiles without fast-math: nothing is contracted
+        or reassociated, and max is exact), so every ``z_l`` equals the layer
+        by layer result bit for bit.  The same graph returns each row's
+        largest magnitude and each tensor's range, which the margin
+        certificate's error bound needs: one call instead of a graph, a
+        reduction and a read-back per layer.  With ``N`` and ``D`` constants
+        inductor's loops have fixed trip counts and the reduction over ``D``
+        unrolls.  Each new stack compiles a graph (seconds, once per process
+        with a warm inductor cache), at most ``max_fixed_shapes`` of them.
 
         Args:
-            x: ``(B, D)``; w: ``(N, D)``, contiguous, same dtype and device.
-            sub, add: ``(N,)`` or None.
-            max_abs: also return the per-row maximum of ``|y|``.
+            x: ``(B, D_0)``.
+            layers: ``[(w_l (N_l, D_{l-1}), sub_l (N_l,) or None, add_l (N_l,) or None)]``,
+                contiguous, the dtype and device of ``x``.
+            extra: more tensors whose ranges are wanted (any shape, non-empty).
 
         Returns:
-            ``y`` ``(B, N)``, or ``(y, (B,))`` with ``max_abs``.
+            ``(outs, row_max, ranges)``: ``[z_l (B, N_l)]``; ``(L + 1, B)``
+            ``max |x[b]|`` then ``max_n |z_l[b, n]|``; float64 ``(T, 2)``
+            ``(min, max)`` of every tensor in the order given (each layer's
+            ``w``, ``sub``, ``add``, then ``extra``), NaN where it holds one.
+            None where the stack would not run compiled (compilation off,
+            unavailable or failed; fewer than 2 rows; a layer too large for one
+            chunk; the cap reached): the caller then runs the layers as usual.
         """
-        B, N, D = x.shape[0], w.shape[0], w.shape[1]
-        extra = [t for t in (sub, add) if t is not None]
-        key = ("linf_max", "fixed", N, D, sub is not None, add is not None, bool(max_abs))
+        B = x.shape[0]
+        spec = (tuple((w.shape[0], w.shape[1], sub is not None, add is not None) for w, sub, add in layers),
+                len(extra))
+        key = ("linf_stack", "fixed", spec)
         fn = self._compiled.get(key)
-        full = fn is None and sum(k[1] == "fixed" for k in self._compiled) >= self.max_fixed_shapes
-        def uncompiled():   # the same ops through forward() and eager torch: the same values
-            return _epilogue(self.forward(x, w, math.inf, need_aux=False)[0], extra, sub is not None,
-                             add is not None, max_abs)
-
-        if full or B < 2 or not self.uses_compiled(x, N, D, "linf_max") or not self._one_chunk(B, N, D, True):
-            return uncompiled()
+        if fn is None and sum(k[1] == "fixed" for k in self._compiled) >= self.max_fixed_shapes:
+            return None
+        if B < 2 or not layers or not self._compiles_on(x) or \
+                B * sum(n * d for n, d, _, _ in spec[0]) < self.min_compiled_work or \
+                not all(self._one_chunk(B, n, d, True) for n, d, _, _ in spec[0]):
+            return None
         if fn is None:
             options = _INDUCTOR_OPTIONS if self.compile_backend == "inductor" else None
-            fn = self._compiled[key] = torch.compile(_fixed_fn(key[2:]), dynamic=False,
-                                                     backend=self.compile_backend, options=options)
+            fn = self._compiled[key] = torch.compile(_stack_fn(spec), dynamic=False, backend=self.compile_backend,
+                                                     options=options)
+        tensors = [t for w, sub, add in layers for t in (w, sub, add) if t is not None] + list(extra)
         xv = x.view(x.shape)  # mark the batch dynamic on a view: the caller's tensor is left alone
         torch._dynamo.mark_dynamic(xv, 0)
         try:
-            out = fn(xv, w, *extra)
+            out = fn(xv, *tensors)
         except Exception as exc:  # noqa: BLE001  (as in _run: any compile failure -> eager, once)
             self.compile_failed = _describe(exc)
             log.warning("lp_dist: torch.compile failed (%s); the torch backend runs eagerly from now on",
                         self.compile_failed)
-            return uncompiled()
+            return None
         self.compiled_calls += 1
         return out
 

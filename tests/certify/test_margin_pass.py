@@ -264,23 +264,37 @@ def test_certify_runs_the_network_once_per_batch():
         certify(net, (x, torch.full((30,), 10)), 0.01, "margin")
 
 
-def test_fixed_shape_graphs_give_the_module_paths_values():
-    """At the digits pass's sizes the plain path runs the torch backend's fixed-shape graphs (inductor): the
-    same logits and radii as the module path, bit for bit, and as many compiled graphs as weight shapes."""
+def test_the_stack_graph_gives_the_module_paths_values():
+    """At the digits pass's sizes the plain path runs the whole stack as ONE graph of the torch backend
+    (inductor): the same logits and radii as the module path, bit for bit, the same magnitudes and ranges
+    as eager reductions, and one graph for every batch size."""
+    from torch._dynamo.utils import counters
+
+    from linf_plugin.certification.margin import _named_tensors, _trace
     from linf_plugin.ops import get_backend
 
     backend = get_backend("torch")
-    if not backend.uses_compiled(torch.zeros(360, 128), 128, 128):
+    if not backend._compiles_on(torch.zeros(1)):
         pytest.skip("the torch backend does not compile here")
     net = _net(9, depth=3, width=128)
     x = torch.rand(360, 1, 8, 8)
     y = net(x).argmax(1)
+    calls = backend.compiled_calls
     fast = margin_certify(net, x, y, 0.0)
-    assert {k[2:4] for k in backend._compiled if k[1] == "fixed"} >= {(128, 64), (128, 128), (10, 128)}
+    assert backend.compiled_calls == calls + 1                      # one graph call for the three layers
+    assert (("linf_stack", "fixed", (((128, 64, True, False), (128, 128, True, False), (10, 128, False, True)), 2))
+            in backend._compiled)
     slow = _module_path(margin_certify, net, x, y, 0.0)
     assert _same(fast, slow)
-    part = margin_certify(net, x[:200], y[:200], 0.0)  # another batch size: the same graphs, the same values
+    logits, z0, outs, (row_max, ranges, named) = _trace(net, x)
+    assert torch.equal(row_max, torch.stack([t.abs().amax(1) for t in (z0, *outs)]))
+    assert [t for _, _, t in named] == [t for _, _, t in _named_tensors(list(net.layers), net.normalize)]
+    assert torch.equal(ranges, torch.tensor([[t.min().item(), t.max().item()] for _, _, t in named],
+                                            dtype=torch.float64))
+    graphs = counters["stats"]["unique_graphs"]
+    part = margin_certify(net, x[:200], y[:200], 0.0)  # another batch size: the same graph, the same values
     assert all(torch.equal(a, b[:200]) for a, b in zip(part[:3], fast[:3]))
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def test_autocast_and_tf32_settings_change_nothing():

@@ -135,33 +135,62 @@ def test_a_compiled_inf_forward_serves_smaller_problems():
     assert b.compiled_calls == calls + 1 and torch.equal(y, REF.forward(small, w_small, INF)[0])
 
 
-def test_fixed_shape_graphs_match_and_keep_the_batch_dynamic():
-    """linf_max_fixed: one graph per weight shape, any batch, the reference's values; capped; eager fallback."""
+def _stack_reference(x, layers, extra):
+    outs, z = [], x
+    for w, sub, add in layers:
+        z = REF.forward(z, w, INF)[0]
+        z = z - sub if sub is not None else z
+        z = z + add if add is not None else z
+        outs.append(z)
+    ranges = [[t.min().item(), t.max().item()] for w, s, a in layers for t in (w, s, a) if t is not None]
+    ranges += [[t.min().item(), t.max().item()] for t in extra]
+    return outs, torch.stack([t.abs().amax(1) for t in (x, *outs)]), torch.tensor(ranges, dtype=torch.float64)
+
+
+def _stack_problem(B, dims, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, dims[0], generator=g, dtype=dtype)
+    layers = []
+    for k, (d, n) in enumerate(zip(dims, dims[1:])):
+        vec = lambda: torch.randn(n, generator=g, dtype=dtype)  # noqa: E731
+        layers.append((torch.randn(n, d, generator=g, dtype=dtype), vec() if k % 2 == 0 else None,
+                       vec() if k > 0 else None))
+    return x, layers, [torch.rand(3, generator=g, dtype=dtype) + 0.5]
+
+
+def _same_stack(got, want):
+    return len(got[0]) == len(want[0]) and all(torch.equal(a, b) for a, b in zip(got[0], want[0])) and \
+        torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+
+
+def test_stack_graphs_match_and_keep_the_batch_dynamic():
+    """linf_stack_fixed: one graph per stack of weight shapes, any batch, the reference's values (each layer's
+    output, row magnitudes, tensor ranges), NaN kept; capped; None where it would not run compiled."""
     from torch._dynamo.utils import counters
 
-    b = TorchBackend(compile=True, min_compiled_work=0, compile_backend="eager", max_fixed_shapes=2)
-    for dtype in (torch.float32, torch.float64):
-        x, w, *_ = _problem(12, 16, 20, dtype)
-        assert torch.equal(b.linf_max_fixed(x, w), REF.forward(x, w, INF)[0])
+    b = TorchBackend(compile=True, min_compiled_work=0, compile_backend="eager", max_fixed_shapes=1)
+    for dtype in (torch.float32, torch.float64):   # one stack (a graph per dtype under it)
+        x, layers, extra = _stack_problem(12, (20, 16, 9, 4), dtype)
+        assert _same_stack(b.linf_stack_fixed(x, layers, extra), _stack_reference(x, layers, extra))
     before, calls = counters["stats"]["unique_graphs"], b.compiled_calls
     for B in (5, 31, 2):
-        x, w, *_ = _problem(B, 16, 20, torch.float32, seed=B)
-        assert torch.equal(b.linf_max_fixed(x, w), REF.forward(x, w, INF)[0])
+        x, layers, extra = _stack_problem(B, (20, 16, 9, 4), torch.float32, seed=B)
+        assert _same_stack(b.linf_stack_fixed(x, layers, extra), _stack_reference(x, layers, extra))
         assert not hasattr(x, "_dynamo_dynamic_indices")        # the caller's tensor is not marked
     assert counters["stats"]["unique_graphs"] == before and b.compiled_calls == calls + 3
-    for N, D in ((7, 9), (8, 9), (9, 9)):                       # the third new shape is past the cap
-        x, w, *_ = _problem(6, N, D, torch.float32)
-        assert torch.equal(b.linf_max_fixed(x, w), REF.forward(x, w, INF)[0])
-    assert sum(k[1] == "fixed" for k in b._compiled) == 2
-    x, w, *_ = _problem(6, 7, 9, torch.float32, seed=1)
-    sub, add = torch.randn(7), torch.randn(7)
-    y = REF.forward(x, w, INF)[0] - sub + add
-    for backend in (b, TorchBackend(compile=True, min_compiled_work=0, compile_backend="eager")):
-        got, mag = backend.linf_max_fixed(x, w, sub, add, max_abs=True)   # the epilogue: same ops, same order
-        assert torch.equal(got, y) and torch.equal(mag, y.abs().amax(1))
-    one = TorchBackend(compile=False)
-    assert torch.equal(one.linf_max_fixed(x, w), REF.forward(x, w, INF)[0]) and one.compiled_calls == 0
-    assert torch.equal(b.linf_max_fixed(x[:1], w), REF.forward(x[:1], w, INF)[0])  # one row: eager
+    x, layers, extra = _stack_problem(6, (20, 16, 9, 4), torch.float32, seed=1)
+    x[2, 3] = math.nan
+    layers[1][0][0, 0] = math.nan
+    got = b.linf_stack_fixed(x, layers, extra)
+    assert torch.isnan(got[1][0, 2]) and torch.isnan(got[0][0][2]).all() and torch.isnan(got[2][2]).all()
+    assert not torch.isnan(got[2][[0, 1, 3]]).any()
+    x, layers, extra = _stack_problem(6, (9, 7), torch.float32)    # a new stack past the cap: not compiled
+    assert b.linf_stack_fixed(x, layers, extra) is None
+    assert sum(k[1] == "fixed" for k in b._compiled) == 1
+    assert b.linf_stack_fixed(x[:1], *_stack_problem(1, (20, 16, 9, 4), torch.float32)[1:]) is None  # one row
+    assert TorchBackend(compile=False).linf_stack_fixed(x, layers, extra) is None
+    small = TorchBackend(compile=True, compile_backend="eager")   # below min_compiled_work: not worth a graph
+    assert small.linf_stack_fixed(x, layers, extra) is None and small.compiled_calls == 0
 
 
 def test_float32_key_packs_value_and_lowest_index():
@@ -368,3 +397,20 @@ def test_compiled_runner_up_reductions_never_allocate_a_b_n_d_buffer(name):
     source = "\n".join(code)
     assert "cpp_fused" in source
     assert not re.search(r"empty_strided_cpu\(\(\w+, \w+, \w+\)", source), "a (b, n, D) buffer was allocated"
+
+
+def test_compiled_graphs_keep_safe_float_flags_whatever_the_environment(monkeypatch):
+    """The environment may turn on inductor's unsafe-math and FMA-contraction C++ flags for every graph; the
+    backend's graphs override both, so the certificate's float argument (each op rounds once, in order)
+    holds for them."""
+    from torch._inductor import config, cpp_builder
+
+    from linf_plugin.ops.torch_backend import _INDUCTOR_OPTIONS
+
+    monkeypatch.setattr(config.cpp, "enable_unsafe_math_opt_flag", True)
+    monkeypatch.setattr(config.cpp, "enable_floating_point_contract_flag", "fast")
+    unsafe = cpp_builder._get_ffast_math_flags()
+    assert "fno-unsafe-math-optimizations" not in unsafe and "ffp-contract=fast" in unsafe
+    with config.patch(_INDUCTOR_OPTIONS):
+        flags = cpp_builder._get_ffast_math_flags()
+    assert "fno-unsafe-math-optimizations" in flags and "ffp-contract=off" in flags
