@@ -399,7 +399,7 @@ def test_compiled_runner_up_reductions_never_allocate_a_b_n_d_buffer(name):
     assert not re.search(r"empty_strided_cpu\(\(\w+, \w+, \w+\)", source), "a (b, n, D) buffer was allocated"
 
 
-def test_compiled_graphs_keep_safe_float_flags_whatever_the_environment(monkeypatch):
+def test_compiled_graphs_keep_safe_float_flags_whatever_the_environment():
     """The environment may turn on inductor's unsafe-math and FMA-contraction C++ flags for every graph; the
     backend's graphs override both, so the certificate's float argument (each op rounds once, in order)
     holds for them."""
@@ -407,10 +407,10 @@ def test_compiled_graphs_keep_safe_float_flags_whatever_the_environment(monkeypa
 
     from linf_plugin.ops.torch_backend import _INDUCTOR_OPTIONS
 
-    monkeypatch.setattr(config.cpp, "enable_unsafe_math_opt_flag", True)
-    monkeypatch.setattr(config.cpp, "enable_floating_point_contract_flag", "fast")
-    unsafe = cpp_builder._get_ffast_math_flags()
+    # (config.patch, not monkeypatch: undoing a monkeypatch on inductor's config deletes the option)
+    with config.patch({"cpp.enable_unsafe_math_opt_flag": True, "cpp.enable_floating_point_contract_flag": "fast"}):
+        unsafe = cpp_builder._get_ffast_math_flags()
+        with config.patch(_INDUCTOR_OPTIONS):
+            flags = cpp_builder._get_ffast_math_flags()
     assert "fno-unsafe-math-optimizations" not in unsafe and "ffp-contract=fast" in unsafe
-    with config.patch(_INDUCTOR_OPTIONS):
-        flags = cpp_builder._get_ffast_math_flags()
     assert "fno-unsafe-math-optimizations" in flags and "ffp-contract=off" in flags
