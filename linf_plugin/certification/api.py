@@ -140,8 +140,13 @@ def _check_finite(model) -> None:
 
 def _to_device(model, dev) -> bool:
     """Move ``model`` to ``dev`` unless every parameter and buffer is already there; True when moved."""
-    tensors = [*model.parameters(), *model.buffers()]
-    if all(t.device == dev for t in tensors):
+    stack = [model]  # a plain walk: named_modules' prefixes and memo cost more than the check itself
+    while stack:
+        m = stack.pop()
+        if any(t is not None and t.device != dev for t in (*m._parameters.values(), *m._buffers.values())):
+            break
+        stack.extend(c for c in m._modules.values() if c is not None)
+    else:
         return False
     model.to(dev)
     return True

@@ -478,7 +478,12 @@ def margin_certify(model, x: torch.Tensor, y: torch.Tensor, eps: float, float_mo
         raise MarginCertificateError(
             f"{getattr(model, 'model_name', type(model).__name__)} returns logits of shape {tuple(logits.shape)}; "
             "certifying a prediction needs at least 2 classes")
-    u = computation_unit_roundoff(model, (z0, logits, *outs))
+    if fused is None:
+        u = computation_unit_roundoff(model, (z0, logits, *outs))
+    else:  # the plain pass touched the normalisation's tensors, the named ones and the activations, no other
+        norm = model.normalize
+        u = max(unit_roundoff(t.dtype) for t in (z0, logits, *outs, *(t for _, _, t in fused[2]),
+                                                 *norm.parameters(), *norm.buffers()) if t.is_floating_point())
     gamma = 2 * u
     layers = list(model.layers)
     named = _named_tensors(layers, getattr(model, "normalize", None)) if fused is None else fused[2]

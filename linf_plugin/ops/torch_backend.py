@@ -162,6 +162,7 @@ class TorchBackend:
         self.compile_failed: str | None = None
         self.compiled_calls = 0          # how many chunk-calls ran compiled code (for tests and benchmarks)
         self._compiled: dict = {}
+        self._marked: dict = {}          # linf_stack_fixed: the (dtype, device) pairs each graph has seen
 
     # -- plumbing ----------------------------------------------------------
     def uses_compiled(self, ref: torch.Tensor, n: int, d: int, kernel: str | None = None) -> bool:
@@ -264,10 +265,16 @@ class TorchBackend:
             fn = self._compiled[key] = torch.compile(_stack_fn(spec), dynamic=False, backend=self.compile_backend,
                                                      options=options)
         tensors = [t for w, sub, add in layers for t in (w, sub, add) if t is not None] + list(extra)
-        xv = x.view(x.shape)  # mark the batch dynamic on a view: the caller's tensor is left alone
-        torch._dynamo.mark_dynamic(xv, 0)
+        # The batch is marked dynamic (on a view: the caller's tensor is left alone) on the first call
+        # for each dtype and device, the calls that compile; later calls reuse that graph for any batch
+        # unmarked (marking costs more than a small layer's kernel).
+        seen = self._marked.setdefault(key, set())
+        if (x.dtype, x.device) not in seen:
+            x = x.view(x.shape)
+            torch._dynamo.mark_dynamic(x, 0)
+            seen.add((x.dtype, x.device))
         try:
-            out = fn(xv, *tensors)
+            out = fn(x, *tensors)
         except Exception as exc:  # noqa: BLE001  (as in _run: any compile failure -> eager, once)
             self.compile_failed = _describe(exc)
             log.warning("lp_dist: torch.compile failed (%s); the torch backend runs eagerly from now on",
