@@ -201,6 +201,15 @@ def _plain_stack(layers, z0: torch.Tensor, named):
     spec = [(layer.weight.detach().contiguous(),
              None if layer.mean_shift is None else layer.mean_shift.running_mean,
              None if layer.bias is None else layer.bias.detach()) for layer in layers]
+    # what the modules would refuse (mixed dtypes or devices, shapes that do not chain) stays theirs to refuse:
+    # the graph would promote, or fail and switch the backend's compiled path off
+    width = z0.shape[1]
+    for w, sub, add in spec:
+        if w.dim() != 2 or w.shape[1] != width or any(
+                t is not None and (t.dtype != z0.dtype or t.device != z0.device or t.shape != w.shape[:t.dim()] or
+                                   t.dim() != (2 if t is w else 1)) for t in (w, sub, add)):
+            return None
+        width = w.shape[0]
     extra = [t for k, _, t in named if k is None]
     return stack(z0.contiguous(), spec, extra)
 

@@ -367,3 +367,17 @@ def test_training_evaluation_falls_back_to_ibp_for_a_hooked_net():
     finally:
         handle.remove()
     assert got["method"] == "ibp" and got["clean_acc"] == 1.0
+
+
+def test_a_stack_the_modules_would_refuse_is_left_to_them():
+    """A layer in another dtype: the stack's graph would promote (or fail, and switch the backend's compiled
+    path off for good); the plain pass leaves it to the module, whose check refuses it."""
+    from linf_plugin.ops import get_backend
+
+    backend = get_backend("torch")
+    net = _net(11, depth=3, width=128)
+    net.layers[1].double()
+    x = torch.rand(360, 1, 8, 8)
+    with pytest.raises(TypeError, match="share a dtype"):
+        margin_certify(net, x, torch.zeros(360, dtype=torch.long), 0.0)
+    assert backend.compile_failed is None
