@@ -261,13 +261,16 @@ class TorchBackend:
                 not all(self._one_chunk(B, n, d, True) for n, d, _, _ in spec[0]):
             return None
         if fn is None:
+            # dynamic=None (automatic): a recompile for another reason (the global state it was compiled
+            # under, e.g. deterministic algorithms, changed) keeps the batch dynamic, which dynamic=False
+            # would specialise again on every later batch size; N and D never vary under one key
             options = _INDUCTOR_OPTIONS if self.compile_backend == "inductor" else None
-            fn = self._compiled[key] = torch.compile(_stack_fn(spec), dynamic=False, backend=self.compile_backend,
+            fn = self._compiled[key] = torch.compile(_stack_fn(spec), dynamic=None, backend=self.compile_backend,
                                                      options=options)
         tensors = [t for w, sub, add in layers for t in (w, sub, add) if t is not None] + list(extra)
         # The batch is marked dynamic (on a view: the caller's tensor is left alone) on the first call
         # for each dtype and device, the calls that compile; later calls reuse that graph for any batch
-        # unmarked (marking costs more than a small layer's kernel).
+        # unmarked (marking costs more than a small layer's kernel), and a recompile keeps it dynamic.
         seen = self._marked.setdefault(key, set())
         if (x.dtype, x.device) not in seen:
             x = x.view(x.shape)

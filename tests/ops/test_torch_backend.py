@@ -178,6 +178,17 @@ def test_stack_graphs_match_and_keep_the_batch_dynamic():
         assert _same_stack(b.linf_stack_fixed(x, layers, extra), _stack_reference(x, layers, extra))
         assert not hasattr(x, "_dynamo_dynamic_indices")        # the caller's tensor is not marked
     assert counters["stats"]["unique_graphs"] == before and b.compiled_calls == calls + 3
+    # a change of global state (deterministic algorithms: the trainer turns them on for its evaluations)
+    # recompiles once, and the new graph keeps the batch dynamic
+    det = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(not det)
+        for B in (7, 12, 3, 40):
+            x, layers, extra = _stack_problem(B, (20, 16, 9, 4), torch.float32, seed=B)
+            assert _same_stack(b.linf_stack_fixed(x, layers, extra), _stack_reference(x, layers, extra))
+    finally:
+        torch.use_deterministic_algorithms(det)
+    assert counters["stats"]["unique_graphs"] == before + 1
     x, layers, extra = _stack_problem(6, (20, 16, 9, 4), torch.float32, seed=1)
     x[2, 3] = math.nan
     layers[1][0][0, 0] = math.nan
