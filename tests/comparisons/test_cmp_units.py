@@ -170,3 +170,26 @@ def test_full_and_default_suites_and_their_options():
     full = settings_from_args(build_parser().parse_args(["mirman", "--full", "--seeds", "4"]))
     assert (quick.sizes, quick.seeds, quick.bisect_steps) == (MirmanSettings().sizes, [0], 24)
     assert full.sizes == FULL_SETTINGS["sizes"] and full.seeds == [4] and full.bisect_steps == 30
+
+
+def test_the_margin_warm_up_runs_the_batch_the_timed_pass_runs(monkeypatch):
+    """The margin pass is timed as ONE batch of the whole set; its untimed warm-up must run that same batch
+    (not the first ``batch_size`` points), or the timed call is the first at its size."""
+    import torch
+
+    import comparisons.run as run
+    from linf_plugin.data import load_dataset
+    from linf_plugin.models import create_model
+
+    calls = []
+    real_certify, real_curve = run.certify, run.certified_accuracy_curve
+    monkeypatch.setattr(run, "certify", lambda m, d, *a, **k: calls.append(("warm", len(d), k["batch_size"]))
+                        or real_certify(m, d, *a, **k))
+    monkeypatch.setattr(run, "certified_accuracy_curve", lambda m, d, *a, **k: calls.append(
+        ("timed", len(d), k["batch_size"])) or real_curve(m, d, *a, **k))
+    model = create_model("linf_dist_mlp", input_shape=(1, 8, 8), num_classes=10, depth=2, width=16).eval()
+    data = load_dataset("digits", "test").subset(100)
+    rec = run._certify_method(model, data, "margin", [0.0, 0.1], batch_size=32, device=torch.device("cpu"),
+                              alpha_iterations=2, bisect=False, bisect_steps=4,
+                              bar=__import__("tqdm").tqdm(disable=True))
+    assert rec["n"] == 100 and calls == [("warm", 100, 100), ("timed", 100, 100)]
