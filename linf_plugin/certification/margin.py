@@ -187,9 +187,7 @@ def _plain_stack(layers, z0: torch.Tensor, named):
     checks raise: a shape, dtype or device that does not match, or an empty
     batch.
     """
-    w0 = layers[0].weight
-    if z0.dim() != 2 or z0.shape[1] != w0.shape[1] or z0.shape[0] == 0 or z0.dtype != w0.dtype or \
-            z0.device != w0.device or not all(math.isinf(layer.p) and layer.weight.numel() for layer in layers):
+    if z0.dim() != 2 or z0.shape[0] == 0 or not all(math.isinf(layer.p) and layer.weight.numel() for layer in layers):
         return None
     from ..ops.lp_dist import get_backend, resolve_backend
 
@@ -205,9 +203,8 @@ def _plain_stack(layers, z0: torch.Tensor, named):
     # the graph would promote, or fail and switch the backend's compiled path off
     width = z0.shape[1]
     for w, sub, add in spec:
-        if w.dim() != 2 or w.shape[1] != width or any(
-                t is not None and (t.dtype != z0.dtype or t.device != z0.device or t.shape != w.shape[:t.dim()] or
-                                   t.dim() != (2 if t is w else 1)) for t in (w, sub, add)):
+        shapes = [(w, (w.shape[0], width))] + [(t, (w.shape[0],)) for t in (sub, add) if t is not None]
+        if any(t.shape != shape or t.dtype != z0.dtype or t.device != z0.device for t, shape in shapes):
             return None
         width = w.shape[0]
     extra = [t for k, _, t in named if k is None]
@@ -355,23 +352,25 @@ def _trace(model, x: torch.Tensor):
     return logits, seen["z0"].flatten(1), outs, None
 
 
-def computation_unit_roundoff(model, tensors=()) -> float:
+def computation_unit_roundoff(model, tensors=(), operands=None) -> float:
     """The unit roundoff of the least precise floating dtype the certified computation touches.
 
     Every rounding of the forward pass happens in the dtype of one of its
-    operands other than the input (a parameter or buffer) or of a computed
-    activation (a result, listed in ``tensors``); the input itself is exact.
-    Taking the largest ``u`` over all of them is never smaller than the ``u``
-    of any rounding step.  So a float32 input to a float64 model is computed
-    in float64 (u = 2^-53); a float64 input to a float32 model is refused by
+    operands other than the input (a parameter or buffer: ``operands``, by
+    default every one of ``model``) or of a computed activation (a result,
+    listed in ``tensors``); the input itself is exact.  Taking the largest
+    ``u`` over all of them is never smaller than the ``u`` of any rounding
+    step.  So a float32 input to a float64 model is computed in float64
+    (u = 2^-53); a float64 input to a float32 model is refused by
     :func:`margin_certify` before this point.
 
     Raises:
         MarginCertificateError: a floating dtype other than float32 / float64.
     """
-    dtypes = {t.dtype for t in tensors}
-    dtypes.update(p.dtype for p in model.parameters())
-    dtypes.update(b.dtype for b in model.buffers() if b.is_floating_point())
+    if operands is None:
+        operands = (*model.parameters(), *model.buffers())
+    # integer tensors never round; a complex or half one is refused by unit_roundoff
+    dtypes = {t.dtype for t in (*tensors, *operands) if t.is_floating_point() or t.is_complex()}
     return max(unit_roundoff(d) for d in dtypes)
 
 
@@ -487,23 +486,18 @@ def margin_certify(model, x: torch.Tensor, y: torch.Tensor, eps: float, float_mo
         raise MarginCertificateError(
             f"{getattr(model, 'model_name', type(model).__name__)} returns logits of shape {tuple(logits.shape)}; "
             "certifying a prediction needs at least 2 classes")
+    layers, norm = list(model.layers), model.normalize
     if fused is None:
-        u = computation_unit_roundoff(model, (z0, logits, *outs))
-    else:  # the plain pass touched the normalisation's tensors, the named ones and the activations, no other
-        norm = model.normalize
-        u = max(unit_roundoff(t.dtype) for t in (z0, logits, *outs, *(t for _, _, t in fused[2]),
-                                                 *norm.parameters(), *norm.buffers()) if t.is_floating_point())
+        named, ranges, operands = _named_tensors(layers, norm), None, None
+        row_max = torch.stack([t.abs().amax(dim=1) for t in (z0, *outs)])
+    else:  # the stack's graph touched the normalisation's tensors and the named ones, no other
+        row_max, ranges, named = fused
+        operands = [t for _, _, t in named] + [*norm.parameters(), *norm.buffers()]
+    u = computation_unit_roundoff(model, (z0, logits, *outs), operands)
     gamma = 2 * u
-    layers = list(model.layers)
-    named = _named_tensors(layers, getattr(model, "normalize", None)) if fused is None else fused[2]
-    consts = _layer_consts(named, len(layers), logits.device, None if fused is None else fused[1])
-    if fused is None:
-        z0_mag = z0.abs().amax(dim=1).double()
-        mags = torch.stack([o.abs().amax(dim=1) for o in outs]).double()
-    else:
-        row_max = fused[0].double()
-        z0_mag, mags = row_max[0], row_max[1:]
-    err, a, coef = _error_bounds(z0_mag, mags, consts, gamma, lip)
+    consts = _layer_consts(named, len(layers), logits.device, ranges)
+    row_max = row_max.double()
+    err, a, coef = _error_bounds(row_max[0], row_max[1:], consts, gamma, lip)
 
     lg = logits.detach().double()
     top2 = lg.topk(2, dim=1)

@@ -93,15 +93,6 @@ def _renamed(fn, name: str):
     return fn
 
 
-def _epilogue(y, extra, has_sub: bool, has_add: bool, max_abs: bool):
-    """``y (- sub) (+ add)`` and, with ``max_abs``, the per-row ``max |.|`` (see ``linf_stack_fixed``)."""
-    if has_sub:
-        y = y - extra[0]
-    if has_add:
-        y = y + extra[-1]
-    return (y, y.abs().amax(1)) if max_abs else y
-
-
 def _stack_fn(spec):
     """The p = inf layers of ``spec`` with their magnitudes, under a code object of its own.
 
@@ -115,11 +106,14 @@ def _stack_fn(spec):
     def stack(x, *tensors):
         outs, rows, z, i = [], [x.abs().amax(1)], x, 0
         for _n, _d, has_sub, has_add in layers:
-            k = 1 + has_sub + has_add
-            z, mag = _epilogue(K.linf_max(z, tensors[i]), tensors[i + 1:i + k], has_sub, has_add, True)
+            z = K.linf_max(z, tensors[i])
+            if has_sub:
+                z = z - tensors[i + 1]
+            if has_add:
+                z = z + tensors[i + 1 + has_sub]
             outs.append(z)
-            rows.append(mag)
-            i += k
+            rows.append(z.abs().amax(1))
+            i += 1 + has_sub + has_add
         ranges = torch.stack([v.double() for t in tensors for v in torch.aminmax(t)]).view(-1, 2)
         return outs, torch.stack(rows), ranges
     shapes = "_".join(f"{n}x{d}{'s' if hs else ''}{'a' if ha else ''}" for n, d, hs, ha in layers)
@@ -202,10 +196,14 @@ class TorchBackend:
                 self.compiled_calls += 1
                 return out
             except Exception as exc:  # noqa: BLE001  (any compile failure -> eager, once)
-                self.compile_failed = _describe(exc)
-                log.warning("lp_dist: torch.compile failed (%s); the torch backend runs eagerly from now on",
-                            self.compile_failed)
+                self._stop_compiling(exc)
         return self._fn(name, pv, False)(*args)
+
+    def _stop_compiling(self, exc: Exception) -> None:
+        """After the first failure of compiled code: record it, warn once, and run eagerly from now on."""
+        self.compile_failed = _describe(exc)
+        log.warning("lp_dist: torch.compile failed (%s); the torch backend runs eagerly from now on",
+                    self.compile_failed)
 
     def _rows_per_chunk(self, n: int, d: int, compiled: bool) -> int:
         budget = self.compiled_budget if compiled else self.eager_budget
@@ -279,9 +277,7 @@ class TorchBackend:
         try:
             out = fn(x, *tensors)
         except Exception as exc:  # noqa: BLE001  (as in _run: any compile failure -> eager, once)
-            self.compile_failed = _describe(exc)
-            log.warning("lp_dist: torch.compile failed (%s); the torch backend runs eagerly from now on",
-                        self.compile_failed)
+            self._stop_compiling(exc)
             return None
         self.compiled_calls += 1
         return out

@@ -59,10 +59,8 @@ def evaluate(model: nn.Module, family: str, x: torch.Tensor, y: torch.Tensor, ep
     Returns:
         ``{"clean_acc", "cert_acc", "method", "n", "eval_time"}``.
     """
-    from ..certification import certify
+    from ..certification import MarginCertificateError, certify
     from ..data import DatasetSplit
-
-    from ..certification import MarginCertificateError
 
     method = EVAL_METHODS[family]
     data = DatasetSplit(x, y, name="eval", split="test", num_classes=int(model.num_classes),

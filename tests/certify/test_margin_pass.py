@@ -19,18 +19,7 @@ from linf_plugin.certification.margin import _plain_parts
 from linf_plugin.models import LinfDistNet, create_model
 from linf_plugin.ops import use_backend
 from linf_plugin.ops.torch_backend import TorchBackend
-
-
-def _net(seed=0, depth=4, width=48, dtype=torch.float32):
-    torch.manual_seed(seed)
-    net = create_model("linf_dist_mlp", input_shape=(1, 8, 8), num_classes=10, depth=depth, width=width,
-                       mean=0.3, std=0.3)
-    net.train()
-    for _ in range(3):  # non-zero running means
-        net(torch.rand(32, 1, 8, 8))
-    with torch.no_grad():
-        net.layers[-1].bias.normal_(0, 3)
-    return net.eval().to(dtype)
+from test_margin_float import _random_linf_net as _net  # the same small net, non-zero running means
 
 
 def _fresh_copy(net):
