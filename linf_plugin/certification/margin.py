@@ -53,7 +53,7 @@ affine in eps, so the certified radius has a closed form.
 
 Overhead: for trained nets E is ~1e-6 of the activations -- invisible in
 accuracy, but it refuses the adversarial cases naive float checks accept
-(see tests/certify/test_margin_float.py).
+(see tests/certification/test_margin_float.py).
 
 The fast pass (issue #16 item 4)
 --------------------------------

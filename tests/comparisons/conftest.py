@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from comparisons.cli import main
-from comparisons_helpers import load, tiny_run_args
+from .comparisons_helpers import load, tiny_run_args
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from linf_plugin.certification.bound_prop import BoundPropCertifier
 from linf_plugin.data import three_point_set
 from linf_plugin.models import theorem32_net
 
-from comparisons_helpers import check_png, md_tables, read_csv
+from .comparisons_helpers import check_png, md_tables, read_csv
 
 R = 1.0
 

@@ -18,7 +18,7 @@ from comparisons.schema import SchemaError, validate_results
 from comparisons.suites import build_config, get_suite, parse_overrides
 from linf_plugin.certification import METHODS
 
-from comparisons_helpers import TINY_MODELS, check_png, load, md_tables, pct, read_csv, table_dicts, tiny_run_args
+from .comparisons_helpers import TINY_MODELS, check_png, load, md_tables, pct, read_csv, table_dicts, tiny_run_args
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -9,7 +9,7 @@ from comparisons.schema import validate_results
 from linf_plugin.data import linf_separation, load_dataset
 from linf_plugin.models import theoremA2_width
 
-from comparisons_helpers import check_png, load, md_tables, pct, read_csv, write_tiny_mnist
+from .comparisons_helpers import check_png, load, md_tables, pct, read_csv, write_tiny_mnist
 
 FRACTIONS = [0.5, 0.9, 0.999]
 BASELINE_SETS = ["--set", 'ibp.model_kwargs={"width": 1, "linear_size": 16}',

@@ -17,7 +17,7 @@ from linf_plugin.lirpa.bound import _dense_spec
 from linf_plugin.models import create_model
 from linf_plugin.ops import lp_dist_interval
 
-from lirpa_check import METHODS, box, build, compute, default_dtype, extremes, margin_spec, violations
+from .lirpa_check import METHODS, box, build, compute, default_dtype, extremes, margin_spec, violations
 
 import auto_LiRPA  # noqa: E402  (after linf_plugin)
 from auto_LiRPA import BoundedModule  # noqa: E402

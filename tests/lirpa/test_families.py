@@ -16,7 +16,7 @@ import torch
 from linf_plugin.data import three_point_set
 from linf_plugin.models import create_model, list_models, model_family, theorem32_net
 
-from lirpa_check import METHODS, box, build, compute, default_dtype, margin_spec, sample_points, spec_values
+from .lirpa_check import METHODS, box, build, compute, default_dtype, margin_spec, sample_points, spec_values
 
 # Small instances of the generic entries; the paper-sized ones have the same graph.
 SMALL = {

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from linf_plugin.lirpa import applied_operator_fixes, compat
-from user_models import assert_sound, build_model
+from .user_models import assert_sound, build_model
 
 LEGACY = compat.needs_legacy_fixes()
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from linf_plugin.lirpa import compat
-from user_models import EPS, METHODS, MODELS, assert_sound, build_model, example_input
+from .user_models import EPS, METHODS, MODELS, assert_sound, build_model, example_input
 
 SCRIPT = Path(__file__).with_name("user_models.py")
 ROOT = Path(__file__).resolve().parents[2]

@@ -21,7 +21,7 @@ from linf_plugin.ops import lp_dist_interval
 
 from linf_plugin.models import create_model
 
-from lirpa_check import METHODS, Case, check_case, random_case, violating_methods
+from .lirpa_check import METHODS, Case, check_case, random_case, violating_methods
 
 RELAXATION_METHODS = [m for m in METHODS if m != "IBP"]
 

@@ -15,8 +15,8 @@ import math
 import numpy
 import pytest
 import torch
-from lp_accuracy import check_accuracy, interval_outputs, lp_outputs
-from oracles import box_argmax_oracle
+from .lp_accuracy import check_accuracy, interval_outputs, lp_outputs
+from .oracles import box_argmax_oracle
 
 from linf_plugin.ops import linf_box_argmax, lp_dist, lp_dist_interval, use_backend
 from linf_plugin.ops.cupy_backend import CupyBackend, CupyLauncher

@@ -20,7 +20,7 @@ import copy
 import math
 
 import pytest
-from model_step import AS_REGISTERED, FAMILY_MODELS, SMALL, STAND_IN, assert_same_step, build, train_step
+from .model_step import AS_REGISTERED, FAMILY_MODELS, SMALL, STAND_IN, assert_same_step, build, train_step
 
 
 def test_every_family_model_has_a_size_here():

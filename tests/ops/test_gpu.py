@@ -21,8 +21,8 @@ import warnings
 
 import pytest
 import torch
-from lp_accuracy import check_accuracy, interval_outputs, lp_outputs
-from model_step import FAMILY_MODELS, assert_same_step, build, train_step
+from .lp_accuracy import check_accuracy, interval_outputs, lp_outputs
+from .model_step import FAMILY_MODELS, assert_same_step, build, train_step
 
 from linf_plugin.ops import lp_dist
 from linf_plugin.ops.lp_dist import LpDistIntervalFunction

@@ -17,8 +17,8 @@ import math
 import pytest
 import torch
 
-from lp_accuracy import rel_err, rel_tol
-from oracles import lp_grad_oracle
+from .lp_accuracy import rel_err, rel_tol
+from .oracles import lp_grad_oracle
 
 from linf_plugin.ops.kernel_specs import all_module_specs, fused_n_splits
 from linf_plugin.ops.reference import ReferenceBackend

@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from oracles import box_argmax_oracle
+from .oracles import box_argmax_oracle
 
 from linf_plugin.ops import torch_kernels as K
 from linf_plugin.ops.reference import ReferenceBackend

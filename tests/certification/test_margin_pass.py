@@ -19,7 +19,7 @@ from linf_plugin.certification.margin import _plain_parts
 from linf_plugin.models import LinfDistNet, create_model
 from linf_plugin.ops import use_backend
 from linf_plugin.ops.torch_backend import TorchBackend
-from test_margin_float import _random_linf_net as _net  # the same small net, non-zero running means
+from .test_margin_float import _random_linf_net as _net  # the same small net, non-zero running means
 
 
 def _fresh_copy(net):
