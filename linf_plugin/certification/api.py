@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from ..data import DatasetSplit
 from ..data.box import check_data_range, linf_box
 from .bound_prop import LIRPA_METHODS, BoundPropCertifier
+from .distributed import certify_sharded, wants_shards
 from .float_safety import exact_float, value_ranges
 from .interval import interval_certify
 from .margin import margin_certify
@@ -216,7 +217,8 @@ def _batches(x, y, batch_size: int, device, dtype) -> Iterable:
 
 def certify(model: torch.nn.Module, data, eps: float, method: str, *, data_range=None, batch_size: int = 256,
             device: Optional[Union[str, torch.device]] = None, float_model: bool = True,
-            alpha_iterations: int = 20, rigorous: bool = True, progress: bool = False) -> CertResult:
+            alpha_iterations: int = 20, rigorous: bool = True, progress: bool = False,
+            distributed: Optional[bool] = None, chunk_dir=None, resume: bool = False) -> CertResult:
     """Certify ``model`` on ``data`` at radius ``eps`` with one method.
 
     Args:
@@ -245,7 +247,19 @@ def certify(model: torch.nn.Module, data, eps: float, method: str, *, data_range
             float64 with a derived rounding slack (default).  ``False`` trusts
             the float32 bound up to a relative slack and marks the result
             ``float_rigorous=False``.
-        progress: show a tqdm bar.
+        progress: show a tqdm bar (under torchrun: one, on rank 0).
+        distributed: ``None``: when this process is one of several started
+            by ``torchrun`` (or in a process group of several ranks), each
+            rank certifies its share of the batches and every rank returns
+            the whole result, equal to one process's (see
+            :mod:`linf_plugin.certification.distributed`); ``False``: this
+            process certifies all of ``data`` alone; ``True``: shard, or
+            raise when there is only one process.
+        chunk_dir: a folder where each finished batch's results are saved
+            at once (rank 0 writes), so that a stopped job can resume.
+        resume: continue the job saved in ``chunk_dir`` (refused, naming the
+            difference, when the model, data, method, eps or a setting
+            changed).
 
     Returns:
         :class:`CertResult` with per-sample ``correct`` / ``certified``
@@ -262,6 +276,12 @@ def certify(model: torch.nn.Module, data, eps: float, method: str, *, data_range
     eps = _check_eps(eps)
     _check_method(model, method)
     x, y, data_range = _as_tensors(data, model, data_range)
+    if resume and chunk_dir is None:
+        raise ValueError("certify(..., resume=True) needs the chunk_dir of the job to resume")
+    if chunk_dir is not None or wants_shards(distributed, device):
+        return certify_sharded(model, x, y, eps, method, data_range=data_range, batch_size=batch_size,
+                               device=device, float_model=float_model, alpha_iterations=alpha_iterations,
+                               rigorous=rigorous, progress=progress, chunk_dir=chunk_dir, resume=resume)
     corrects, certs, radii, extra = [], [], [], {}
     start = time.perf_counter()
     orig_device = dev = _model_device_dtype(model, None)[0]

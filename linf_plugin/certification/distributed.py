@@ -1,0 +1,454 @@
+"""Certification sharded over ``torchrun`` ranks, saved chunk by chunk, resumable, robust to signals and OOM.
+
+:func:`run_chunks` is the engine; :func:`certify_sharded` runs
+:func:`~linf_plugin.certification.certify` through it, and ``certify``
+calls it by itself under ``torchrun`` or with ``chunk_dir``.
+
+Chunks.  The points are cut into chunks of one batch each: chunk ``i``
+holds points ``[i b, (i + 1) b)``, exactly the ``i``-th batch of a
+one-process ``certify`` with the same ``batch_size`` (after the memory cap
+of bound propagation).  Each point is therefore computed in the same batch
+whatever the number of ranks, and the results are bit for bit those of one
+process, also for methods whose numbers could depend on the batch
+(alpha-CROWN optimises the whole batch's bounds at once).
+
+Ranks.  The unfinished chunks are dealt round-robin; each round every
+rank certifies one chunk, then one collective (gloo) brings the round's
+results to rank 0, which saves them (:class:`~.chunks.ChunkStore`) and
+moves the one progress bar.  A rank that raises makes every rank stop with
+its message; a rank that dies or hangs is named (see
+:mod:`linf_plugin.distributed`).  At the end every rank holds the whole
+result, so code after ``certify`` runs the same on every rank; rank 0
+writes the files.
+
+Faults.  SIGTERM (a scheduler) and SIGINT (Ctrl-C) raise
+:class:`Interrupted` after the finished chunks are saved; a batch that
+runs out of memory is retried at half the batch size (sticky for the rest
+of the rank's chunks) and recorded in the chunk's ``oom_retries``.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from .. import distributed as pg
+from .chunks import ChunkStore, data_fingerprint, library_versions, model_fingerprint
+
+__all__ = ["run_chunks", "ChunkRun", "certify_sharded", "Interrupted", "stop_on_signals", "wants_shards",
+           "is_out_of_memory"]
+
+log = logging.getLogger(__name__)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped a job.
+
+    Attributes:
+        signum: the signal.
+        saved, total: chunks saved (in all sessions) and chunks of the job, when known.
+        folder: the job's folder, when it has one.
+    """
+
+    def __init__(self, signum: int, saved: Optional[int] = None, total: Optional[int] = None, folder=None):
+        self.signum, self.saved, self.total, self.folder = signum, saved, total, folder
+        super().__init__(self.describe())
+
+    def describe(self) -> str:
+        name = signal.Signals(self.signum).name
+        if self.folder is None:
+            return f"stopped by {name}"
+        return (f"stopped by {name}: {self.saved} of {self.total} chunks are saved in {self.folder}; "
+                "run the same command again with resume to finish the rest")
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's code for death by this signal (130 for SIGINT, 143 for SIGTERM)."""
+        return 128 + int(self.signum)
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """Inside the block SIGTERM and SIGINT raise :class:`Interrupted` (main thread only; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Interrupted(signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A CUDA out-of-memory error, or the CPU allocator's failure."""
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    if isinstance(exc, oom):
+        return True
+    msg = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
+
+
+@dataclass
+class ChunkRun:
+    """What :func:`run_chunks` returns (the same on every rank).
+
+    Attributes:
+        values: per-point tensors, all chunks concatenated in point order.
+        metas: one dict per chunk, in order (``rank``, ``time``, ``batch_size``, ``oom_retries``, ``session``
+            and whatever ``compute`` returned).
+        world_size: ranks in this call.
+        rank_times: seconds each rank spent computing chunks in this call.
+        wall_time: seconds of this call.
+        resumed: chunks loaded from the store instead of computed.
+    """
+
+    values: Dict[str, torch.Tensor]
+    metas: List[dict]
+    world_size: int = 1
+    rank_times: List[float] = field(default_factory=list)
+    wall_time: float = 0.0
+    resumed: int = 0
+
+    @property
+    def oom_retries(self) -> List[dict]:
+        return [r for m in self.metas for r in m.get("oom_retries", [])]
+
+    def summary(self) -> dict:
+        """JSON-able facts about the run (for a result's ``extra``)."""
+        return {"world_size": self.world_size, "chunks": len(self.metas), "resumed_chunks": self.resumed,
+                "rank_time": [round(t, 6) for t in self.rank_times], "wall_time": self.wall_time,
+                "compute_time": float(sum(m.get("time", 0.0) for m in self.metas)),
+                "oom_retries": self.oom_retries}
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _compute(compute, i, start, stop, batch_size, me) -> Tuple[dict, dict, int]:
+    """Chunk ``i`` at ``batch_size``, halving it after each out-of-memory error; returns the size that worked."""
+    retries = []
+    while True:
+        t0 = time.perf_counter()
+        try:
+            values, meta = compute(start, stop, batch_size)
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
+            if not is_out_of_memory(exc):
+                raise
+            if batch_size <= 1:
+                raise RuntimeError(f"out of memory on points [{start}, {stop}) even one point at a time: "
+                                   f"{str(exc).splitlines()[0][:200]}") from exc
+            retries.append({"batch_size": batch_size, "retry_batch_size": max(1, batch_size // 2),
+                            "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"})
+            log.warning("rank %d: out of memory on points [%d, %d) at batch size %d; retrying at %d", me, start,
+                        stop, batch_size, max(1, batch_size // 2))
+            del exc
+            _free_memory()
+            batch_size = max(1, batch_size // 2)
+            continue
+        for k, v in values.items():
+            if not torch.is_tensor(v) or v.shape[:1] != (stop - start,):
+                raise ValueError(f"compute returned {k!r} of shape {getattr(v, 'shape', None)} for "
+                                 f"{stop - start} points")
+        meta = {**meta, "chunk": i, "rank": me, "time": time.perf_counter() - t0, "batch_size": batch_size,
+                "oom_retries": retries}
+        return {k: v.detach().cpu() for k, v in values.items()}, meta, batch_size
+
+
+def run_chunks(compute: Callable[[int, int, int], Tuple[Dict[str, torch.Tensor], dict]], n: int,
+               chunk_points: int, *, store: Optional[ChunkStore] = None, progress: bool = False, desc: str = "",
+               what: str = "certification") -> ChunkRun:
+    """Compute per-point results for ``n`` points in chunks, shared out over the ranks, saved as they finish.
+
+    Every rank of the group must call this with the same arguments (the
+    store only matters on rank 0, which alone reads and writes it).
+
+    Args:
+        compute: ``compute(start, stop, batch_size) -> (values, meta)``:
+            per-point tensors of ``stop - start`` rows and a JSON-able dict,
+            for points ``[start, stop)`` in batches of ``batch_size``
+            (``chunk_points`` unless out-of-memory errors halved it).
+        n: number of points.
+        chunk_points: points per chunk (also the first batch size).
+        store: where finished chunks are saved and found again (rank 0), or None.
+        progress: one tqdm bar on rank 0 for the whole job (points, points/s, ETA).
+        desc: the bar's label.
+        what: the job's name in error messages.
+
+    Returns:
+        :class:`ChunkRun`.
+
+    Raises:
+        Interrupted: SIGTERM or SIGINT (the finished chunks are saved).
+        linf_plugin.distributed.RankFailure: another rank raised, died or hung.
+        ResumeError: the store holds another job (see :class:`ChunkStore`).
+    """
+    if n < 1 or chunk_points < 1:
+        raise ValueError(f"run_chunks needs n >= 1 and chunk_points >= 1, got {n} and {chunk_points}")
+    t_start = time.perf_counter()
+    world, me = pg.world_size(), pg.rank()
+    count = math.ceil(n / chunk_points)
+
+    def bounds(i):
+        return i * chunk_points, min(n, (i + 1) * chunk_points)
+
+    own: Dict[int, Tuple[dict, dict]] = {}  # rank 0: the chunks computed in this call
+    saved = set()
+    busy = 0.0
+    bar = None
+    with stop_on_signals():
+        try:
+            opened, open_error = None, None
+            if me == 0:
+                try:
+                    opened = ("ok", sorted(store.open()) if store is not None else [])
+                except Exception as exc:  # noqa: BLE001 - every rank stops with it below
+                    if world == 1:
+                        raise
+                    open_error, opened = exc, ("error", f"{type(exc).__name__}: {exc}")
+            if world > 1:
+                opened = pg.broadcast_object(opened, what=f"{what}: opening the job")
+                if opened[0] == "error":
+                    if open_error is not None:
+                        raise open_error
+                    raise pg.RankFailure(f"{what}: rank 0 cannot open the job: {opened[1]}", ranks=[0])
+            saved = set(opened[1])
+            todo = [i for i in range(count) if i not in saved]
+            mine = todo[me::world]
+            rounds = math.ceil(len(todo) / world)
+            if progress and me == 0:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=n, initial=sum(bounds(i)[1] - bounds(i)[0] for i in saved), unit="pt",
+                           desc=desc or what, dynamic_ncols=True, leave=False, smoothing=0.1)
+            batch_size = chunk_points
+            for k in range(rounds):
+                msg, error = None, None
+                if k < len(mine):
+                    i = mine[k]
+                    start, stop = bounds(i)
+                    t0 = time.perf_counter()
+                    try:
+                        values, meta, batch_size = _compute(compute, i, start, stop, batch_size, me)
+                        msg = ("ok", i, values, meta)
+                    except Exception as exc:  # noqa: BLE001 - shared with the other ranks, then re-raised
+                        if world == 1:
+                            raise
+                        error = exc
+                        msg = ("error", i, f"{type(exc).__name__}: {str(exc).strip()[:500]}")
+                    busy += time.perf_counter() - t0
+                msgs = pg.gather_objects(msg, what=f"{what}: round {k + 1} of {rounds}") if world > 1 else [msg]
+                failed = [(r, m) for r, m in enumerate(msgs) if m is not None and m[0] == "error"]
+                if failed:
+                    if error is not None:
+                        raise error
+                    r, m = failed[0]
+                    raise pg.RankFailure(f"{what}: rank {r} failed on points [{bounds(m[1])[0]}, "
+                                         f"{bounds(m[1])[1]}): {m[2]}", ranks=[r for r, _ in failed])
+                if me == 0:
+                    for m in msgs:
+                        if m is None:
+                            continue
+                        _, i, values, meta = m
+                        if store is not None:
+                            meta = {**meta, "session": store.session}
+                            store.save(i, values, meta)
+                        own[i] = (values, meta)
+                        saved.add(i)
+                        if bar is not None:
+                            bar.update(bounds(i)[1] - bounds(i)[0])
+        except (Interrupted, pg.RankFailure) as exc:
+            if bar is not None:
+                bar.close()
+            if me == 0 and store is not None:
+                _note_saved(exc, len(saved), count, store.folder)
+            raise
+        if bar is not None:
+            bar.close()
+        resumed = count - len(own) if me == 0 else 0
+        times = pg.gather_objects(busy, what=f"{what}: collecting times") if world > 1 else [busy]
+        if me == 0:
+            parts = [own[i] if i in own else store.load(i) for i in range(count)]
+            values = {k: torch.cat([p[0][k] for p in parts]) for k in parts[0][0]}
+            payload = (values, [p[1] for p in parts], resumed)
+        else:
+            payload = None
+        if world > 1:
+            payload = pg.broadcast_object(payload, what=f"{what}: sharing the results")
+    values, metas, resumed = payload
+    return ChunkRun(values=values, metas=metas, world_size=world, rank_times=[float(t) for t in times],
+                    wall_time=time.perf_counter() - t_start, resumed=resumed)
+
+
+def _note_saved(exc: BaseException, saved: int, total: int, folder) -> None:
+    """Tell the user what survived: on :class:`Interrupted` as attributes, on a rank failure in the message."""
+    if isinstance(exc, Interrupted):
+        exc.saved, exc.total, exc.folder = saved, total, folder
+        exc.args = (exc.describe(),)
+    else:
+        exc.args = (f"{exc.args[0]}; {saved} of {total} chunks are saved in {folder}: run the same command again "
+                    "with resume to finish the rest",)
+
+
+# ------------------------------------------------------------------------------------------- certify
+
+
+def wants_shards(distributed: Optional[bool], device=None) -> bool:
+    """Whether ``certify(..., distributed=...)`` shards: True/False as asked, None when launched by torchrun.
+
+    ``None`` (the default) joins the launch's process group if this process
+    is one of several started by ``torchrun`` and has none yet.
+
+    Raises:
+        ValueError: ``distributed=True`` in a process that is not one of several.
+    """
+    if distributed is False:
+        return False
+    dev = torch.device(device) if device is not None else None
+    joined = pg.join_group("cuda" if dev is not None and dev.type == "cuda" else "auto")
+    if distributed and not joined:
+        raise ValueError("certify(..., distributed=True) needs several processes: launch the script with "
+                         "torchrun --nproc-per-node N (or join a torch.distributed process group first)")
+    return joined
+
+
+def _rank_device(model, device) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    dev = torch.device(device) if device is not None else (p.device if p is not None else torch.device("cpu"))
+    if dev.type == "cuda" and pg.world_size() > 1 and (device is None or dev.index is None):
+        local = int(os.environ.get("LOCAL_RANK", pg.rank()))
+        dev = torch.device(f"cuda:{local % max(1, torch.cuda.device_count())}")
+    return dev
+
+
+def _merge_extra(extras: List[dict]) -> dict:
+    """One ``extra`` for the whole job: values the chunks agree on; the largest of differing numbers (error
+    bounds); the first non-empty reason."""
+    out: dict = {}
+    for e in extras:
+        for k, v in e.items():
+            if k not in out:
+                out[k] = v
+            elif out[k] != v:
+                if isinstance(v, (int, float)) and isinstance(out[k], (int, float)) and not isinstance(v, bool):
+                    out[k] = max(out[k], v)
+                elif not out[k]:
+                    out[k] = v
+    return out
+
+
+def _job(model, x, y, eps, method, data_range, batch_size, dev, float_model, alpha_iterations, rigorous) -> dict:
+    """Everything that decides the per-point results (only the settings the method reads)."""
+    job = {"kind": "certify", "method": method, "eps": float(eps), "model": getattr(model, "model_name",
+                                                                                  type(model).__name__),
+           "model_sha256": model_fingerprint(model), "data_sha256": data_fingerprint(x, y),
+           "data_range": [float(v) for v in data_range], "batch_size": int(batch_size),
+           "dtype": str(next(iter(model.parameters())).dtype) if any(True for _ in model.parameters()) else "none",
+           "device_type": dev.type, **library_versions()}
+    if method == "margin":
+        job["float_model"] = bool(float_model)
+    if method in ("ibp", "crown-ibp", "crown", "alpha-crown"):
+        job["rigorous"] = bool(rigorous)
+    if method == "alpha-crown":
+        job["alpha_iterations"] = int(alpha_iterations)
+    return job
+
+
+def _agree(job: dict, what: str) -> None:
+    """Every rank must certify the same model on the same data with the same settings."""
+    jobs = pg.gather_objects(job, what=f"{what}: comparing the ranks' jobs")
+    for r, other in enumerate(jobs):
+        diff = sorted(k for k in set(job) | set(other) if jobs[0].get(k) != other.get(k) and k != "device_type")
+        if diff:
+            raise ValueError(f"{what}: rank {r} was given another job than rank 0 (differs in {', '.join(diff)}); "
+                             "under torchrun every rank must call certify with the same model, data and settings "
+                             "(pass distributed=False to certify each rank's own data alone)")
+
+
+def certify_sharded(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps, method: str, *, data_range,
+                    batch_size: int = 256, device=None, float_model: bool = True, alpha_iterations: int = 20,
+                    rigorous: bool = True, progress: bool = False, chunk_dir=None, resume: bool = False):
+    """:func:`~linf_plugin.certification.certify` in chunks: over the ranks of the group, saved to ``chunk_dir``.
+
+    ``certify`` calls this itself under ``torchrun`` or with ``chunk_dir``;
+    the arguments are ``certify``'s, with the data already checked.
+
+    Args:
+        model, eps, method, data_range, batch_size, float_model,
+        alpha_iterations, rigorous, progress: as for ``certify``.
+        x: ``(n, *input_shape)`` inputs; y: ``(n,)`` labels (the same on every rank).
+        device: where this rank runs; default the model's device, and with
+            several ranks on CUDA each rank's ``cuda:LOCAL_RANK``.
+        chunk_dir: folder for the per-chunk results (written by rank 0), or None.
+        resume: continue the job saved in ``chunk_dir``.
+
+    Returns:
+        The :class:`~linf_plugin.certification.CertResult` of one process
+        (same points, flags and radii), on every rank; ``extra["chunks"]``
+        holds the ranks' times and any out-of-memory retries.
+
+    Raises:
+        whatever ``certify`` raises; :class:`Interrupted`; ResumeError;
+        linf_plugin.distributed.RankFailure.
+    """
+    from .api import certify
+    from .bound_prop import LIRPA_METHODS, bound_batch_limit
+    from .result import CertResult
+
+    what = f"certify {method}"
+    dev = _rank_device(model, device)
+    p = next(iter(model.parameters()), None)
+    home = p.device if p is not None else dev
+    if home != dev:
+        model.to(dev)
+    try:
+        dtype = p.dtype if p is not None else torch.float32
+        b = int(batch_size)
+        if method in LIRPA_METHODS:  # the cap certify itself applies: the same batches as one process
+            limit = bound_batch_limit(method, model, x[:1].to(dev, dtype))
+            b = b if limit is None else max(1, min(b, limit))
+        job = _job(model, x, y, eps, method, data_range, b, dev, float_model, alpha_iterations, rigorous)
+        if pg.world_size() > 1:
+            _agree(job, what)
+        store = None
+        if chunk_dir is not None and pg.rank() == 0:
+            store = ChunkStore(chunk_dir, job, x.shape[0], b, resume=resume)
+
+        def compute(start, stop, bsz):
+            res = certify(model, (x[start:stop], y[start:stop]), eps, method, data_range=data_range,
+                          batch_size=bsz, device=dev, float_model=float_model, alpha_iterations=alpha_iterations,
+                          rigorous=rigorous, distributed=False)
+            values = {"correct": torch.as_tensor(res.correct), "certified": torch.as_tensor(res.certified)}
+            if res.radius is not None:
+                values["radius"] = torch.as_tensor(res.radius)
+            return values, {"extra": res.extra, "float_rigorous": bool(res.float_rigorous),
+                            "model_name": res.model_name}
+
+        run = run_chunks(compute, x.shape[0], b, store=store, progress=progress, desc=f"{method} eps={float(eps):g}",
+                         what=what)
+    finally:
+        if home != dev:
+            model.to(home)
+    extra = _merge_extra([m["extra"] for m in run.metas])
+    extra["chunks"] = run.summary()
+    return CertResult(method=method, eps=float(eps), model_name=run.metas[0]["model_name"],
+                      correct=run.values["correct"], certified=run.values["certified"],
+                      radius=run.values.get("radius"), wall_time=run.wall_time, extra=extra,
+                      float_rigorous=all(m["float_rigorous"] for m in run.metas))
