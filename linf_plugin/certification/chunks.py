@@ -32,7 +32,7 @@ import torch
 from ..io import atomic_torch_save, atomic_write_json
 
 __all__ = ["ChunkStore", "ResumeError", "model_fingerprint", "data_fingerprint", "job_differences",
-           "library_versions", "CHUNK_FORMAT"]
+           "library_versions", "describe_job", "CHUNK_FORMAT"]
 
 CHUNK_FORMAT = 1
 JOB_NAME = "job.json"
@@ -76,6 +76,24 @@ def library_versions() -> dict:
 
     return {"torch": torch.__version__, "auto_LiRPA": getattr(auto_LiRPA, "__version__", "unknown"),
             "linf_plugin": __version__}
+
+
+def describe_job(kind: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+                 **settings) -> dict:
+    """What decides a job's per-point results, as a flat JSON-able dict (see :class:`ChunkStore`).
+
+    Args:
+        kind: the computation (``certify``, ``bisect``, ``pgd``, ...).
+        model: hashed with :func:`model_fingerprint`; its parameters' dtype is recorded.
+        x, y: the points, hashed with :func:`data_fingerprint`.
+        device: its type is recorded (CPU and CUDA round differently).
+        settings: every other setting the results depend on (JSON values).
+    """
+    p = next(iter(model.parameters()), None)
+    return {"kind": kind, "model": getattr(model, "model_name", type(model).__name__),
+            "model_sha256": model_fingerprint(model), "data_sha256": data_fingerprint(x, y),
+            "dtype": str(p.dtype) if p is not None else "none", "device_type": torch.device(device).type,
+            **settings, **library_versions()}
 
 
 def _show(v) -> str:

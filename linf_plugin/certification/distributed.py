@@ -42,10 +42,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from .. import distributed as pg
-from .chunks import ChunkStore, data_fingerprint, library_versions, model_fingerprint
+from .chunks import ChunkStore, describe_job
 
 __all__ = ["run_chunks", "ChunkRun", "certify_sharded", "Interrupted", "stop_on_signals", "wants_shards",
-           "is_out_of_memory"]
+           "is_out_of_memory", "effective_batch_size", "agree", "RankRaised"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,10 @@ class Interrupted(KeyboardInterrupt):
     def exit_code(self) -> int:
         """The shell's code for death by this signal (130 for SIGINT, 143 for SIGTERM)."""
         return 128 + int(self.signum)
+
+
+class RankRaised(pg.RankFailure):
+    """Another rank raised an exception in its chunk (every rank is alive and stops at the same step)."""
 
 
 @contextlib.contextmanager
@@ -260,7 +264,7 @@ def run_chunks(compute: Callable[[int, int, int], Tuple[Dict[str, torch.Tensor],
                     if error is not None:
                         raise error
                     r, m = failed[0]
-                    raise pg.RankFailure(f"{what}: rank {r} failed on points [{bounds(m[1])[0]}, "
+                    raise RankRaised(f"{what}: rank {r} failed on points [{bounds(m[1])[0]}, "
                                          f"{bounds(m[1])[1]}): {m[2]}", ranks=[r for r, _ in failed])
                 if me == 0:
                     for m in msgs:
@@ -354,28 +358,51 @@ def _merge_extra(extras: List[dict]) -> dict:
     return out
 
 
-def _job(model, x, y, eps, method, data_range, batch_size, dev, float_model, alpha_iterations, rigorous) -> dict:
-    """Everything that decides the per-point results (only the settings the method reads)."""
-    job = {"kind": "certify", "method": method, "eps": float(eps), "model": getattr(model, "model_name",
-                                                                                  type(model).__name__),
-           "model_sha256": model_fingerprint(model), "data_sha256": data_fingerprint(x, y),
-           "data_range": [float(v) for v in data_range], "batch_size": int(batch_size),
-           "dtype": str(next(iter(model.parameters())).dtype) if any(True for _ in model.parameters()) else "none",
-           "device_type": dev.type, **library_versions()}
+def effective_batch_size(method: str, model: torch.nn.Module, example: torch.Tensor, batch_size: int) -> int:
+    """The batch ``certify`` really uses: ``batch_size`` capped by the bound-propagation memory estimate.
+
+    Args:
+        method: a certification method.
+        model: on ``example``'s device.
+        example: one input ``(1, *input_shape)`` in the model's dtype.
+        batch_size: the batch asked for.
+    """
+    from .bound_prop import LIRPA_METHODS, bound_batch_limit
+
+    if method not in LIRPA_METHODS:
+        return int(batch_size)
+    limit = bound_batch_limit(method, model, example)
+    return int(batch_size) if limit is None else max(1, min(int(batch_size), limit))
+
+
+def _settings(method, eps, data_range, batch_size, float_model, alpha_iterations, rigorous) -> dict:
+    """The settings a method's per-point results depend on (only those it reads)."""
+    out = {"method": method, "eps": float(eps), "data_range": [float(v) for v in data_range],
+           "batch_size": int(batch_size)}
     if method == "margin":
-        job["float_model"] = bool(float_model)
+        out["float_model"] = bool(float_model)
     if method in ("ibp", "crown-ibp", "crown", "alpha-crown"):
-        job["rigorous"] = bool(rigorous)
+        out["rigorous"] = bool(rigorous)
     if method == "alpha-crown":
-        job["alpha_iterations"] = int(alpha_iterations)
-    return job
+        out["alpha_iterations"] = int(alpha_iterations)
+    return out
+
+
+def agree(job: dict, what: str) -> None:
+    """Raise unless every rank describes the same job (a no-op in one process).
+
+    Raises:
+        ValueError: naming the first rank that differs from rank 0 and the fields.
+    """
+    if pg.world_size() > 1:
+        _agree(job, what)
 
 
 def _agree(job: dict, what: str) -> None:
     """Every rank must certify the same model on the same data with the same settings."""
     jobs = pg.gather_objects(job, what=f"{what}: comparing the ranks' jobs")
     for r, other in enumerate(jobs):
-        diff = sorted(k for k in set(job) | set(other) if jobs[0].get(k) != other.get(k) and k != "device_type")
+        diff = sorted(k for k in set(job) | set(other) if jobs[0].get(k) != other.get(k))
         if diff:
             raise ValueError(f"{what}: rank {r} was given another job than rank 0 (differs in {', '.join(diff)}); "
                              "under torchrun every rank must call certify with the same model, data and settings "
@@ -409,7 +436,6 @@ def certify_sharded(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ep
         linf_plugin.distributed.RankFailure.
     """
     from .api import certify
-    from .bound_prop import LIRPA_METHODS, bound_batch_limit
     from .result import CertResult
 
     what = f"certify {method}"
@@ -420,13 +446,11 @@ def certify_sharded(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ep
         model.to(dev)
     try:
         dtype = p.dtype if p is not None else torch.float32
-        b = int(batch_size)
-        if method in LIRPA_METHODS:  # the cap certify itself applies: the same batches as one process
-            limit = bound_batch_limit(method, model, x[:1].to(dev, dtype))
-            b = b if limit is None else max(1, min(b, limit))
-        job = _job(model, x, y, eps, method, data_range, b, dev, float_model, alpha_iterations, rigorous)
-        if pg.world_size() > 1:
-            _agree(job, what)
+        # the cap certify itself applies: the same batches as one process
+        b = effective_batch_size(method, model, x[:1].to(dev, dtype), batch_size)
+        job = describe_job("certify", model, x, y, dev, **_settings(method, eps, data_range, b, float_model,
+                                                                     alpha_iterations, rigorous))
+        agree(job, what)
         store = None
         if chunk_dir is not None and pg.rank() == 0:
             store = ChunkStore(chunk_dir, job, x.shape[0], b, resume=resume)
