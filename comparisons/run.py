@@ -132,7 +132,7 @@ def _dense_curve(radius: np.ndarray, eps_max: float, points: int = DENSE_POINTS)
 
 
 def _certify_method(model, data, method, eps_grid, *, batch_size, device, alpha_iterations, bisect, bisect_steps,
-                    bar, saving: Saving, budget: Optional[float] = None) -> dict:
+                    bar, saving: Saving = Saving(), budget: Optional[float] = None) -> dict:
     """One method on one model over the whole grid; the record that goes into results.json.
 
     Models with ℓp-dist layers use kernels compiled on first use
@@ -222,7 +222,7 @@ def _margin_batch(batch_size: int, n: int) -> int:
 
 
 def _timed_method(model, data, method, eps_grid, eps_max, *, batch_size, device, alpha_iterations, bisect,
-                  bisect_steps, bar, saving: Saving) -> dict:
+                  bisect_steps, bar, saving: Saving = Saving()) -> dict:
     from tqdm.auto import tqdm
 
     bar = bar if bar is not None else tqdm(disable=True)
