@@ -278,7 +278,8 @@ def certify(model: torch.nn.Module, data, eps: float, method: str, *, data_range
     x, y, data_range = _as_tensors(data, model, data_range)
     if resume and chunk_dir is None:
         raise ValueError("certify(..., resume=True) needs the chunk_dir of the job to resume")
-    if wants_shards(distributed, device) or chunk_dir is not None:
+    if wants_shards(distributed, device if device is not None else _model_device_dtype(model, None)[0]) \
+            or chunk_dir is not None:
         return certify_sharded(model, x, y, eps, method, data_range=data_range, batch_size=batch_size,
                                device=device, float_model=float_model, alpha_iterations=alpha_iterations,
                                rigorous=rigorous, progress=progress, chunk_dir=chunk_dir, resume=resume)

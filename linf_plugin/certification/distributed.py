@@ -206,99 +206,126 @@ def run_chunks(compute: Callable[[int, int, int], Tuple[Dict[str, torch.Tensor],
     """
     if n < 1 or chunk_points < 1:
         raise ValueError(f"run_chunks needs n >= 1 and chunk_points >= 1, got {n} and {chunk_points}")
-    t_start = time.perf_counter()
-    world, me = pg.world_size(), pg.rank()
-    count = math.ceil(n / chunk_points)
-
-    def bounds(i):
-        return i * chunk_points, min(n, (i + 1) * chunk_points)
-
-    own: Dict[int, Tuple[dict, dict]] = {}  # rank 0: the chunks computed in this call
-    saved = set()
-    busy = 0.0
-    bar = None
+    job = _Job(compute, n, chunk_points, store, what)
     with stop_on_signals():
         try:
-            opened, open_error = None, None
-            if me == 0:
-                try:
-                    opened = ("ok", sorted(store.open()) if store is not None else [])
-                except Exception as exc:  # noqa: BLE001 - every rank stops with it below
-                    if world == 1:
-                        raise
-                    open_error, opened = exc, ("error", f"{type(exc).__name__}: {exc}")
-            if world > 1:
-                opened = pg.broadcast_object(opened, what=f"{what}: opening the job")
-                if opened[0] == "error":
-                    if open_error is not None:
-                        raise open_error
-                    raise pg.RankFailure(f"{what}: rank 0 cannot open the job: {opened[1]}", ranks=[0])
-            saved = set(opened[1])
-            todo = [i for i in range(count) if i not in saved]
-            mine = todo[me::world]
-            rounds = math.ceil(len(todo) / world)
-            if progress and me == 0:
+            job.open()
+            if progress and job.me == 0:
                 from tqdm.auto import tqdm
 
-                bar = tqdm(total=n, initial=sum(bounds(i)[1] - bounds(i)[0] for i in saved), unit="pt",
-                           desc=desc or what, dynamic_ncols=True, leave=False, smoothing=0.1)
-            batch_size = chunk_points
-            for k in range(rounds):
-                msg, error = None, None
-                if k < len(mine):
-                    i = mine[k]
-                    start, stop = bounds(i)
-                    t0 = time.perf_counter()
-                    try:
-                        values, meta, batch_size = _compute(compute, i, start, stop, batch_size, me)
-                        msg = ("ok", i, values, meta)
-                    except Exception as exc:  # noqa: BLE001 - shared with the other ranks, then re-raised
-                        if world == 1:
-                            raise
-                        error = exc
-                        msg = ("error", i, f"{type(exc).__name__}: {str(exc).strip()[:500]}")
-                    busy += time.perf_counter() - t0
-                msgs = pg.gather_objects(msg, what=f"{what}: round {k + 1} of {rounds}") if world > 1 else [msg]
-                failed = [(r, m) for r, m in enumerate(msgs) if m is not None and m[0] == "error"]
-                if failed:
-                    if error is not None:
-                        raise error
-                    r, m = failed[0]
-                    raise RankRaised(f"{what}: rank {r} failed on points [{bounds(m[1])[0]}, "
-                                         f"{bounds(m[1])[1]}): {m[2]}", ranks=[r for r, _ in failed])
-                if me == 0:
-                    for m in msgs:
-                        if m is None:
-                            continue
-                        _, i, values, meta = m
-                        if store is not None:
-                            meta = {**meta, "session": store.session}
-                            store.save(i, values, meta)
-                        own[i] = (values, meta)
-                        saved.add(i)
-                        if bar is not None:
-                            bar.update(bounds(i)[1] - bounds(i)[0])
+                job.bar = tqdm(total=n, initial=sum(job.size(i) for i in job.saved), unit="pt", desc=desc or what,
+                               dynamic_ncols=True, leave=False, smoothing=0.1)
+            for k in range(job.rounds):
+                job.round(k)
         except (Interrupted, pg.RankFailure) as exc:
-            if bar is not None:
-                bar.close()
-            if me == 0 and store is not None:
-                _note_saved(exc, len(saved), count, store.folder)
+            if job.me == 0 and store is not None:
+                _note_saved(exc, len(job.saved), job.count, store.folder)
             raise
-        if bar is not None:
-            bar.close()
-        resumed = count - len(own) if me == 0 else 0
-        times = pg.gather_objects(busy, what=f"{what}: collecting times") if world > 1 else [busy]
-        if me == 0:
-            parts = [own[i] if i in own else store.load(i) for i in range(count)]
+        finally:
+            if job.bar is not None:
+                job.bar.close()
+        return job.finish()
+
+
+class _Job:
+    """The state of one :func:`run_chunks` call on one rank."""
+
+    def __init__(self, compute, n, chunk_points, store, what):
+        self.compute, self.n, self.chunk_points, self.store, self.what = compute, n, chunk_points, store, what
+        self.world, self.me = pg.world_size(), pg.rank()
+        self.count = math.ceil(n / chunk_points)
+        self.t_start = time.perf_counter()
+        self.own: Dict[int, Tuple[dict, dict]] = {}  # rank 0: the chunks computed in this call
+        self.saved: set = set()
+        self.busy, self.bar, self.batch_size = 0.0, None, chunk_points
+        self.mine: List[int] = []
+        self.rounds = 0
+
+    def bounds(self, i: int) -> Tuple[int, int]:
+        return i * self.chunk_points, min(self.n, (i + 1) * self.chunk_points)
+
+    def size(self, i: int) -> int:
+        start, stop = self.bounds(i)
+        return stop - start
+
+    def open(self) -> None:
+        """Rank 0 reads the store (or refuses it); every rank learns what is left and takes its share."""
+        opened, error = None, None
+        if self.me == 0:
+            try:
+                opened = ("ok", sorted(self.store.open()) if self.store is not None else [])
+            except Exception as exc:  # noqa: BLE001 - every rank stops with it below
+                if self.world == 1:
+                    raise
+                error, opened = exc, ("error", f"{type(exc).__name__}: {exc}")
+        if self.world > 1:
+            opened = pg.broadcast_object(opened, what=f"{self.what}: opening the job")
+            if opened[0] == "error":
+                if error is not None:
+                    raise error
+                raise pg.RankFailure(f"{self.what}: rank 0 cannot open the job: {opened[1]}", ranks=[0])
+        self.saved = set(opened[1])
+        todo = [i for i in range(self.count) if i not in self.saved]
+        self.mine = todo[self.me::self.world]
+        self.rounds = math.ceil(len(todo) / self.world)
+
+    def _keep(self, i: int, values: dict, meta: dict) -> None:
+        """Rank 0: save a finished chunk at once and count it."""
+        if self.store is not None:
+            meta = {**meta, "session": self.store.session}
+            self.store.save(i, values, meta)
+        self.own[i] = (values, meta)
+        self.saved.add(i)
+        if self.bar is not None:
+            self.bar.update(self.size(i))
+
+    def round(self, k: int) -> None:
+        """Certify this rank's k-th chunk; bring the round's chunks to rank 0 (which saves them)."""
+        msg, error = None, None
+        if k < len(self.mine):
+            i = self.mine[k]
+            start, stop = self.bounds(i)
+            t0 = time.perf_counter()
+            try:
+                values, meta, self.batch_size = _compute(self.compute, i, start, stop, self.batch_size, self.me)
+                msg = ("ok", i, values, meta)
+            except Exception as exc:  # noqa: BLE001 - shared with the other ranks, then re-raised
+                if self.world == 1:
+                    raise
+                error, msg = exc, ("error", i, f"{type(exc).__name__}: {str(exc).strip()[:500]}")
+            self.busy += time.perf_counter() - t0
+            if self.me == 0 and msg[0] == "ok":  # before waiting for the others: a stop meanwhile keeps it
+                self._keep(i, values, meta)
+        if self.world == 1:
+            return
+        msgs = pg.gather_objects(None if self.me == 0 and msg and msg[0] == "ok" else msg,
+                                 what=f"{self.what}: round {k + 1} of {self.rounds}")
+        failed = [(r, m) for r, m in enumerate(msgs) if m is not None and m[0] == "error"]
+        if failed:
+            if error is not None:
+                raise error
+            r, m = failed[0]
+            start, stop = self.bounds(m[1])
+            raise RankRaised(f"{self.what}: rank {r} failed on points [{start}, {stop}): {m[2]}",
+                             ranks=[r for r, _ in failed])
+        if self.me == 0:
+            for m in msgs[1:]:
+                if m is not None:
+                    self._keep(m[1], m[2], m[3])
+
+    def finish(self) -> ChunkRun:
+        """Every rank gets all chunks' values and metas (rank 0 has them in memory or in the store)."""
+        times = pg.gather_objects(self.busy, what=f"{self.what}: collecting times") if self.world > 1 else [self.busy]
+        payload = None
+        if self.me == 0:
+            parts = [self.own[i] if i in self.own else self.store.load(i) for i in range(self.count)]
             values = {k: torch.cat([p[0][k] for p in parts]) for k in parts[0][0]}
-            payload = (values, [p[1] for p in parts], resumed)
-        else:
-            payload = None
-        if world > 1:
-            payload = pg.broadcast_object(payload, what=f"{what}: sharing the results")
-    values, metas, resumed = payload
-    return ChunkRun(values=values, metas=metas, world_size=world, rank_times=[float(t) for t in times],
-                    wall_time=time.perf_counter() - t_start, resumed=resumed)
+            payload = (values, [p[1] for p in parts], self.count - len(self.own))
+        if self.world > 1:
+            payload = pg.broadcast_object(payload, what=f"{self.what}: sharing the results")
+        values, metas, resumed = payload
+        return ChunkRun(values=values, metas=metas, world_size=self.world, rank_times=[float(t) for t in times],
+                        wall_time=time.perf_counter() - self.t_start, resumed=resumed)
 
 
 def _note_saved(exc: BaseException, saved: int, total: int, folder) -> None:

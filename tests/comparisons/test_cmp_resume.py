@@ -80,10 +80,16 @@ def test_sigterm_then_resume_gives_the_uninterrupted_results(reference, tmp_path
             time.sleep(0.005)
 
     watcher = threading.Thread(target=stop_after_some_chunks, daemon=True)
-    watcher.start()
-    rc = main(args)
-    fired.set()
-    watcher.join()
+    # main() puts its own handler in place while it runs; a SIGTERM that came after it returned must not
+    # end the test session
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        watcher.start()
+        rc = main(args)
+        fired.set()
+        watcher.join()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     err = capsys.readouterr().err
     assert rc == 143, err
     assert "stopped by SIGTERM; every finished batch is saved in" in err
