@@ -98,16 +98,12 @@ def check_run_state(chunks_dir: Path, settings: dict, resume: bool) -> None:
         raise ValueError(error)
 
 
-def _compute_time(run_or_extra) -> float:
-    return float(run_or_extra["chunks"]["compute_time"]) if "chunks" in run_or_extra else float("nan")
-
-
 def certify_at(model, data, eps: float, method: str, *, saving: Saving, batch_size: int, device,
                alpha_iterations: int):
     """``certify`` at one ε, saved in ``saving``; returns ``(result, seconds)`` (the chunks' compute time)."""
     res = certify(model, data, eps, method, batch_size=batch_size, device=device, alpha_iterations=alpha_iterations,
                   chunk_dir=saving.root, resume=saving.resume, progress=saving.progress)
-    seconds = _compute_time(res.extra) if "chunks" in res.extra else res.wall_time
+    seconds = float(res.extra["chunks"]["compute_time"]) if "chunks" in res.extra else res.wall_time
     return res, seconds
 
 
@@ -136,12 +132,12 @@ def bisect_radii(model, data, method: str, eps_max: float, *, saving: Saving, ba
     extra = dict(run.metas[0]["extra"])
     extra["float_rigorous"] = all(m["extra"].get("float_rigorous", False) for m in run.metas)
     extra["chunks"] = run.summary()
-    return run.values["radius"].numpy(), extra, _compute_time(extra)
+    return run.values["radius"].numpy(), extra, float(extra["chunks"]["compute_time"])
 
 
 def pgd_accuracy(model, x, y, eps: float, *, saving: Saving, steps: int, restarts: int, batch_size: int, data_range,
-                 seed: int, device) -> Tuple[float, float]:
-    """PGD accuracy at ``eps`` in chunks of ``batch_size`` points; returns ``(accuracy, seconds)``.
+                 seed: int, device) -> Tuple[float, float, list]:
+    """PGD accuracy at ``eps`` in chunks of ``batch_size`` points; returns ``(accuracy, seconds, oom_retries)``.
 
     Each batch draws its random starts from a generator seeded with
     ``(seed, first point of the batch)``, so a point's attack does not
@@ -164,7 +160,8 @@ def pgd_accuracy(model, x, y, eps: float, *, saving: Saving, steps: int, restart
     run = run_chunks(compute, x.shape[0], int(batch_size), store=saving.store(job, x.shape[0], int(batch_size)),
                      progress=saving.progress, desc=f"PGD eps={eps:g}", what=f"PGD eps={eps:g}")
     broken = run.values["broken"]
-    return float((~broken).sum().item()) / broken.numel(), float(run.summary()["compute_time"])
+    summary = run.summary()
+    return float((~broken).sum().item()) / broken.numel(), float(summary["compute_time"]), summary["oom_retries"]
 
 
 def resume_command(argv: List[str]) -> str:

@@ -119,9 +119,10 @@ def _check_methods(methods: Optional[List[str]]) -> Optional[List[str]]:
 def _pgd(model, x, y, eps_grid, steps, restarts, batch_size, data_range, seed, device, bar, saving: Saving) -> dict:
     out = []
     for k, eps in enumerate(eps_grid):
-        acc, seconds = pgd_accuracy(model, x, y, eps, saving=saving.sub(f"eps-{k}"), steps=steps, restarts=restarts,
-                                    batch_size=batch_size, data_range=data_range, seed=seed, device=device)
-        out.append({"eps": eps, "accuracy": acc, "time": seconds})
+        acc, seconds, retries = pgd_accuracy(model, x, y, eps, saving=saving.sub(f"eps-{k}"), steps=steps,
+                                             restarts=restarts, batch_size=batch_size, data_range=data_range,
+                                             seed=seed, device=device)
+        out.append({"eps": eps, "accuracy": acc, "time": seconds, **({"oom_retries": retries} if retries else {})})
         bar.update(1)
     return {"status": "ok", "steps": steps, "restarts": restarts, "results": out}
 
@@ -251,6 +252,8 @@ def _timed_method(model, data, method, eps_grid, eps_max, *, batch_size, device,
         res, seconds = certify_at(model, data, e, method, saving=saving.sub(f"eps-{k}"), batch_size=batch_size,
                                   device=device, alpha_iterations=alpha_iterations)
         results.append({"eps": e, "certified_accuracy": res.certified_accuracy, "time": seconds})
+        if res.extra.get("chunks", {}).get("oom_retries"):  # batches retried at half the size (see jobs.py)
+            results[-1]["oom_retries"] = res.extra["chunks"]["oom_retries"]
         total += seconds
         bar.update(1)
     return {"status": "ok", "one_pass": False, "n": len(data), "time": total, "results": results, "curve": None,
