@@ -116,8 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha-iterations", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true",
-                   help="continue the run stopped in --out (Ctrl-C, SIGTERM, a dead rank): the certification, bisection "
-                        "and PGD batches it saved are read back, not computed again; changed settings are refused")
+                   help="continue the run stopped in --out (Ctrl-C, SIGTERM, a dead rank): the certification, "
+                        "bisection and PGD batches it saved are read back, not computed again; changed settings "
+                        "are refused")
     _cache(p)
     _common(p, "run folder (default runs/run-<timestamp>)")
 

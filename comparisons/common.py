@@ -21,8 +21,9 @@ import torch
 
 from linf_plugin import distributed as pg
 
-__all__ = ["make_run_dir", "shared_run_dir", "environment", "resolve_device", "Timer", "error_record", "fmt_eps", "fmt_pct",
-           "fmt_seconds", "progress_enabled", "count_params", "nan_to_none", "torch_threads", "SCHEMA_VERSION", "log"]
+__all__ = ["make_run_dir", "shared_run_dir", "environment", "resolve_device", "Timer", "error_record", "fmt_eps",
+           "fmt_pct", "fmt_seconds", "progress_enabled", "count_params", "nan_to_none", "torch_threads",
+           "SCHEMA_VERSION", "log"]
 
 SCHEMA_VERSION = 1
 

@@ -19,6 +19,8 @@ step in one process, whatever the number of ranks and sessions.
 """
 from __future__ import annotations
 
+import json
+import os
 import shlex
 import sys
 from dataclasses import dataclass
@@ -80,8 +82,6 @@ def check_run_state(chunks_dir: Path, settings: dict, resume: bool) -> None:
     if pg.is_main():
         path = Path(chunks_dir) / RUN_STATE
         if path.exists():
-            import json
-
             saved = json.loads(path.read_text())
             if not resume:
                 error = (f"{chunks_dir.parent} holds the saved results of an earlier run: add --resume to continue "
@@ -168,8 +168,6 @@ def resume_command(argv: List[str]) -> str:
     """The command that resumes this run: the same arguments plus ``--resume`` (under torchrun: its launch line)."""
     args = list(argv) + ([] if "--resume" in argv else ["--resume"])
     if pg.launched():
-        import os
-
         nodes = "" if os.environ.get("GROUP_WORLD_SIZE", "1") == "1" else " <your --nnodes/--rdzv flags>"
         head = f"torchrun --nproc-per-node {os.environ.get('LOCAL_WORLD_SIZE', '?')}{nodes} -m comparisons"
     else:

@@ -60,7 +60,8 @@ def _worker(args) -> None:
         wall = time.perf_counter() - t0
         chunks = res.extra.get("chunks", {})
         out["jobs"][f"{name}:{method}"] = {
-            "wall_s": wall, "rank_time_s": chunks.get("rank_time"), "certified": int(torch.as_tensor(res.certified).sum()),
+            "wall_s": wall, "rank_time_s": chunks.get("rank_time"),
+            "certified": int(torch.as_tensor(res.certified).sum()),
             "correct_flags": torch.as_tensor(res.correct).tolist(),
             "certified_flags": torch.as_tensor(res.certified).tolist(),
             "radius": None if res.radius is None else [float(r).hex() for r in torch.as_tensor(res.radius)]}

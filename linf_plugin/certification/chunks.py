@@ -52,7 +52,7 @@ def _hash_tensor(h, t: torch.Tensor) -> None:
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """SHA-256 (hex) of the model's structure (``repr``: classes, sizes, each layer's p) and every tensor of its state."""
+    """SHA-256 (hex) of the model's structure (``repr``: classes, sizes, each layer's p) and of its state's tensors."""
     h = hashlib.sha256(repr(model).encode())
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())

@@ -29,8 +29,8 @@ from .tiny_models import save_tiny_models
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("dist_worker.py")
 JOBS = ["linf:margin:0.0", "relu:ibp:0.01", "relu:crown:0.05", "relu:alpha-crown:0.06"]
-# the kill tests' job: 50 chunks of 4 points, long enough per rank to be stopped in the middle
-KILL_JOB, KILL_POINTS, KILL_BATCH = "relu:crown:0.05", 200, 4
+# the kill tests' job: 30 chunks of 4 points, long enough per rank to be stopped in the middle
+KILL_JOB, KILL_POINTS, KILL_BATCH = "relu:crown:0.05", 120, 4
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,8 @@ def _wait_for_chunks(proc, folder: Path, count: int, timeout: float = 240.0) -> 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            pytest.fail(f"the job ended (rc {proc.returncode}) before it could be stopped: {proc.stderr.read()[-3000:]}")
+            pytest.fail(f"the job ended (rc {proc.returncode}) before it could be stopped: "
+                        f"{proc.stderr.read()[-3000:]}")
         if len(_log(folder)) >= count:
             return
         time.sleep(0.02)
@@ -170,6 +171,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_a_dead_rank_is_named_by_the_others(checkpoints, tmp_path):
     """Two processes joined without torchrun (as across machines, where no launcher sees the other's death):
     when rank 1 dies, rank 0 stops at once with an error naming rank 1, instead of waiting for a timeout."""
