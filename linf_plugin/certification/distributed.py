@@ -80,6 +80,9 @@ class RankRaised(pg.RankFailure):
     """Another rank raised an exception in its chunk (every rank is alive and stops at the same step)."""
 
 
+_held = {"depth": 0, "signum": None}  # a signal that arrived while a chunk was being saved
+
+
 @contextlib.contextmanager
 def stop_on_signals():
     """Inside the block SIGTERM and SIGINT raise :class:`Interrupted` (main thread only; elsewhere a no-op)."""
@@ -88,6 +91,9 @@ def stop_on_signals():
         return
 
     def handler(signum, frame):
+        if _held["depth"]:
+            _held["signum"] = signum
+            return
         raise Interrupted(signum)
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -96,6 +102,19 @@ def stop_on_signals():
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def _saving():
+    """A chunk's file and its log line are written together: a signal meanwhile is raised right after."""
+    _held["depth"] += 1
+    try:
+        yield
+    finally:
+        _held["depth"] -= 1
+        if not _held["depth"] and _held["signum"] is not None:
+            signum, _held["signum"] = _held["signum"], None
+            raise Interrupted(signum)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -271,11 +290,12 @@ class _Job:
 
     def _keep(self, i: int, values: dict, meta: dict) -> None:
         """Rank 0: save a finished chunk at once and count it."""
-        if self.store is not None:
-            meta = {**meta, "session": self.store.session}
-            self.store.save(i, values, meta)
-        self.own[i] = (values, meta)
-        self.saved.add(i)
+        with _saving():
+            if self.store is not None:
+                meta = {**meta, "session": self.store.session}
+                self.store.save(i, values, meta)
+            self.own[i] = (values, meta)
+            self.saved.add(i)
         if self.bar is not None:
             self.bar.update(self.size(i))
 

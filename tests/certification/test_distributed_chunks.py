@@ -157,3 +157,18 @@ def test_collective_timeout_comes_from_the_environment(monkeypatch):
         monkeypatch.setenv(pg.TIMEOUT_ENV, bad)
         with pytest.raises(ValueError, match=pg.TIMEOUT_ENV):
             pg.collective_timeout()
+
+
+def test_a_signal_during_a_save_is_raised_after_it():
+    """A chunk's file and its log line are written together: the signal waits for both, then stops the job."""
+    from linf_plugin.certification.distributed import _saving, stop_on_signals
+
+    steps = []
+    with stop_on_signals():
+        with pytest.raises(Interrupted) as info:
+            with _saving():
+                signal.raise_signal(signal.SIGTERM)
+                steps.append("file")
+                steps.append("log line")
+        steps.append("after")
+    assert steps == ["file", "log line", "after"] and info.value.signum == signal.SIGTERM
