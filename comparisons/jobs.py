@@ -34,7 +34,8 @@ from linf_plugin import distributed as pg
 from linf_plugin.attacks import pgd_attack
 from linf_plugin.certification import certified_accuracy_curve, certify
 from linf_plugin.certification.chunks import ChunkStore, ResumeError, describe_job, job_differences
-from linf_plugin.certification.distributed import RankRaised, agree, effective_batch_size, run_chunks
+from linf_plugin.certification.distributed import (RankRaised, agree, effective_batch_size, reusing_certifiers,
+                                                   run_chunks)
 from linf_plugin.io import atomic_write_json
 
 __all__ = ["Saving", "check_run_state", "pgd_accuracy", "certify_at", "bisect_radii", "is_fatal", "resume_command",
@@ -127,8 +128,9 @@ def bisect_radii(model, data, method: str, eps_max: float, *, saving: Saving, ba
                                          alpha_iterations=alpha_iterations, data_range=data_range)
         return {"radius": torch.as_tensor(np.asarray(curve.radius), dtype=torch.float64)}, {"extra": curve.extra}
 
-    run = run_chunks(compute, x.shape[0], b, store=saving.store(job, x.shape[0], b), progress=saving.progress,
-                     desc=f"bisect {method}", what=f"bisect {method}")
+    with reusing_certifiers():
+        run = run_chunks(compute, x.shape[0], b, store=saving.store(job, x.shape[0], b), progress=saving.progress,
+                         desc=f"bisect {method}", what=f"bisect {method}")
     extra = dict(run.metas[0]["extra"])
     extra["float_rigorous"] = all(m["extra"].get("float_rigorous", False) for m in run.metas)
     extra["chunks"] = run.summary()

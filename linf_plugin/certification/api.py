@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from ..data import DatasetSplit
 from ..data.box import check_data_range, linf_box
-from .bound_prop import LIRPA_METHODS, BoundPropCertifier
-from .distributed import certify_sharded, wants_shards
+from .bound_prop import LIRPA_METHODS
+from .distributed import certify_sharded, shared_certifier, wants_shards
 from .float_safety import exact_float, value_ranges
 from .interval import interval_certify
 from .margin import margin_certify
@@ -294,7 +294,7 @@ def certify(model: torch.nn.Module, data, eps: float, method: str, *, data_range
             certifier = None
             also_margin = method == "interval" and "margin" in applicable_methods(model)
             if method in _BOUND_PROP:
-                certifier = BoundPropCertifier(model, x[:1].to(dev, dtype), num_classes,
+                certifier = shared_certifier(model, x[:1].to(dev, dtype), num_classes,
                                                alpha_iterations=alpha_iterations, rigorous=rigorous,
                                                method=method)
                 batch_size = certifier.batch_size(method, batch_size)
@@ -372,7 +372,7 @@ def _bisect_radius(model, data, method, eps_max, steps, batch_size, device, alph
     try:
         with eval_mode(model), exact_float():
             dev, dtype, num_classes = _check_model(model, x, y, device)
-            cert = BoundPropCertifier(model, x[:1].to(dev, dtype), num_classes, alpha_iterations=alpha_iterations,
+            cert = shared_certifier(model, x[:1].to(dev, dtype), num_classes, alpha_iterations=alpha_iterations,
                                       rigorous=rigorous, method=method)
             batch_size = cert.batch_size(method, batch_size)
             for start in range(0, x.shape[0], batch_size):
