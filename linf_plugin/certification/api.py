@@ -271,7 +271,13 @@ def certify(model: torch.nn.Module, data, eps: float, method: str, *, data_range
             parameters, fewer than 2 classes;
             TypeError: a float16/bfloat16 model;
             :class:`MethodNotApplicableError` for a method that does not
-            apply (e.g. margin on a hybrid or a p = 8 net).
+            apply (e.g. margin on a hybrid or a p = 8 net);
+            ``chunks.ResumeError`` for a ``chunk_dir`` that holds another job
+            (or any job, without ``resume``);
+            ``distributed.Interrupted`` (a KeyboardInterrupt) on SIGTERM or
+            Ctrl-C during a sharded or chunked job, after saving;
+            ``linf_plugin.distributed.RankFailure`` when another rank died,
+            hung or raised.
     """
     eps = _check_eps(eps)
     _check_method(model, method)
