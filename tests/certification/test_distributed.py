@@ -114,11 +114,14 @@ def kill_reference(checkpoints):
     return _one_process(checkpoints, KILL_JOB, KILL_POINTS, KILL_BATCH)
 
 
-def _resume_and_check(checkpoints, kill_reference, tmp_path, first_session_chunks):
-    """Run the stopped job again with --resume; compare with the uninterrupted run; check the log."""
+def _resume_and_check(checkpoints, kill_reference, tmp_path, first_session_chunks, ranks: int):
+    """Run the stopped job again with --resume (on 2 ranks, or in 1 process: the layout does not depend on the
+    number of ranks); compare with the uninterrupted run; check the log."""
     out, chunk_dir = tmp_path / "out.pt", tmp_path / "chunks"
-    proc = _torchrun(_worker_args(checkpoints, [KILL_JOB], out, KILL_POINTS, KILL_BATCH, "--chunk-dir",
-                                  str(chunk_dir), "--resume"))
+    args = _worker_args(checkpoints, [KILL_JOB], out, KILL_POINTS, KILL_BATCH, "--chunk-dir", str(chunk_dir),
+                        "--resume")
+    proc = _torchrun(args) if ranks == 2 else subprocess.Popen(
+        [sys.executable, *args], cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr[-3000:]
     got = torch.load(out, weights_only=False)[KILL_JOB]
@@ -133,6 +136,7 @@ def _resume_and_check(checkpoints, kill_reference, tmp_path, first_session_chunk
     assert len(sessions) == 2
     assert sum(rec["session"] == sessions[0] for rec in log) == first_session_chunks
     assert got["extra"]["chunks"]["resumed_chunks"] == first_session_chunks
+    assert got["extra"]["chunks"]["world_size"] == ranks
 
 
 @pytest.mark.slow
@@ -147,7 +151,7 @@ def test_sigkill_of_one_rank_then_resume(checkpoints, kill_reference, tmp_path):
     assert "Signal 9 (SIGKILL)" in stderr and "rank      : 1" in stderr, stderr[-3000:]  # torchrun names it
     saved = len(_log(chunk_dir / "0"))
     assert 6 <= saved < KILL_POINTS // KILL_BATCH
-    _resume_and_check(checkpoints, kill_reference, tmp_path, saved)
+    _resume_and_check(checkpoints, kill_reference, tmp_path, saved, ranks=2)
 
 
 @pytest.mark.slow
@@ -162,7 +166,7 @@ def test_sigterm_of_the_job_then_resume(checkpoints, kill_reference, tmp_path):
     saved = len(_log(chunk_dir / "0"))
     assert f"stopped by SIGTERM: {saved} of {KILL_POINTS // KILL_BATCH} chunks are saved in" in stderr, stderr[-3000:]
     assert "again with resume" in stderr
-    _resume_and_check(checkpoints, kill_reference, tmp_path, saved)
+    _resume_and_check(checkpoints, kill_reference, tmp_path, saved, ranks=1)
 
 
 def _free_port() -> int:
