@@ -59,7 +59,10 @@ def _saved_chunks(out: Path) -> list:
     recs = []
     for log in sorted((out / "chunks").rglob("log.jsonl")):
         for line in log.read_text().splitlines():
-            rec = json.loads(line)
+            try:
+                rec = json.loads(line)
+            except ValueError:  # a line being written while the run goes on
+                continue
             recs.append((str(log.parent.relative_to(out)), rec["chunk"], rec["session"]))
     return recs
 
