@@ -234,9 +234,10 @@ def _jsonable(value, where: str):
 def _accepts(fn: Callable, name: str) -> bool:
     """``fn`` takes a keyword argument ``name`` (explicitly, not only through ``**kwargs``)."""
     try:
-        return name in inspect.signature(fn).parameters
+        param = inspect.signature(fn).parameters.get(name)
     except (TypeError, ValueError):
         return False
+    return param is not None and param.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
 
 
 def create_model(name: str, input_shape: Optional[Sequence[int]] = None, num_classes: Optional[int] = None,
