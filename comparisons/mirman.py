@@ -291,7 +291,7 @@ def run_mirman(settings: MirmanSettings):
                 for method in methods:
                     row = {**base, "method": method}
                     try:
-                        steps = s.alpha_bisect_steps if method == "alpha-crown" else s.bisect_steps
+                        steps = s.alpha_bisect_steps if method == Method.ALPHA_CROWN else s.bisect_steps
                         rec = _radii(model, data, method, hi, steps, s.alpha_iterations)
                     except Exception as exc:  # noqa: BLE001 - recorded, the rest runs
                         row.update(error_record(exc))

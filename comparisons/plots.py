@@ -16,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from linf_plugin.io import atomic_write_bytes  # noqa: E402
+from linf_plugin.names import Method  # noqa: E402
 
 from .common import MIN_POINTS, fmt_eps, fmt_points  # noqa: E402
 
@@ -26,9 +27,9 @@ EPS_LABEL = "ε (ℓ∞ radius, pixel units)"
 CERT_LABEL = "certified accuracy (%)"
 TIME_LABEL = "certification time (s, log scale)"
 
-METHOD_STYLE = {"margin": ("tab:red", "Lipschitz margin"), "interval": ("tab:orange", "interval"),
-                "ibp": ("tab:blue", "IBP"), "crown-ibp": ("tab:purple", "CROWN-IBP"),
-                "crown": ("tab:green", "CROWN"), "alpha-crown": ("tab:olive", "α-CROWN")}
+METHOD_STYLE = {Method.MARGIN: ("tab:red", "Lipschitz margin"), Method.INTERVAL: ("tab:orange", "interval"),
+                Method.IBP: ("tab:blue", "IBP"), Method.CROWN_IBP: ("tab:purple", "CROWN-IBP"),
+                Method.CROWN: ("tab:green", "CROWN"), Method.ALPHA_CROWN: ("tab:olive", "α-CROWN")}
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 
 

@@ -30,12 +30,12 @@ import torch
 
 from linf_plugin.certification import certify
 from linf_plugin.data import DataNotFoundError, linf_separation, load_dataset
-from linf_plugin.io import atomic_write_json, atomic_write_text
+from linf_plugin.io import atomic_write_json
 from linf_plugin.models import theorem32_net, theoremA2_net
 
 from .cache import CheckpointCache
-from .common import (SCHEMA_VERSION, Timer, UsageError, count_params, environment, error_record, fmt_pct, fmt_seconds,
-                     log, make_run_dir, nan_to_none, progress_enabled, resolve_device, torch_threads)
+from .common import (SCHEMA_VERSION, Timer, UsageError, count_params, environment, error_record, log, make_run_dir,
+                     nan_to_none, progress_enabled, resolve_device, torch_threads)
 from .suites import build_config, get_suite, parse_overrides
 
 __all__ = ["TheoremSettings", "run_theorem", "add_arguments", "settings_from_args"]

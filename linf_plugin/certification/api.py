@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from typing import Iterable, Optional, Union
 
 import numpy as np
@@ -30,6 +31,17 @@ __all__ = ["certify", "applicable_methods", "METHODS", "MethodNotApplicableError
            "check_method", "prepare_data"]
 
 _BOUND_PROP = BOUND_PROPAGATION_METHODS
+_MOVED = {"certified_accuracy_curve": "curves", "CurveResult": "result"}
+
+
+def __getattr__(name: str):
+    if name in _MOVED:  # deprecated: these lived here before 0.2
+        import importlib
+
+        warnings.warn(f"linf_plugin.certification.api.{name} is deprecated and will be removed in the next release; "
+                      f"import it from linf_plugin.certification", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(f"{__package__}.{_MOVED[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class MethodNotApplicableError(ValueError):

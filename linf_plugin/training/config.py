@@ -11,10 +11,13 @@ from typing import Any, Optional, Tuple
 
 from ..names import FAMILIES
 
-__all__ = ["TrainConfig", "FAMILIES", "BOUNDS", "ConfigError", "sanitize_name", "RUNTIME_FIELDS"]
+__all__ = ["TrainConfig", "FAMILIES", "BOUNDS", "ConfigError", "sanitize_name", "RUNTIME_FIELDS", "DEPRECATED_FIELDS"]
 
 BOUNDS = ("ibp", "crown-ibp")
 FEATURE_BOUNDS = ("lipschitz", "interval")
+
+#: Fields kept one release for compatibility: {field: what to use instead}.
+DEPRECATED_FIELDS = {"stop_after_epoch": "train(config, callbacks=[...]) with an on_epoch_end hook"}
 
 # Fields that only change how a run is executed, not what it computes: a
 # resumed run may change them freely.

@@ -8,8 +8,6 @@ lower bound 2 - 2 eps is known.
 """
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
