@@ -120,13 +120,15 @@ class CheckpointCache:
                            history=list((ckpt.extra or {}).get("history", [])),
                            final_metrics=dict(entry.get("final_metrics", {})))
 
-    def get_or_train(self, config: TrainConfig, device="cpu") -> CachedModel:
+    def get_or_train(self, config: TrainConfig, device="cpu", callbacks=()) -> CachedModel:
         """Reuse the entry for ``config`` or train it (resuming an unfinished entry).
 
         Args:
             config: a validated-or-not :class:`TrainConfig`; its ``out_dir`` and
                 ``resume`` are set here.
             device: where the returned model lives.
+            callbacks: trainer callbacks for a training that runs
+                (:mod:`linf_plugin.training.callbacks`); unused on a hit.
 
         Returns:
             :class:`CachedModel`.
@@ -155,7 +157,7 @@ class CheckpointCache:
         folder.mkdir(parents=True, exist_ok=True)
         run_cfg = config.replace(out_dir=str(folder), resume=resume)
         start = time.perf_counter()
-        result = train(run_cfg)
+        result = train(run_cfg, callbacks=callbacks)
         wall = time.perf_counter() - start
         # a resumed entry: add the epochs trained before the interruption (their times are in the history)
         prior = float(sum(float(r.get("time", 0.0)) for r in result.history[:prior_epochs]))

@@ -11,6 +11,8 @@ import contextlib
 import sys
 from typing import List, Optional
 
+from .common import UsageError
+
 __all__ = ["main", "build_parser"]
 
 EPILOG_RUN = """examples:
@@ -45,12 +47,12 @@ def _points(items: Optional[List[str]], option: str = "--points", kind=int) -> d
     out = {}
     for item in items or ():
         if "=" not in item:
-            raise ValueError(f"{option} expects METHOD={'N' if kind is int else 'SECONDS'}, got {item!r}")
+            raise UsageError(f"{option} expects METHOD={'N' if kind is int else 'SECONDS'}, got {item!r}")
         k, v = item.split("=", 1)
         try:
             out[k.strip()] = kind(v)
         except ValueError:
-            raise ValueError(f"{option} {item!r}: {v!r} is not a number") from None
+            raise UsageError(f"{option} {item!r}: {v!r} is not a number") from None
     return out
 
 
@@ -182,7 +184,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             figs = render_report(args.run_dir)
             print(f"re-rendered {args.run_dir}: results.md, results.csv, " + ", ".join(f["file"] for f in figs))
-    except (ValueError, FileNotFoundError, KeyError) as exc:
+    except _user_errors() as exc:  # bad arguments or inputs; anything else is a bug and keeps its traceback
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"error: {msg}", file=sys.stderr)
         return 2
@@ -195,6 +197,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         stack.close()
     return 0
+
+
+def _user_errors() -> tuple:
+    """The exception types that report a user's mistake (arguments, files, names), each with a message."""
+    from linf_plugin.certification import MethodNotApplicableError
+    from linf_plugin.certification.chunks import ResumeError
+    from linf_plugin.models import CheckpointError, UnknownModelError
+    from linf_plugin.training import ConfigError, PresetError
+
+    from .schema import SchemaError
+
+    # FileNotFoundError: a missing results.json or data set (DataNotFoundError)
+    # ResumeError: a run folder or job that cannot be resumed with these settings (the fields are named)
+    return (UsageError, SchemaError, ConfigError, PresetError, UnknownModelError, CheckpointError,
+            MethodNotApplicableError, FileNotFoundError, ResumeError)
 
 
 def _print_main(text: str, file=None) -> None:

@@ -21,11 +21,30 @@ import torch
 
 from linf_plugin import distributed as pg
 
-__all__ = ["make_run_dir", "shared_run_dir", "environment", "resolve_device", "Timer", "error_record", "fmt_eps",
-           "fmt_pct", "fmt_seconds", "progress_enabled", "count_params", "nan_to_none", "torch_threads",
-           "SCHEMA_VERSION", "log"]
+__all__ = ["UsageError", "usage_errors", "make_run_dir", "shared_run_dir", "environment", "resolve_device", "Timer",
+           "error_record", "fmt_eps", "fmt_pct", "fmt_seconds", "fmt_share", "fmt_shares", "fmt_gap", "fmt_points",
+           "MIN_POINTS", "progress_enabled", "count_params", "nan_to_none", "torch_threads", "SCHEMA_VERSION", "log"]
 
 SCHEMA_VERSION = 1
+
+
+class UsageError(ValueError):
+    """Bad arguments to a subcommand; the message names the argument and the choices.
+
+    The command line prints it and exits with code 2; every other exception
+    is a bug (or an environment failure) and raises with its traceback.
+    """
+
+
+@contextmanager
+def usage_errors():
+    """Inside the block, a ``ValueError`` is a :class:`UsageError`: wrap calls that only check arguments."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
 
 
 def log(msg: str) -> None:
@@ -87,7 +106,7 @@ def resolve_device(device: Optional[str]) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} was requested but CUDA is not available; use --device cpu")
+        raise UsageError(f"--device {device} was requested but CUDA is not available; use --device cpu")
     return dev
 
 
@@ -141,6 +160,43 @@ def fmt_pct(x: Optional[float], digits: int = 1) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "n/a"
     return f"{100 * x:.{digits}f}"
+
+
+#: A table shows an accuracy as a percentage only when it was computed on at least this many points;
+#: below that it shows the counts (``"1 / 1 / 0 of 1 pt"``), which no reader takes for a rate.
+MIN_POINTS = 20
+
+
+def fmt_points(n: int) -> str:
+    """``"1 pt"``, ``"3 pts"``."""
+    return f"{n} pt" if n == 1 else f"{n} pts"
+
+
+def fmt_shares(fractions, n: Optional[int], digits: int = 1, sep: str = " / ", percent_sign: bool = False) -> str:
+    """Accuracies measured on the same ``n`` points, joined by ``sep``.
+
+    ``n >= MIN_POINTS`` (or unknown): percentages, ``"93.2 / 85.1"`` (``%``
+    appended with ``percent_sign``); fewer points: the counts they stand for,
+    ``"1 / 1 / 0 of 1 pt"``.
+    """
+    fractions = list(fractions)
+    if n is None or n >= MIN_POINTS or any(f is None or (isinstance(f, float) and math.isnan(f))
+                                           for f in fractions):
+        return sep.join(fmt_pct(f, digits) for f in fractions) + ("%" if percent_sign else "")
+    return sep.join(str(int(round(f * n))) for f in fractions) + f" of {fmt_points(n)}"
+
+
+def fmt_share(fraction: Optional[float], n: Optional[int], digits: int = 1, percent_sign: bool = False) -> str:
+    """One accuracy measured on ``n`` points (see :func:`fmt_shares`)."""
+    return fmt_shares([fraction], n, digits, percent_sign=percent_sign)
+
+
+def fmt_gap(gap: float, n: int, sign: bool = True, unit: bool = True) -> str:
+    """An accuracy difference on ``n`` points: percentage points, or the count when ``n < MIN_POINTS``."""
+    plus = "+" if sign else ""
+    if n >= MIN_POINTS:
+        return f"{100 * gap:{plus}.1f}" + (" points" if unit else "")
+    return f"{int(round(gap * n)):{plus}d} of {fmt_points(n)}"
 
 
 def fmt_seconds(s: Optional[float]) -> str:

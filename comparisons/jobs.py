@@ -27,12 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-import numpy as np
 import torch
 
 from linf_plugin import distributed as pg
 from linf_plugin.attacks import pgd_attack
-from linf_plugin.certification import certified_accuracy_curve, certify
+from linf_plugin.certification import bisect_radius, certify
 from linf_plugin.certification.chunks import ChunkStore, ResumeError, describe_job, job_differences
 from linf_plugin.certification.distributed import (RankRaised, agree, effective_batch_size, reusing_certifiers,
                                                    run_chunks)
@@ -76,7 +75,7 @@ def check_run_state(chunks_dir: Path, settings: dict, resume: bool) -> None:
         resume: ``--resume`` was given.
 
     Raises:
-        ValueError: the folder holds a run and ``resume`` is False, or it
+        ResumeError: the folder holds a run and ``resume`` is False, or it
             holds a run with other settings (named); on every rank.
     """
     error = None
@@ -96,7 +95,7 @@ def check_run_state(chunks_dir: Path, settings: dict, resume: bool) -> None:
             atomic_write_json(path, settings)
     error = pg.broadcast_object(error, what="checking the run folder")
     if error:
-        raise ValueError(error)
+        raise ResumeError(error)
 
 
 def certify_at(model, data, eps: float, method: str, *, saving: Saving, batch_size: int, device,
@@ -109,11 +108,12 @@ def certify_at(model, data, eps: float, method: str, *, saving: Saving, batch_si
 
 
 def bisect_radii(model, data, method: str, eps_max: float, *, saving: Saving, batch_size: int, device,
-                 alpha_iterations: int, bisect_steps: int) -> Tuple[np.ndarray, dict, float]:
-    """Per-point bisected radii on ``[0, eps_max]`` (``certified_accuracy_curve(..., bisect=True)``) in chunks.
+                 alpha_iterations: int, bisect_steps: int) -> Tuple[torch.Tensor, dict, float]:
+    """Per-point bisected radii on ``[0, eps_max]`` (:func:`~linf_plugin.certification.bisect_radius`) in chunks.
 
     Returns:
-        ``(radius, extra, seconds)``.
+        ``(radius, extra, seconds)``: ``(n,)`` float64 radii, the first chunk's ``extra`` with
+        ``float_rigorous`` over all chunks and the chunks' summary, the chunks' compute time.
     """
     x, y, data_range = data.x, data.y, tuple(data.data_range)
     dtype = next(iter(model.parameters())).dtype
@@ -123,10 +123,10 @@ def bisect_radii(model, data, method: str, eps_max: float, *, saving: Saving, ba
     agree(job, f"bisect {method}")
 
     def compute(start, stop, bsz):
-        curve = certified_accuracy_curve(model, (x[start:stop], y[start:stop]), [eps_max], method, bisect=True,
-                                         bisect_steps=bisect_steps, batch_size=bsz, device=device,
-                                         alpha_iterations=alpha_iterations, data_range=data_range)
-        return {"radius": torch.as_tensor(np.asarray(curve.radius), dtype=torch.float64)}, {"extra": curve.extra}
+        res = bisect_radius(model, (x[start:stop], y[start:stop]), method, eps_max, int(bisect_steps),
+                            data_range=data_range, batch_size=bsz, device=device, alpha_iterations=alpha_iterations)
+        return {"radius": torch.as_tensor(res.radius, dtype=torch.float64)}, {
+            "extra": {**res.extra, "float_rigorous": bool(res.float_rigorous)}}
 
     with reusing_certifiers():
         run = run_chunks(compute, x.shape[0], b, store=saving.store(job, x.shape[0], b), progress=saving.progress,
@@ -134,7 +134,7 @@ def bisect_radii(model, data, method: str, eps_max: float, *, saving: Saving, ba
     extra = dict(run.metas[0]["extra"])
     extra["float_rigorous"] = all(m["extra"].get("float_rigorous", False) for m in run.metas)
     extra["chunks"] = run.summary()
-    return run.values["radius"].numpy(), extra, float(extra["chunks"]["compute_time"])
+    return run.values["radius"], extra, float(extra["chunks"]["compute_time"])
 
 
 def pgd_accuracy(model, x, y, eps: float, *, saving: Saving, steps: int, restarts: int, batch_size: int, data_range,

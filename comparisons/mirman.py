@@ -12,14 +12,14 @@ and with CROWN-IBP at ε = r over several sizes and seeds.
 
 Measured per point: the margin radius for ℓ∞-dist nets (one float-safe
 margin pass, :func:`linf_plugin.certification.certify`), the bisected radius for
-``interval`` (ℓ∞-dist nets) and IBP / CROWN / α-CROWN (ReLU nets:
-``certified_accuracy_curve(..., bisect=True)``), and in 1-D the true robust
+``interval`` (ℓ∞-dist nets) and IBP / CROWN / α-CROWN (ReLU nets), both by
+:func:`linf_plugin.certification.bisect_radius`, and in 1-D the true robust
 radius by a dense search (:func:`true_radius_1d`).
 
 What "radius" means: the supremum of the ε at which the method certifies
 the point.  Bisection on ``[0, 2r·s]`` with ``k`` halvings returns ``lo``,
 an ε the method certified, and the radius lies in ``[lo, lo + tol)`` with
-``tol = 2r·s / 2^k`` (assuming certification is monotone in ε).  "Strictly
+``tol = 2r·s / 2^k`` (both methods are monotone in ε).  "Strictly
 below r" is asserted as ``lo + tol < r``.
 """
 from __future__ import annotations
@@ -34,22 +34,23 @@ import numpy as np
 import torch
 
 from linf_plugin import distributed as pg
-from linf_plugin.certification import certified_accuracy_curve, certify
+from linf_plugin.certification import bisect_radius, certify
 from linf_plugin.certification.bound_prop import BoundPropCertifier
 from linf_plugin.data import three_point_set
 from linf_plugin.io import atomic_write_json
 from linf_plugin.models import theorem32_net
+from linf_plugin.names import BOUND_PROPAGATION_METHODS, Method
 
-from .common import (SCHEMA_VERSION, Timer, count_params, environment, error_record, log, nan_to_none,
+from .common import (SCHEMA_VERSION, Timer, UsageError, count_params, environment, error_record, log, nan_to_none,
                      progress_enabled, shared_run_dir, torch_threads)
 from .mirman_nets import (SmallReluNet, abs_net, linf_train_config, relu_train_config, small_linf_net,
                           train_on_points, tuned_net)
 
-__all__ = ["MirmanSettings", "run_mirman", "true_radius_1d", "bisect_radius", "add_arguments", "settings_from_args",
-           "RELU_METHODS", "LINF_METHODS", "evaluate_checks"]
+__all__ = ["MirmanSettings", "run_mirman", "true_radius_1d", "add_arguments", "settings_from_args", "RELU_METHODS",
+           "LINF_METHODS", "evaluate_checks"]
 
-RELU_METHODS = ("ibp", "crown", "alpha-crown")
-LINF_METHODS = ("margin", "interval")
+RELU_METHODS = (Method.IBP, Method.CROWN, Method.ALPHA_CROWN)
+LINF_METHODS = (Method.MARGIN, Method.INTERVAL)
 POINT_NAMES = ("A(-2rs)", "B(0)", "A(+2rs)")
 
 
@@ -135,43 +136,11 @@ def true_radius_1d(model, x0: float, label: int, reach: float, spacing: float, r
     return float(best), capped
 
 
-def bisect_radius(model, data, method: str, hi: float, steps: int) -> tuple:
-    """Per-point bisection of ``certify(model, point, ε, method)`` on ``[0, hi]`` (one point at a time).
-
-    Used for ``interval`` (no auto_LiRPA module to reuse); bound propagation
-    goes through ``certified_accuracy_curve(..., bisect=True)``.
-
-    Returns:
-        ``(lo (n,), capped (n,))``: ``lo`` certified; the radius is in ``[lo, lo + hi/2^steps)``.
-    """
-    out, capped = [], []
-    for i in range(len(data)):
-        point = data.subset(slice(i, i + 1))
-        if certify(model, point, hi, method).certified[0]:
-            out.append(hi)
-            capped.append(True)
-            continue
-        lo, up = 0.0, hi
-        if not certify(model, point, 0.0, method).certified[0]:
-            out.append(0.0)
-            capped.append(False)
-            continue
-        for _ in range(steps):
-            mid = (lo + up) / 2
-            if certify(model, point, mid, method).certified[0]:
-                lo = mid
-            else:
-                up = mid
-        out.append(lo)
-        capped.append(False)
-    return out, capped
-
-
 def _radii(model, data, method: str, hi: float, steps: int, alpha_iterations: int) -> dict:
     """``{"radius", "tolerance", "capped", "time"}`` of ``method`` at the three points."""
     with Timer() as t:
-        if method == "margin":
-            res = certify(model, data, 0.0, "margin")
+        if method == Method.MARGIN:
+            res = certify(model, data, 0.0, Method.MARGIN)
             radius, capped = [float(v) for v in res.radius], [False] * len(data)
             # the float-safe radius sits below the plain float64 margin / (2L) by the certificate's
             # rounding allowance; that gap is this method's tolerance
@@ -180,15 +149,11 @@ def _radii(model, data, method: str, hi: float, steps: int, alpha_iterations: in
             plain = ((top2[:, 0] - top2[:, 1]) / (2 * res.extra["lipschitz"])).tolist()
             tol = max(0.0, max(p - q for p, q, ok in zip(plain, radius, res.correct) if ok) if res.correct.any()
                       else 0.0)
-        elif method == "interval":
-            radius, capped = bisect_radius(model, data, method, hi, steps)
-            tol = hi / 2 ** steps
-        else:
-            curve = certified_accuracy_curve(model, data, [hi], method, bisect=True, bisect_steps=steps,
-                                             alpha_iterations=alpha_iterations)
-            radius = [float(v) for v in curve.radius]
+        else:  # interval and bound propagation: the library's per-sample bisection on [0, hi]
+            res = bisect_radius(model, data, method, hi, steps, alpha_iterations=alpha_iterations)
+            radius = res.radius.tolist()
             capped = [v >= hi for v in radius]
-            tol = hi / 2 ** steps
+            tol = res.extra["bisect_tolerance"]
     return {"radius": radius, "tolerance": tol, "capped": capped, "time": t.seconds}
 
 
@@ -282,15 +247,15 @@ def run_mirman(settings: MirmanSettings):
 
     s = settings
     if not (math.isfinite(s.r) and s.r > 0):
-        raise ValueError(f"r must be positive, got {s.r}")
-    bad = [m for m in s.relu_methods if m not in ("ibp", "crown-ibp", "crown", "alpha-crown")]
+        raise UsageError(f"r must be positive, got {s.r}")
+    bad = [m for m in s.relu_methods if m not in BOUND_PROPAGATION_METHODS]
     if bad:
-        raise ValueError(f"unknown ReLU method(s) {bad}; choose from ['ibp', 'crown-ibp', 'crown', 'alpha-crown']")
+        raise UsageError(f"unknown ReLU method(s) {bad}; choose from {[m.value for m in BOUND_PROPAGATION_METHODS]}")
     if "ibp" not in s.relu_methods:
-        raise ValueError("the three-point experiment needs 'ibp' among the ReLU methods (its theorem is about IBP)")
+        raise UsageError("the three-point experiment needs 'ibp' among the ReLU methods (its theorem is about IBP)")
     for sep in s.separations:
         if not sep >= 1:
-            raise ValueError(f"separations must be >= 1 (1 = touching), got {sep}")
+            raise UsageError(f"separations must be >= 1 (1 = touching), got {sep}")
     progress = progress_enabled(s.progress) and pg.is_main()
     run_dir = shared_run_dir("mirman", s.out)
     if s.device not in (None, "auto", "cpu"):
@@ -327,7 +292,7 @@ def run_mirman(settings: MirmanSettings):
                 for method in methods:
                     row = {**base, "method": method}
                     try:
-                        steps = s.alpha_bisect_steps if method == "alpha-crown" else s.bisect_steps
+                        steps = s.alpha_bisect_steps if method == Method.ALPHA_CROWN else s.bisect_steps
                         rec = _radii(model, data, method, hi, steps, s.alpha_iterations)
                     except Exception as exc:  # noqa: BLE001 - recorded, the rest runs
                         row.update(error_record(exc))
@@ -338,9 +303,9 @@ def run_mirman(settings: MirmanSettings):
                     row.update(status="ok", radius=rec["radius"], capped=rec["capped"], min_radius=mn,
                                tolerance=rec["tolerance"], time=rec["time"], true_radius=true,
                                below_r=mn + rec["tolerance"] < s.r, reaches_r=mn + rec["tolerance"] >= s.r)
-                    if method == "margin":
+                    if method == Method.MARGIN:
                         row["certified_at"] = {
-                            key: [bool(v) for v in certify(model, data, f * s.r, "margin").certified]
+                            key: [bool(v) for v in certify(model, data, f * s.r, Method.MARGIN).certified]
                             for key, f in (("0.999r", 0.999), ("r", 1.0))}
                     results["rows"].append(row)
                 if dim == 1 and sep == 1 and group == "hand-built":

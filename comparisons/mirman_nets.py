@@ -30,6 +30,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from linf_plugin.names import BOUND_PROPAGATION_METHODS
 from linf_plugin.training import Schedule, TrainConfig
 from linf_plugin.training.objectives import make_objective
 
@@ -53,7 +54,7 @@ class SmallReluNet(nn.Module):
     """
 
     family = "relu"
-    certificates = ("ibp", "crown-ibp", "crown", "alpha-crown")
+    certificates = BOUND_PROPAGATION_METHODS
     lipschitz_linf = None
 
     def __init__(self, dim: int, hidden: Sequence[int], num_classes: int = 2, name: Optional[str] = None):

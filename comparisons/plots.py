@@ -16,8 +16,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from linf_plugin.io import atomic_write_bytes  # noqa: E402
+from linf_plugin.names import Method  # noqa: E402
 
-from .common import fmt_eps  # noqa: E402
+from .common import MIN_POINTS, fmt_eps, fmt_points  # noqa: E402
 
 __all__ = ["run_certified_vs_eps", "run_time_vs_accuracy", "theorem_certified", "save_figure", "figure_labels",
            "METHOD_STYLE", "EPS_LABEL", "CERT_LABEL", "TIME_LABEL"]
@@ -26,9 +27,9 @@ EPS_LABEL = "ε (ℓ∞ radius, pixel units)"
 CERT_LABEL = "certified accuracy (%)"
 TIME_LABEL = "certification time (s, log scale)"
 
-METHOD_STYLE = {"margin": ("tab:red", "Lipschitz margin"), "interval": ("tab:orange", "interval"),
-                "ibp": ("tab:blue", "IBP"), "crown-ibp": ("tab:purple", "CROWN-IBP"),
-                "crown": ("tab:green", "CROWN"), "alpha-crown": ("tab:olive", "α-CROWN")}
+METHOD_STYLE = {Method.MARGIN: ("tab:red", "Lipschitz margin"), Method.INTERVAL: ("tab:orange", "interval"),
+                Method.IBP: ("tab:blue", "IBP"), Method.CROWN_IBP: ("tab:purple", "CROWN-IBP"),
+                Method.CROWN: ("tab:green", "CROWN"), Method.ALPHA_CROWN: ("tab:olive", "α-CROWN")}
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 
 
@@ -60,7 +61,9 @@ def run_certified_vs_eps(results: dict):
     """One panel per model: certified accuracy against ε for each method, PGD-100 dashed (an upper bound).
 
     The margin curve is dense (one radius pass); bound-propagation methods are
-    points at the grid's ε joined by lines (dense too with ``--bisect``).
+    points at the grid's ε joined by lines (dense too with ``--bisect``).  A
+    method run on fewer than ``MIN_POINTS`` points is left out (its legend
+    entry says so): a percentage of a handful of points is no result.
     """
     models = [m for m in results["models"] if m.get("status") == "ok"]
     n = max(1, len(models))
@@ -77,6 +80,9 @@ def run_certified_vs_eps(results: dict):
             if rec.get("status") != "ok":
                 continue
             color, name = METHOD_STYLE.get(meth, ("k", meth))
+            if rec["n"] < MIN_POINTS:
+                ax.plot([], [], color=color, ls=":", label=f"{name}: {fmt_points(rec['n'])} only, not drawn")
+                continue
             if rec.get("curve"):
                 c = rec["curve"]
                 ax.plot(c["eps"], [100 * a for a in c["certified_accuracy"]], color=color, lw=1.8, label=name)
@@ -120,7 +126,7 @@ def run_time_vs_accuracy(results: dict):
             continue
         for k, m in enumerate(models):
             for meth, rec in m["evaluation"]["methods"].items():
-                if rec.get("status") != "ok":
+                if rec.get("status") != "ok" or rec["n"] < MIN_POINTS:  # a handful of points: not drawn
                     continue
                 r = rec["results"][i]
                 color, name = METHOD_STYLE.get(meth, ("k", meth))
@@ -136,7 +142,8 @@ def run_time_vs_accuracy(results: dict):
     handles, labels = axes.flat[0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.suptitle("Certification time against certified accuracy (one point per model and method)", fontsize=11)
+    fig.suptitle("Certification time against certified accuracy (one point per model and method; methods run on "
+                 f"fewer than {MIN_POINTS} points left out)", fontsize=11)
     fig.tight_layout()
     return fig
 
@@ -150,7 +157,7 @@ def theorem_certified(results: dict):
         k = 0
         for net in ds.get("nets", []) + ds.get("baselines", []):
             for meth, rec in net.get("methods", {}).items():
-                if rec.get("status") != "ok":
+                if rec.get("status") != "ok" or ds["n"] < MIN_POINTS:  # a handful of points: not drawn
                     continue
                 fr = [r["fraction"] for r in rec["results"]]
                 acc = [100 * r["certified_accuracy"] for r in rec["results"]]

@@ -12,7 +12,7 @@ from typing import List, Optional
 
 from linf_plugin.io import atomic_write_text
 
-from .common import fmt_eps, fmt_pct, fmt_seconds
+from .common import MIN_POINTS, fmt_eps, fmt_gap, fmt_seconds, fmt_share, fmt_shares
 from .tables import METHOD_TITLES, STATUS_CELL, md_table, write_csv
 
 __all__ = ["render_report", "md_table", "write_csv", "METHOD_TITLES", "run_rows", "RUN_CSV_FIELDS",
@@ -57,11 +57,15 @@ def run_rows(results: dict) -> List[dict]:
 
 
 def method_cell(rec: dict, n_full: int) -> str:
-    """``a / b / c (t)`` certified accuracies in % at the grid's ε and the method's total time."""
+    """``a / b / c (t)`` certified accuracies in % at the grid's ε and the method's total time.
+
+    On fewer than :data:`~comparisons.common.MIN_POINTS` points the counts
+    instead: ``1 / 1 / 0 of 1 pt (t)``.
+    """
     st = rec.get("status")
     if st != "ok":
         return STATUS_CELL.get(st, st)
-    accs = " / ".join(fmt_pct(r["certified_accuracy"]) for r in rec["results"])
+    accs = fmt_shares([r["certified_accuracy"] for r in rec["results"]], rec["n"])
     mark = "†" if rec["n"] != n_full else ""
     return f"{accs} ({fmt_seconds(rec['time'])}){mark}"
 
@@ -80,12 +84,13 @@ def _run_markdown(res: dict, figures: List[dict]) -> str:
             continue
         ev = m["evaluation"]
         pgd = ev.get("pgd", {})
-        pgd_cell = (" / ".join(fmt_pct(r["accuracy"]) for r in pgd["results"]) if pgd.get("status") == "ok"
+        pgd_cell = (fmt_shares([r["accuracy"] for r in pgd["results"]], ev["n"]) if pgd.get("status") == "ok"
                     else "error")
         cells = [method_cell(ev["methods"][k], ev["n"]) for k in METHOD_TITLES]
         hit = " (cached)" if m["train"]["cache"]["hit"] else ""
-        rows.append([m["label"], m["family"], m["training"], f"{m['n_params']:,}", fmt_pct(ev["clean_accuracy"]),
-                     pgd_cell] + cells + [fmt_seconds(m["train"]["time"]) + hit])
+        rows.append([m["label"], m["family"], m["training"], f"{m['n_params']:,}",
+                     fmt_share(ev["clean_accuracy"], ev["n"]), pgd_cell]
+                    + cells + [fmt_seconds(m["train"]["time"]) + hit])
         for k, rec in ev["methods"].items():
             if rec.get("status") == "error":
                 notes.append(f"- **{m['label']}**, {METHOD_TITLES[k]}: `{rec['error']}`")
@@ -98,7 +103,9 @@ def _run_markdown(res: dict, figures: List[dict]) -> str:
            f"Certified accuracy (%) at ε = {eps_txt} (pixel units) per method, with the method's certification "
            "time for the whole grid in brackets (margin: ONE pass certifies every ε; the other methods: one pass "
            "per ε). `n/a`: the method does not apply to the model; `—`: not requested. "
-           f"PGD-{s['pgd_steps']} accuracy is an upper bound on robust accuracy.", "", md_table(header, rows), ""]
+           f"PGD-{s['pgd_steps']} accuracy is an upper bound on robust accuracy. A cell measured on fewer than "
+           f"{MIN_POINTS} points shows counts, not percentages: `1 / 1 / 0 of 1 pt` = certified at the first two "
+           "ε on the one point tried.", "", md_table(header, rows), ""]
     if notes:
         out += ["Notes:", ""] + notes + [""]
     out += _goal_markdown(res)
@@ -120,9 +127,10 @@ def _goal_markdown(res: dict) -> List[str]:
                 "Not available (the run has no ℓ∞-dist net with a margin result, or no baseline).", ""]
     header = ["ε", "ℓ∞-dist margin", "margin time", "best baseline (method)", "baseline cert.", "baseline time",
               "gap (points)", "speed-up", "accuracy ≥", "≥ 10× faster"]
-    rows = [[fmt_eps(c["eps"]), fmt_pct(c["linf_certified"]), fmt_seconds(c["linf_time"]),
-             f"{c['baseline_key']} ({METHOD_TITLES[c['baseline_method']]})", fmt_pct(c["baseline_certified"]),
-             fmt_seconds(c["baseline_time"]), f"{100 * c['accuracy_gap']:+.1f}", f"{c['speedup']:.1f}×",
+    n = res["settings"]["test_points"]  # both sides of a comparison ran on the full test set
+    rows = [[fmt_eps(c["eps"]), fmt_share(c["linf_certified"], n), fmt_seconds(c["linf_time"]),
+             f"{c['baseline_key']} ({METHOD_TITLES[c['baseline_method']]})", fmt_share(c["baseline_certified"], n),
+             fmt_seconds(c["baseline_time"]), fmt_gap(c["accuracy_gap"], n, unit=False), f"{c['speedup']:.1f}×",
              "yes" if c["accuracy_met"] else "no", "yes" if c["speed_met"] else "no"] for c in comps]
     out = ["## ℓ∞-dist margin vs the best IBP / CROWN-IBP baseline", "",
            "At each ε: the baseline model and bound-propagation method (run on the full test set) with the highest "
@@ -137,14 +145,14 @@ def _goal_markdown(res: dict) -> List[str]:
             verdict = f"Goal at ε ∈ {{{eps_txt}}}: not evaluated ({goal.get('note', '')})."
         elif goal["met"]:
             verdict = (f"**Goal met** at ε ∈ {{{eps_txt}}}: " + "; ".join(
-                f"ε = {fmt_eps(c['eps'])}: {100 * c['accuracy_gap']:+.1f} points, {c['speedup']:.1f}× faster"
+                f"ε = {fmt_eps(c['eps'])}: {fmt_gap(c['accuracy_gap'], n)}, {c['speedup']:.1f}× faster"
                 for c in at) + ".")
         else:
             parts = []
             for c in at:
                 bits = []
                 if not c["accuracy_met"]:
-                    bits.append(f"accuracy short by {-100 * c['accuracy_gap']:.1f} points")
+                    bits.append(f"accuracy short by {fmt_gap(-c['accuracy_gap'], n, sign=False)}")
                 if not c["speed_met"]:
                     bits.append(f"only {c['speedup']:.1f}× faster")
                 parts.append(f"ε = {fmt_eps(c['eps'])}: " + (", ".join(bits) if bits else "met"))

@@ -27,13 +27,14 @@ import numpy as np
 import torch
 
 from linf_plugin import distributed as pg
-from linf_plugin.certification import METHODS, applicable_methods, certified_accuracy_curve, certify
+from linf_plugin.certification import applicable_methods, certified_accuracy_curve, certify
 from linf_plugin.data import load_dataset
 from linf_plugin.io import atomic_write_json
+from linf_plugin.names import METHODS, Method
 
 from .cache import CheckpointCache
-from .common import (SCHEMA_VERSION, Timer, count_params, environment, error_record, log, nan_to_none,
-                     progress_enabled, resolve_device, shared_run_dir, torch_threads)
+from .common import (SCHEMA_VERSION, Timer, UsageError, count_params, environment, error_record, log, nan_to_none,
+                     progress_enabled, resolve_device, shared_run_dir, torch_threads, usage_errors)
 from .jobs import Saving, bisect_radii, certify_at, check_run_state, is_fatal, pgd_accuracy
 from .suites import ModelSpec, build_config, eps_label_list, get_suite, parse_overrides, select_models, training_label
 
@@ -107,13 +108,13 @@ class RunSettings:
     resume: bool = False
 
 
-def _check_methods(methods: Optional[List[str]]) -> Optional[List[str]]:
+def _check_methods(methods: Optional[List[str]]) -> Optional[List[Method]]:
     if methods is None:
         return None
     bad = [m for m in methods if m not in METHODS]
     if bad:
-        raise ValueError(f"unknown certification method(s) {bad}; choose from {list(METHODS)}")
-    return list(dict.fromkeys(methods))
+        raise UsageError(f"unknown certification method(s) {bad}; choose from {[m.value for m in METHODS]}")
+    return [Method(m) for m in dict.fromkeys(methods)]
 
 
 def _pgd(model, x, y, eps_grid, steps, restarts, batch_size, data_range, seed, device, bar, saving: Saving) -> dict:
@@ -127,8 +128,9 @@ def _pgd(model, x, y, eps_grid, steps, restarts, batch_size, data_range, seed, d
     return {"status": "ok", "steps": steps, "restarts": restarts, "results": out}
 
 
-def _dense_curve(radius: np.ndarray, eps_max: float, points: int = DENSE_POINTS) -> dict:
+def _dense_curve(radius: torch.Tensor, eps_max: float, points: int = DENSE_POINTS) -> dict:
     grid = np.linspace(0.0, eps_max, points)
+    radius = radius.numpy()
     return {"eps": [float(e) for e in grid], "certified_accuracy": [float(np.mean(radius > e)) for e in grid]}
 
 
@@ -149,19 +151,19 @@ def _certify_method(model, data, method, eps_grid, *, batch_size, device, alpha_
 
     eps_max = max(eps_grid) * 1.25 if max(eps_grid) > 0 else 1.0
     warm = 0.0
-    if method != "alpha-crown" and any(True for _ in lp_dist_layers(model)):
+    if method != Method.ALPHA_CROWN and any(True for _ in lp_dist_layers(model)):
         # margin's timed pass is one batch (_margin_batch), cheap: warm up on that same batch, so the first call
         # at its size (slower than the next ones, compiled or not) is not the one timed
-        n_warm, warm_batch = ((min(len(data), _margin_batch(batch_size, len(data))),) * 2 if method == "margin"
+        n_warm, warm_batch = ((min(len(data), _margin_batch(batch_size, len(data))),) * 2 if method == Method.MARGIN
                               else (min(len(data), batch_size), batch_size))
         with Timer(device) as tw:
-            certify(model, data.subset(n_warm), 0.0 if method == "margin" else eps_grid[0],
+            certify(model, data.subset(n_warm), 0.0 if method == Method.MARGIN else eps_grid[0],
                     method, batch_size=warm_batch, device=device, alpha_iterations=alpha_iterations,
                     distributed=False)
         warm = tw.seconds
     kw = dict(batch_size=batch_size, device=device, alpha_iterations=alpha_iterations, bisect=bisect,
               bisect_steps=bisect_steps, saving=saving)
-    if budget is not None and method != "margin":
+    if budget is not None and method != Method.MARGIN:
         rec = _budgeted_method(model, data, method, eps_grid, eps_max, budget, **kw)
         bar.update(len(eps_grid))
     else:
@@ -188,7 +190,7 @@ def budgeted_points(probe_time: float, probe_n: int, total: int, budget: float) 
 # Points certified first by a budgeted method, whatever the budget (α-CROWN on a digits ReLU CNN:
 # several seconds a point for the ε grid).  A one-point α-CROWN batch used to raise a KeyError in
 # auto_LiRPA's α code (operator fix 12 in linf_plugin.lirpa.operator_fixes).
-BUDGET_PROBE = {"alpha-crown": 1}
+BUDGET_PROBE = {Method.ALPHA_CROWN: 1}
 DEFAULT_PROBE = 16
 
 
@@ -227,23 +229,24 @@ def _timed_method(model, data, method, eps_grid, eps_max, *, batch_size, device,
     from tqdm.auto import tqdm
 
     bar = bar if bar is not None else tqdm(disable=True)
-    if method == "margin":
+    if method == Method.MARGIN:
         margin_batch = _margin_batch(batch_size, len(data))
         with Timer(device) as t:
-            curve = certified_accuracy_curve(model, data, eps_grid, "margin", batch_size=margin_batch, device=device)
+            curve = certified_accuracy_curve(model, data, eps_grid, Method.MARGIN, batch_size=margin_batch,
+                                             device=device)
         # under torchrun the pass runs on one rank and the call also hashes and gathers: time the pass itself
         seconds = curve.extra["chunks"]["compute_time"] if "chunks" in curve.extra else t.seconds
         bar.update(len(eps_grid))
         results = [{"eps": e, "certified_accuracy": a, "time": seconds}
-                   for e, a in zip(eps_grid, curve.certified_accuracy)]
+                   for e, a in zip(eps_grid, curve.certified_accuracy.tolist())]
         return {"status": "ok", "one_pass": True, "n": len(data), "time": seconds, "results": results,
                 "curve": _dense_curve(curve.radius, eps_max), "extra": nan_to_none(dict(curve.extra))}
-    if bisect and method != "interval":
+    if bisect:  # interval and bound propagation
         radius, extra, seconds = bisect_radii(model, data, method, eps_max, saving=saving.sub("bisect"),
                                               batch_size=batch_size, device=device,
                                               alpha_iterations=alpha_iterations, bisect_steps=bisect_steps)
         bar.update(len(eps_grid))
-        results = [{"eps": e, "certified_accuracy": float(np.mean(radius > e)), "time": seconds}
+        results = [{"eps": e, "certified_accuracy": float((radius > e).double().mean()), "time": seconds}
                    for e in eps_grid]
         return {"status": "ok", "one_pass": False, "bisect": True, "n": len(data), "time": seconds,
                 "results": results, "curve": _dense_curve(radius, eps_max), "extra": nan_to_none(extra)}
@@ -399,36 +402,17 @@ def _config(spec: ModelSpec, settings: RunSettings, overrides, device, progress)
                         progress=progress, num_threads=settings.num_threads)
 
 
-class _EpochBar:
-    """A logging handler that ticks a tqdm bar on each of the trainer's ``epoch i/n`` records."""
+class _EpochTicker:
+    """A trainer callback that ticks a tqdm bar once per epoch (epochs done before a resume included)."""
 
     def __init__(self, bar):
-        import logging
+        self.bar = bar
 
-        self.bar, self.logger = bar, logging.getLogger("linf_plugin.training")
-        self.handler = logging.Handler(logging.INFO)
-        self.handler.emit = self._emit
+    def on_train_start(self, result) -> None:
+        self.bar.update(len(result.history))
 
-    def _emit(self, record) -> None:
-        if str(record.msg).startswith("epoch ") and record.args:
-            self.bar.update(1)
-
-    def __enter__(self):
-        import logging
-
-        self.level, self.propagate = self.logger.level, self.logger.propagate
-        if not self.logger.isEnabledFor(logging.INFO):
-            # INFO only for the bar: auto_LiRPA's root handler must not print the records we enabled
-            self.logger.setLevel(logging.INFO)
-            self.logger.propagate = False
-        self.logger.addHandler(self.handler)
-        return self
-
-    def __exit__(self, *exc):
-        self.logger.removeHandler(self.handler)
-        self.logger.setLevel(self.level)
-        self.logger.propagate = self.propagate
-        return False
+    def on_epoch_end(self, result) -> None:
+        self.bar.update(1)
 
 
 def _train_or_load(cfg, spec: ModelSpec, cache: CheckpointCache, device, stage_bar):
@@ -440,8 +424,7 @@ def _train_or_load(cfg, spec: ModelSpec, cache: CheckpointCache, device, stage_b
     if hit is None:
         bar = stage_bar(f"{spec.key}: train ({spec.preset}, {cfg.epochs} epochs)", cfg.epochs)
         try:
-            with _EpochBar(bar):
-                return cache.get_or_train(cfg.replace(progress=False), device=device)
+            return cache.get_or_train(cfg.replace(progress=False), device=device, callbacks=[_EpochTicker(bar)])
         finally:
             bar.close()
     log(f"reusing cached {spec.key} ({hit.path})")
@@ -462,23 +445,24 @@ def run_comparison(settings: RunSettings):
 
     from .report import render_report
 
-    suite = get_suite(settings.preset)
+    with usage_errors():  # the suite's checks of --preset, --models, --eps, --set
+        suite = get_suite(settings.preset)
+        specs = select_models(suite, settings.models, full=settings.full)
+        eps_grid = eps_label_list(settings.eps if settings.eps else suite.eps)
+        overrides = parse_overrides(settings.overrides)
     if settings.resume and settings.out is None:
-        raise ValueError("--resume needs --out: the folder of the run to continue")
-    specs = select_models(suite, settings.models, full=settings.full)
+        raise UsageError("--resume needs --out: the folder of the run to continue")
     methods = _check_methods(settings.methods)
-    eps_grid = eps_label_list(settings.eps if settings.eps else suite.eps)
-    overrides = parse_overrides(settings.overrides)
     device = resolve_device(settings.device)
     if pg.join_group(str(device)) and device.type == "cuda" and device.index is None:
         device = pg.resolve_device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     progress = progress_enabled(settings.progress) and pg.is_main()
     for m, n in settings.method_points.items():
         if m not in METHODS or int(n) < 1:
-            raise ValueError(f"--points {m}={n}: need a method of {list(METHODS)} and n >= 1")
+            raise UsageError(f"--points {m}={n}: need a method of {[x.value for x in METHODS]} and n >= 1")
     for m, b in settings.budgets.items():
         if m not in METHODS or not (float(b) > 0 and math.isfinite(float(b))):
-            raise ValueError(f"--budget {m}={b}: need a method of {list(METHODS)} and seconds > 0")
+            raise UsageError(f"--budget {m}={b}: need a method of {[x.value for x in METHODS]} and seconds > 0")
     # the user's --points and --budget win over the suite's; a method has points or a budget, not both
     method_points = {**suite.points_for(settings.full), **settings.method_points}
     budgets = {m: float(b) for m, b in {**suite.budgets_for(settings.full), **settings.budgets}.items()

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from linf_plugin.names import FAMILIES, METHODS
+
 __all__ = ["SchemaError", "check", "validate_results", "RUN_SCHEMA", "MIRMAN_SCHEMA", "THEOREM_SCHEMA",
            "SCHEMAS"]
 
@@ -112,7 +114,7 @@ METHOD_OK = {"status": ("ok",), "one_pass": "bool", "n": "int", "time": "float",
 METHOD_RECORD = _either(METHOD_OK, ERROR, {"status": ("n/a", "not run")})
 PGD = _either({"status": ("ok",), "steps": "int", "restarts": "int",
                "results": [{"eps": "float", "accuracy": "float", "time": "float"}]}, ERROR)
-METHOD_NAMES = ("margin", "interval", "ibp", "crown-ibp", "crown", "alpha-crown")
+METHOD_NAMES = tuple(m.value for m in METHODS)
 
 
 def _methods(value, path):
@@ -124,7 +126,7 @@ def _methods(value, path):
 
 
 RUN_MODEL_OK = {"key": "str", "label": "str", "preset": "str", "status": ("ok",), "model_name": "str",
-                "family": ("linf_dist", "hybrid", "relu"), "training": "str", "n_params": "int",
+                "family": tuple(f.value for f in FAMILIES), "training": "str", "n_params": "int",
                 "train": {"time": "float", "epochs": "int", "cache": {"key": "str", "hit": "bool", "checkpoint": "str"},
                           "config": "any"},
                 "evaluation": {"n": "int", "clean_accuracy": "float", "pgd": PGD, "methods": _methods}}

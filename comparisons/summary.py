@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import fmt_eps, fmt_pct, fmt_seconds
+from .common import fmt_eps, fmt_gap, fmt_seconds, fmt_share, fmt_shares
 from .tables import METHOD_TITLES
 
 __all__ = ["summarize_run", "summarize_mirman", "summarize_theorem"]
@@ -35,18 +35,20 @@ def summarize_run(run_dir: Path, res: dict) -> str:
         best = []
         for k, rec in ev["methods"].items():
             if rec.get("status") == "ok":
-                best.append(f"{METHOD_TITLES[k]} " + "/".join(fmt_pct(r["certified_accuracy"], 0)
-                                                             for r in rec["results"]))
+                best.append(f"{METHOD_TITLES[k]} " + fmt_shares([r["certified_accuracy"] for r in rec["results"]],
+                                                                rec["n"], 0, sep="/", percent_sign=True))
         errs = [METHOD_TITLES[k] for k, rec in ev["methods"].items() if rec.get("status") == "error"]
-        lines.append(f"  {m['key']:<10} clean {fmt_pct(ev['clean_accuracy'])}%  certified(%): " + "; ".join(best)
+        clean = fmt_share(ev["clean_accuracy"], ev["n"], percent_sign=True)
+        lines.append(f"  {m['key']:<10} clean {clean}  certified: " + "; ".join(best)
                      + (f"  [errors: {', '.join(errs)}]" if errs else ""))
     goal = (res.get("speed_accuracy") or {}).get("goal")
     comps = (res.get("speed_accuracy") or {}).get("comparisons") or []
+    n = s["test_points"]  # the comparisons ran on the full test set
     for c in comps:
-        lines.append(f"  eps {fmt_eps(c['eps'])}: linf margin {fmt_pct(c['linf_certified'])}% in "
-                     f"{fmt_seconds(c['linf_time'])} vs {c['baseline_key']}/{METHOD_TITLES[c['baseline_method']]} "
-                     f"{fmt_pct(c['baseline_certified'])}% in {fmt_seconds(c['baseline_time'])} "
-                     f"({100 * c['accuracy_gap']:+.1f} points, {c['speedup']:.1f}x)")
+        linf, base = (fmt_share(c[k], n, percent_sign=True) for k in ("linf_certified", "baseline_certified"))
+        lines.append(f"  eps {fmt_eps(c['eps'])}: linf margin {linf} in {fmt_seconds(c['linf_time'])} vs "
+                     f"{c['baseline_key']}/{METHOD_TITLES[c['baseline_method']]} {base} in "
+                     f"{fmt_seconds(c['baseline_time'])} ({fmt_gap(c['accuracy_gap'], n)}, {c['speedup']:.1f}x)")
     if goal:
         lines.append("  goal: " + {True: "MET", False: "NOT MET", None: "not evaluated"}[goal.get("met")])
     return "\n".join(lines + _table_and_files(run_dir))
@@ -67,7 +69,9 @@ def summarize_theorem(run_dir: Path, res: dict) -> str:
         for net in ds["nets"] + ds["baselines"]:
             for meth, rec in net.get("methods", {}).items():
                 if rec.get("status") == "ok":
-                    accs = ", ".join(f"{r['fraction']:g}r: {fmt_pct(r['certified_accuracy'])}%" for r in rec["results"])
+                    accs = ", ".join(f"{r['fraction']:g}r: "
+                                     f"{fmt_share(r['certified_accuracy'], ds['n'], percent_sign=True)}"
+                                     for r in rec["results"])
                     lines.append(f"    {net['label']:<28} {METHOD_TITLES.get(meth, meth):<9} {accs} "
                                  f"({fmt_seconds(rec['time'])})")
             if net.get("status") == "error":

@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import List
 
 from linf_plugin.io import atomic_write_text
+from linf_plugin.names import Method
 
 __all__ = ["METHOD_TITLES", "STATUS_CELL", "md_table", "write_csv"]
 
-METHOD_TITLES = {"margin": "margin", "interval": "interval", "ibp": "IBP", "crown-ibp": "CROWN-IBP",
-                 "crown": "CROWN", "alpha-crown": "α-CROWN"}
+#: The table title of every method, in column order.
+METHOD_TITLES = {Method.MARGIN: "margin", Method.INTERVAL: "interval", Method.IBP: "IBP",
+                 Method.CROWN_IBP: "CROWN-IBP", Method.CROWN: "CROWN", Method.ALPHA_CROWN: "α-CROWN"}
 STATUS_CELL = {"n/a": "n/a", "not run": "—", "error": "error"}
 
 

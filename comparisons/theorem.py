@@ -26,18 +26,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
-import numpy as np
 import torch
 
 from linf_plugin import distributed as pg
 from linf_plugin.certification import certify
 from linf_plugin.data import DataNotFoundError, linf_separation, load_dataset
-from linf_plugin.io import atomic_write_json, atomic_write_text
+from linf_plugin.io import atomic_write_json
 from linf_plugin.models import theorem32_net, theoremA2_net
 
 from .cache import CheckpointCache
-from .common import (SCHEMA_VERSION, Timer, count_params, environment, error_record, fmt_pct, fmt_seconds, log,
-                     nan_to_none, progress_enabled, resolve_device, shared_run_dir, torch_threads)
+from .common import (SCHEMA_VERSION, Timer, UsageError, count_params, environment, error_record, log, nan_to_none,
+                     progress_enabled, resolve_device, shared_run_dir, torch_threads)
 from .suites import build_config, get_suite, parse_overrides
 
 __all__ = ["TheoremSettings", "run_theorem", "add_arguments", "settings_from_args"]
@@ -79,7 +78,7 @@ def _points(name: str, s: TheoremSettings, device: torch.device):
         data = load_dataset("mnist", "train", root=s.data_root)
         n = s.mnist_points or (None if device.type == "cuda" else 2000)
     else:
-        raise ValueError(f"the theorem subcommand knows digits and mnist, got {name!r}")
+        raise UsageError(f"the theorem subcommand knows digits and mnist, got {name!r}")
     return data.subset(int(n)) if n else data
 
 
@@ -90,8 +89,9 @@ def _margin_record(net, data, r, fractions, device, batch_size) -> dict:
     with Timer(device) as t:
         res = certify(net, data, 0.0, "margin", device=device, batch_size=batch_size)
     radius = res.radius
-    results = [{"fraction": f, "eps": f * r, "certified_accuracy": float(np.mean(res.correct & (radius > f * r))),
-                "time": t.seconds} for f in fractions]
+    results = [{"fraction": f, "eps": f * r,
+                "certified_accuracy": float((res.correct & (radius > f * r)).double().mean()), "time": t.seconds}
+               for f in fractions]
     return {"status": "ok", "time": t.seconds, "warmup_time": tw.seconds, "results": results,
             "min_radius_over_r": float(radius.min() / r), "clean_accuracy": res.clean_accuracy}
 
@@ -127,9 +127,9 @@ def run_theorem(settings: TheoremSettings):
 
     s = settings
     if not s.fractions or any(not (0 < f <= 1) for f in s.fractions):
-        raise ValueError(f"fractions must lie in (0, 1], got {s.fractions}")
+        raise UsageError(f"fractions must lie in (0, 1], got {s.fractions}")
     if s.a2_depth < 3:
-        raise ValueError(f"--a2-depth must be >= 3 (Theorem A.2 nets have L >= 3 layers), got {s.a2_depth}")
+        raise UsageError(f"--a2-depth must be >= 3 (Theorem A.2 nets have L >= 3 layers), got {s.a2_depth}")
     fractions = sorted(float(f) for f in s.fractions)
     device = resolve_device(s.device)
     progress = progress_enabled(s.progress) and pg.is_main()

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from linf_plugin.io import atomic_write_text
 
-from .common import fmt_pct, fmt_seconds
+from .common import fmt_seconds, fmt_shares
 from .tables import METHOD_TITLES, md_table, write_csv
 
 __all__ = ["render_theorem", "theorem_rows", "THEOREM_CSV_FIELDS"]
@@ -58,7 +58,7 @@ def _markdown(results: dict, figures: list) -> str:
                     rows.append([net["label"], f"{net['n_params']:,}", widths, METHOD_TITLES.get(meth, meth),
                                  rec.get("error", rec.get("status")), ""])
                     continue
-                cell = " / ".join(fmt_pct(x["certified_accuracy"]) for x in rec["results"])
+                cell = fmt_shares([x["certified_accuracy"] for x in rec["results"]], ds["n"])
                 rows.append([net["label"], f"{net['n_params']:,}", widths, METHOD_TITLES.get(meth, meth), cell,
                              fmt_seconds(rec["time"])])
         lines += [md_table(["Net", "Params", "Widths", "Method", f"certified % at ε = {fr_txt}", "time"], rows), ""]

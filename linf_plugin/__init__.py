@@ -13,12 +13,36 @@ The public entry points, one per concept, are re-exported lazily here so that
 from __future__ import annotations
 
 import importlib
+import re
+from pathlib import Path
 
 from .lirpa import compat as _compat
 
 _compat.apply()
 
-__version__ = "0.1.0"
+
+def _read_version() -> str:
+    """The installed distribution's version; in a source tree never installed, ``pyproject.toml``'s.
+
+    ``pyproject.toml`` is the one place the version is written.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("linf_plugin")
+    except PackageNotFoundError:
+        pass
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    try:
+        text = pyproject.read_text(encoding="utf-8")
+    except OSError:
+        return "0+unknown"
+    project = re.search(r"^\[project\]\s*$(.*?)(?=^\[|\Z)", text, re.MULTILINE | re.DOTALL)
+    found = project and re.search(r'^version\s*=\s*"([^"]+)"', project.group(1), re.MULTILINE)
+    return found.group(1) if found else "0+unknown"
+
+
+__version__ = _read_version()
 
 # name -> module that defines it; resolved on first attribute access.
 _LAZY = {
@@ -36,8 +60,13 @@ _LAZY = {
     "list_datasets": "linf_plugin.data",
     "certify": "linf_plugin.certification",
     "certified_accuracy_curve": "linf_plugin.certification",
+    "curve_from_result": "linf_plugin.certification",
     "CertResult": "linf_plugin.certification",
+    "CurveResult": "linf_plugin.certification",
+    "Method": "linf_plugin.names",
+    "Family": "linf_plugin.names",
     "pgd_attack": "linf_plugin.attacks",
+    "AttackResult": "linf_plugin.attacks",
     "train": "linf_plugin.training",
 }
 

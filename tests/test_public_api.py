@@ -22,3 +22,20 @@ def test_certify_and_train_are_functions_whatever_was_imported_first():
             "assert callable(train) and not isinstance(train, type(sys)), train\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_the_version_is_written_once_in_pyproject(monkeypatch):
+    import importlib.metadata
+    import re
+    from pathlib import Path
+
+    root = Path(linf_plugin.__file__).resolve().parents[1]
+    written = re.search(r'^version\s*=\s*"([^"]+)"', (root / "pyproject.toml").read_text(), re.MULTILINE).group(1)
+    assert linf_plugin.__version__ == written
+    assert not [p for p in (root / "linf_plugin").rglob("*.py") if f'"{written}"' in p.read_text()]
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    assert linf_plugin._read_version() == written  # a source tree that was never installed

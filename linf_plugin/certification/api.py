@@ -1,11 +1,19 @@
-"""One call for every certificate: ``certify(model, data, eps, method)``."""
+"""One call for every certificate: ``certify(model, data, eps, method)``.
+
+A method is one of :data:`METHODS` or a union of them joined by ``+``
+(``"interval+margin"``): every member certifies on its own, a sample is
+certified when any member certifies it (each certificate is sound, so their
+union is), and the result keeps each member's own result in
+``extra["members"]`` (see :func:`~.result.union_results`).
+"""
 from __future__ import annotations
 
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence, Union
+import warnings
+from pathlib import Path
+from typing import Iterable, Optional, Union
 
 import numpy as np
 import torch
@@ -13,18 +21,28 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from ..data import DatasetSplit
 from ..data.box import check_data_range, linf_box
-from .bound_prop import LIRPA_METHODS
+from ..names import BOUND_PROPAGATION_METHODS, METHODS, Method, split_method
 from .distributed import certify_sharded, shared_certifier, wants_shards
 from .float_safety import exact_float, value_ranges
 from .interval import interval_certify
 from .margin import margin_certify
-from .result import CertResult
+from .result import CertResult, union_results
 
-__all__ = ["certify", "certified_accuracy_curve", "applicable_methods", "METHODS", "CurveResult",
-           "MethodNotApplicableError", "eval_mode"]
+__all__ = ["certify", "applicable_methods", "METHODS", "MethodNotApplicableError", "eval_mode", "check_eps",
+           "check_method", "prepare_data"]
 
-METHODS = ("margin", "interval", "ibp", "crown-ibp", "crown", "alpha-crown")
-_BOUND_PROP = tuple(LIRPA_METHODS)
+_BOUND_PROP = BOUND_PROPAGATION_METHODS
+_MOVED = {"certified_accuracy_curve": "curves", "CurveResult": "result"}
+
+
+def __getattr__(name: str):
+    if name in _MOVED:  # deprecated: these lived here before 0.2
+        import importlib
+
+        warnings.warn(f"linf_plugin.certification.api.{name} is deprecated and will be removed in the next release; "
+                      f"import it from linf_plugin.certification", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(f"{__package__}.{_MOVED[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class MethodNotApplicableError(ValueError):
@@ -62,27 +80,49 @@ def applicable_methods(model: torch.nn.Module) -> tuple:
     return tuple(m for m in METHODS if m in certs)
 
 
-def _check_method(model, method: str) -> None:
-    if method not in METHODS:
-        raise ValueError(f"unknown certification method {method!r}; choose from {METHODS}")
+_WHY_NOT = {Method.MARGIN: "it needs an l_inf Lipschitz constant: a pure l_inf-dist net with every layer at p = inf",
+            Method.INTERVAL: "it propagates intervals through l_inf-dist layers only (pure l_inf-dist nets)"}
+
+
+def check_method(model, method) -> tuple:
+    """The members of ``method`` (one, or several for a union ``"a+b"``), each applicable to ``model``.
+
+    Raises:
+        ValueError: an unknown method (the choices are listed).
+        MethodNotApplicableError: a member that does not apply to ``model`` (the reason and the
+            applicable methods are named).
+    """
+    members = split_method(method)
     ok = applicable_methods(model)
-    if method not in ok:
-        why = {"margin": "it needs an l_inf Lipschitz constant: a pure l_inf-dist net with every layer at p = inf",
-               "interval": "it propagates intervals through l_inf-dist layers only (pure l_inf-dist nets)"}
-        raise MethodNotApplicableError(f"method {method!r} does not apply to {_name(model)} "
-                                       f"({why.get(method, 'not supported')}); applicable: {ok}")
+    for m in members:
+        if m not in ok:
+            raise MethodNotApplicableError(
+                f"method {m.value!r} does not apply to {_name(model)} ({_WHY_NOT.get(m, 'not supported')}); "
+                f"applicable: {tuple(str(a) for a in ok)}")
+    return members
 
 
-def _check_eps(eps) -> float:
+def check_eps(eps, what: str = "eps") -> float:
+    """``eps`` as a float: a Python or numpy number, or a 0-d tensor or array; finite and >= 0.
+
+    Raises:
+        TypeError: not a number (a bool, a string, ...).
+        ValueError: a tensor or array with more than one element, NaN, inf or a negative value.
+    """
+    if torch.is_tensor(eps) or isinstance(eps, np.ndarray):
+        if eps.ndim != 0:
+            raise ValueError(f"{what} must be a float or a 0-d tensor, got a tensor of shape {tuple(eps.shape)}; "
+                             "certify one eps per call, or pass a grid to certified_accuracy_curve")
+        eps = eps.item()  # a bool or complex tensor gives a bool or complex: refused below
     if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating, np.integer)):
-        raise TypeError(f"eps must be a number, got {type(eps).__name__}")
+        raise TypeError(f"{what} must be a float or a 0-d tensor, got {type(eps).__name__}")
     eps = float(eps)
     if not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be finite and >= 0, got {eps}")
+        raise ValueError(f"{what} must be finite and >= 0, got {eps}")
     return eps
 
 
-def _as_tensors(data, model, data_range=None):
+def prepare_data(data, model, data_range=None):
     """-> (x, y, data_range) from a DatasetSplit, (x, y), Dataset or DataLoader, checked.
 
     ``data_range`` defaults to the DatasetSplit's own, else ``(0, 1)``; every
@@ -215,11 +255,11 @@ def _batches(x, y, batch_size: int, device, dtype) -> Iterable:
                y[start:start + batch_size].to(device=device))
 
 
-def certify(model: torch.nn.Module, data, eps: float, method: str, *, data_range=None, batch_size: int = 256,
-            device: Optional[Union[str, torch.device]] = None, float_model: bool = True,
+def certify(model: torch.nn.Module, data, eps: Union[float, torch.Tensor], method: str, *, data_range=None,
+            batch_size: int = 256, device: Optional[Union[str, torch.device]] = None, float_model: bool = True,
             alpha_iterations: int = 20, rigorous: bool = True, progress: bool = False,
             distributed: Optional[bool] = None, chunk_dir=None, resume: bool = False) -> CertResult:
-    """Certify ``model`` on ``data`` at radius ``eps`` with one method.
+    """Certify ``model`` on ``data`` at radius ``eps`` with one method (or a named union of methods).
 
     Args:
         model: any model of the registry (or any ``nn.Module`` for the
@@ -227,12 +267,16 @@ def certify(model: torch.nn.Module, data, eps: float, method: str, *, data_range
             ``(batch, K)`` logits (K is read from one forward pass).  Run in
             eval mode; each submodule's train/eval state is restored afterwards.
         data: a :class:`~linf_plugin.data.DatasetSplit`, an ``(x, y)`` pair
-            of tensors, a ``TensorDataset`` or a ``DataLoader``.
-        eps: l_inf radius in pixel units, finite and >= 0.
-        method: ``"margin"`` (Lipschitz margin, l_inf-dist nets at p = inf),
+            of tensors ``(n, *input_shape)`` and ``(n,)``, a ``TensorDataset``
+            or a ``DataLoader``.
+        eps: l_inf radius in pixel units, finite and >= 0: a float or a 0-d tensor.
+        method: a :class:`~linf_plugin.names.Method` or its string:
+            ``"margin"`` (Lipschitz margin, l_inf-dist nets at p = inf),
             ``"interval"`` (exact interval propagation, l_inf-dist nets),
             ``"ibp"``, ``"crown-ibp"``, ``"crown"``, ``"alpha-crown"``
-            (auto_LiRPA, every model).
+            (auto_LiRPA, every model); or several joined by ``+`` for their
+            union (``"interval+margin"``, ``"crown+ibp"``): certified when any
+            member certifies.
         data_range: ``(low, high)`` the inputs live in; the box is clipped to
             it.  Default: the DatasetSplit's own, else ``(0, 1)``.  Inputs
             outside it raise (a clipped box would not contain them).
@@ -256,20 +300,25 @@ def certify(model: torch.nn.Module, data, eps: float, method: str, *, data_range
             process certifies all of ``data`` alone; ``True``: shard, or
             raise when there is only one process.
         chunk_dir: a folder where each finished batch's results are saved
-            at once (rank 0 writes), so that a stopped job can resume.
+            at once (rank 0 writes; a union's members in sub-folders), so
+            that a stopped job can resume.
         resume: continue the job saved in ``chunk_dir`` (refused, naming the
             difference, when the model, data, method, eps or a setting
             changed).
 
     Returns:
         :class:`CertResult` with per-sample ``correct`` / ``certified``
-        (and ``radius`` for ``margin``) and ``float_rigorous``.
+        (``(n,)`` bool CPU tensors), ``radius`` (``(n,)`` float64, margin
+        only; a union has one when every member has one: their maximum) and
+        ``float_rigorous``.  A union's ``method`` is the joined name and
+        ``extra["members"]`` holds each member's own result.
 
     Raises:
-        ValueError: unknown method, bad eps, data that does not match the
-            model or lies outside ``data_range``, NaN/inf inputs or
-            parameters, fewer than 2 classes;
-            TypeError: a float16/bfloat16 model;
+        ValueError: unknown method, bad eps (a tensor with more than one
+            element included), data that does not match the model or lies
+            outside ``data_range``, NaN/inf inputs or parameters, fewer than
+            2 classes;
+            TypeError: eps that is no number, a float16/bfloat16 model;
             :class:`MethodNotApplicableError` for a method that does not
             apply (e.g. margin on a hybrid or a p = 8 net);
             ``chunks.ResumeError`` for a ``chunk_dir`` that holds another job
@@ -279,14 +328,25 @@ def certify(model: torch.nn.Module, data, eps: float, method: str, *, data_range
             ``linf_plugin.distributed.RankFailure`` when another rank died,
             hung or raised.
     """
-    eps = _check_eps(eps)
-    _check_method(model, method)
-    x, y, data_range = _as_tensors(data, model, data_range)
+    eps = check_eps(eps)
+    members = check_method(model, method)
     if resume and chunk_dir is None:
         raise ValueError("certify(..., resume=True) needs the chunk_dir of the job to resume")
+    kw = dict(data_range=data_range, batch_size=batch_size, device=device, float_model=float_model,
+              alpha_iterations=alpha_iterations, rigorous=rigorous, progress=progress, distributed=distributed,
+              resume=resume)
+    if len(members) > 1:
+        return union_results([_certify_one(model, data, eps, m, chunk_dir=None if chunk_dir is None else
+                                           Path(chunk_dir) / m.value, **kw) for m in members])
+    return _certify_one(model, data, eps, members[0], chunk_dir=chunk_dir, **kw)
+
+
+def _certify_one(model, data, eps: float, method: Method, *, data_range, batch_size, device, float_model,
+                 alpha_iterations, rigorous, progress, distributed, chunk_dir, resume) -> CertResult:
+    x, y, data_range = prepare_data(data, model, data_range)
     if wants_shards(distributed, device if device is not None else _model_device_dtype(model, None)[0]) \
             or chunk_dir is not None:
-        return certify_sharded(model, x, y, eps, method, data_range=data_range, batch_size=batch_size,
+        return certify_sharded(model, x, y, eps, method.value, data_range=data_range, batch_size=batch_size,
                                device=device, float_model=float_model, alpha_iterations=alpha_iterations,
                                rigorous=rigorous, progress=progress, chunk_dir=chunk_dir, resume=resume)
     corrects, certs, radii, extra = [], [], [], {}
@@ -295,15 +355,14 @@ def certify(model: torch.nn.Module, data, eps: float, method: str, *, data_range
     rigorous_flag, reason = True, ""
     try:
         with eval_mode(model), exact_float():
-            dev, dtype, num_classes = _check_model(model, x, y, device, probe=method != "margin",
-                                                   finite=method != "margin")
+            dev, dtype, num_classes = _check_model(model, x, y, device, probe=method != Method.MARGIN,
+                                                   finite=method != Method.MARGIN)
             certifier = None
-            also_margin = method == "interval" and "margin" in applicable_methods(model)
             if method in _BOUND_PROP:
                 certifier = shared_certifier(model, x[:1].to(dev, dtype), num_classes,
-                                               alpha_iterations=alpha_iterations, rigorous=rigorous,
-                                               method=method)
-                batch_size = certifier.batch_size(method, batch_size)
+                                             alpha_iterations=alpha_iterations, rigorous=rigorous,
+                                             method=method.value)
+                batch_size = certifier.batch_size(method.value, batch_size)
             batches = _batches(x, y, batch_size, dev, dtype)
             if progress:
                 from tqdm.auto import tqdm
@@ -311,7 +370,7 @@ def certify(model: torch.nn.Module, data, eps: float, method: str, *, data_range
                 batches = tqdm(batches, total=math.ceil(x.shape[0] / batch_size), desc=f"{method} eps={eps:g}",
                                leave=False)
             for xb, yb in batches:
-                if method == "margin":
+                if method == Method.MARGIN:
                     c, k, r, info = margin_certify(model, xb, yb, eps, float_model=float_model)
                     if num_classes is None:  # the pass's own logits stand in for a probe forward
                         num_classes = _check_logits(model, (xb.shape[0], info["num_classes"]), y)
@@ -319,14 +378,12 @@ def certify(model: torch.nn.Module, data, eps: float, method: str, *, data_range
                     radii.append(r)
                     extra["max_logit_error"] = max(extra.get("max_logit_error", 0.0), info["max_logit_error"])
                     extra.update(lipschitz=info["lipschitz"], float_model=float_model)
-                elif method == "interval":
+                elif method == Method.INTERVAL:
                     lower, upper = linf_box(xb, eps, data_range, outward=True)
                     c, k = interval_certify(model, xb, yb, lower, upper)
-                    if also_margin:  # both are sound, so their union is (see interval.py)
-                        k = k | (c & margin_certify(model, xb, yb, eps, float_model=False)[1])
                 else:
                     c = _predict(model, xb, yb)
-                    k = certifier.certify(xb, yb, eps, method, data_range, correct=c).cpu()
+                    k = certifier.certify(xb, yb, eps, method.value, data_range, correct=c).cpu()
                     c = c.cpu()
                 corrects.append(c)
                 certs.append(k)
@@ -338,113 +395,92 @@ def certify(model: torch.nn.Module, data, eps: float, method: str, *, data_range
     if reason:
         extra["float_rigorous_reason"] = reason
     wall = time.perf_counter() - start
-    radius = torch.cat(radii).numpy() if radii else None
-    return CertResult(method=method, eps=eps, model_name=_name(model), correct=torch.cat(corrects).numpy(),
-                      certified=torch.cat(certs).numpy(), radius=radius, wall_time=wall, extra=extra,
-                      float_rigorous=rigorous_flag)
+    return CertResult(method=method.value, eps=eps, model_name=_name(model), correct=torch.cat(corrects),
+                      certified=torch.cat(certs), radius=torch.cat(radii) if radii else None, wall_time=wall,
+                      extra=extra, float_rigorous=rigorous_flag)
 
 
-@dataclass
-class CurveResult:
-    """Certified accuracy against eps for one model and method."""
+def bisect_radius(model: torch.nn.Module, data, method: str, eps_max: float, steps: int, *, data_range=None,
+                  batch_size: int = 256, device=None, alpha_iterations: int = 20,
+                  rigorous: bool = True) -> CertResult:
+    """Per-sample certified radius of ``interval`` or a bound-propagation method, by bisection on ``[0, eps_max]``.
 
-    method: str
-    model_name: str
-    eps: list
-    certified_accuracy: list
-    clean_accuracy: float
-    wall_time: float
-    radius: Optional[np.ndarray] = None
-    extra: dict = field(default_factory=dict)
+    Both are monotone in eps (a larger box gives wider bounds), so bisection
+    applies.  Each sample is certified at ``eps_max`` or, with ``steps``
+    halvings, at a sequence of midpoints; its radius is the largest eps at
+    which it WAS certified (0 when none was), so the true radius of the
+    method lies in ``[radius, radius + eps_max / 2**steps)`` (``eps_max``
+    itself when certified there).  Every radius is a verified certificate,
+    with the promise of :func:`certify` at that eps: the real network is
+    robust on the ball of that radius, hence at every smaller eps.
 
-    def to_dict(self) -> dict:
-        return {"method": self.method, "model_name": self.model_name, "eps": list(map(float, self.eps)),
-                "certified_accuracy": list(map(float, self.certified_accuracy)),
-                "clean_accuracy": float(self.clean_accuracy), "wall_time": float(self.wall_time),
-                "radius": None if self.radius is None else [float(r) for r in self.radius], "extra": self.extra}
+    Args:
+        model, data, data_range, batch_size, device, alpha_iterations, rigorous: as in :func:`certify`.
+        method: ``"interval"``, ``"ibp"``, ``"crown-ibp"``, ``"crown"`` or ``"alpha-crown"``.
+        eps_max: the top of the range, > 0.
+        steps: halvings, >= 0.
 
-
-def _curve_from_radius(method, name, radius, correct, eps_grid, wall, extra=None):
-    acc = [float(np.mean(correct & (radius > e))) for e in eps_grid]
-    return CurveResult(method, name, list(eps_grid), acc, float(np.mean(correct)), wall, radius, extra or {})
-
-
-def _bisect_radius(model, data, method, eps_max, steps, batch_size, device, alpha_iterations, data_range, rigorous):
-    """Largest eps in [0, eps_max] certified per sample, to ``eps_max / 2**steps``."""
-    x, y, data_range = _as_tensors(data, model, data_range)
+    Returns:
+        A :class:`CertResult` at ``eps = 0`` with ``radius`` (``(n,)``
+        float64; 0 for misclassified samples and for samples certified at no
+        eps tried), ``certified = radius > 0``, and ``extra["bisect_steps"]``,
+        ``extra["bisect_tolerance"]`` and ``extra["radius_attained"] = True``
+        (a sample is certified at every eps <= its radius > 0, the radius included).
+    """
+    members = check_method(model, method)
+    if len(members) != 1 or members[0] not in (Method.INTERVAL, *_BOUND_PROP):
+        raise ValueError(f"bisection applies to 'interval' and the bound-propagation methods "
+                         f"{[m.value for m in _BOUND_PROP]}, not {str(method)!r}; margin gives its radius in one "
+                         "pass (certify(..., 'margin').radius), and a union bisects each member on its own")
+    method = members[0]
+    eps_max = check_eps(eps_max, "eps_max")
+    if not eps_max > 0 or isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"bisection needs eps_max > 0 and an int steps >= 0, got {eps_max}, {steps!r}")
+    x, y, data_range = prepare_data(data, model, data_range)
     radius = torch.zeros(x.shape[0], dtype=torch.float64)
     correct = torch.zeros(x.shape[0], dtype=torch.bool)
-    orig_device = _model_device_dtype(model, None)[0]
+    start = time.perf_counter()
+    orig_device = dev = _model_device_dtype(model, None)[0]
+    rigorous_flag, reason = True, ""
     try:
         with eval_mode(model), exact_float():
             dev, dtype, num_classes = _check_model(model, x, y, device)
-            cert = shared_certifier(model, x[:1].to(dev, dtype), num_classes, alpha_iterations=alpha_iterations,
-                                      rigorous=rigorous, method=method)
-            batch_size = cert.batch_size(method, batch_size)
-            for start in range(0, x.shape[0], batch_size):
-                xb = x[start:start + batch_size].to(dev, dtype)
-                yb = y[start:start + batch_size].to(dev)
+            if method == Method.INTERVAL:
+                def certified_at(xb, yb, eps, c):
+                    return interval_certify(model, xb, yb, *linf_box(xb, eps, data_range, outward=True))[1].to(
+                        c.device) & c
+            else:
+                cert = shared_certifier(model, x[:1].to(dev, dtype), num_classes,
+                                        alpha_iterations=alpha_iterations, rigorous=rigorous, method=method.value)
+                batch_size = cert.batch_size(method.value, batch_size)
+
+                def certified_at(xb, yb, eps, c):
+                    return cert.certify(xb, yb, eps, method.value, data_range, correct=c)
+            for first in range(0, x.shape[0], batch_size):
+                xb = x[first:first + batch_size].to(dev, dtype)
+                yb = y[first:first + batch_size].to(dev)
                 c = _predict(model, xb, yb)
                 lo = torch.zeros(xb.shape[0], dtype=torch.float64, device=dev)
                 hi = torch.full_like(lo, eps_max)
-                top = cert.certify(xb, yb, hi, method, data_range, correct=c)
+                top = certified_at(xb, yb, hi, c)
                 lo = torch.where(top, hi, lo)
                 for _ in range(steps):
                     mid = (lo + hi) / 2
-                    ok = cert.certify(xb, yb, mid, method, data_range, correct=c)
+                    ok = certified_at(xb, yb, mid, c)
                     lo = torch.where(ok & ~top, mid, lo)
                     hi = torch.where(ok | top, hi, mid)
-                radius[start:start + xb.shape[0]] = torch.where(c, lo, torch.zeros_like(lo)).cpu()
-                correct[start:start + xb.shape[0]] = c.cpu()
+                radius[first:first + xb.shape[0]] = torch.where(c, lo, torch.zeros_like(lo)).cpu()
+                correct[first:first + xb.shape[0]] = c.cpu()
+            if method != Method.INTERVAL:
+                rigorous_flag, reason = cert.float_rigorous, cert.reason
     finally:
-        _to_device(model, orig_device)
-    return radius.numpy(), correct.numpy(), cert.float_rigorous, cert.reason
-
-
-def certified_accuracy_curve(result_or_model, data=None, eps_grid: Sequence[float] = (), method: str = "margin", *,
-                             bisect: bool = False, bisect_steps: int = 12, batch_size: int = 256, device=None,
-                             alpha_iterations: int = 20, data_range=None, rigorous: bool = True) -> CurveResult:
-    """Certified accuracy at every eps of ``eps_grid``.
-
-    * From a :class:`CertResult` with radii, or for ``method="margin"``: ONE
-      forward pass, ``accuracy(eps) = mean(correct & radius > eps)``.
-    * Bound propagation: one certification per eps, or with ``bisect=True``
-      a per-sample bisection of the radius on ``[0, max(eps_grid)]``
-      (``bisect_steps`` halvings; the radius found is a proven lower bound).
-
-    ``data_range`` and ``rigorous`` as in :func:`certify`; ``extra`` holds
-    ``float_rigorous``.
-
-    Returns:
-        :class:`CurveResult`.
-    """
-    eps_grid = [_check_eps(e) for e in eps_grid]
-    if not eps_grid:
-        raise ValueError("eps_grid is empty")
-    if isinstance(result_or_model, CertResult):
-        res = result_or_model
-        if res.radius is None:
-            raise ValueError(f"this {res.method} result holds no radii; pass the model and data instead")
-        return _curve_from_radius(res.method, res.model_name, res.radius, res.correct, eps_grid, res.wall_time,
-                                  {**res.extra, "float_rigorous": res.float_rigorous})
-    model = result_or_model
-    if data is None:
-        raise ValueError("data is required when a model is given")
-    start = time.perf_counter()
-    if method == "margin":  # certify() checks the method
-        res = certify(model, data, 0.0, "margin", batch_size=batch_size, device=device, data_range=data_range)
-        return _curve_from_radius(method, res.model_name, res.radius, res.correct, eps_grid,
-                                  time.perf_counter() - start, {**res.extra, "float_rigorous": res.float_rigorous})
-    _check_method(model, method)
-    if bisect and method in _BOUND_PROP:
-        radius, correct, exact, why = _bisect_radius(model, data, method, max(eps_grid), bisect_steps, batch_size,
-                                                     device, alpha_iterations, data_range, rigorous)
-        extra = {"bisect_steps": bisect_steps, "bisect_tolerance": max(eps_grid) / 2 ** bisect_steps,
-                 "float_rigorous": exact, **({"float_rigorous_reason": why} if why else {})}
-        return _curve_from_radius(method, _name(model), radius, correct, eps_grid, time.perf_counter() - start,
-                                  extra)
-    results = [certify(model, data, e, method, batch_size=batch_size, device=device, data_range=data_range,
-                       alpha_iterations=alpha_iterations, rigorous=rigorous) for e in eps_grid]
-    return CurveResult(method, _name(model), eps_grid, [r.certified_accuracy for r in results],
-                       results[0].clean_accuracy, time.perf_counter() - start,
-                       extra={"float_rigorous": all(r.float_rigorous for r in results)})
+        if dev != orig_device:
+            _to_device(model, orig_device)
+    # each radius > 0 was certified AT that eps (a margin radius is only approached from below)
+    extra = {"bisect_steps": steps, "bisect_tolerance": eps_max / 2 ** steps, "bisect_eps_max": eps_max,
+             "radius_attained": True}
+    if reason:
+        extra["float_rigorous_reason"] = reason
+    return CertResult(method=method.value, eps=0.0, model_name=_name(model), correct=correct,
+                      certified=radius > 0, radius=radius, wall_time=time.perf_counter() - start, extra=extra,
+                      float_rigorous=rigorous_flag)

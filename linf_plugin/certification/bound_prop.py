@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 
 from ..data.box import linf_box
+from ..names import Method
 from .float_safety import exact_float, rounding_slack, unit_roundoff_of, widen_box
 
 __all__ = ["LIRPA_METHODS", "margin_spec", "conv_mode_for", "MATRIX_MODE_MAX_NEURONS", "BoundPropCertifier",
@@ -119,9 +120,9 @@ def bound_batch_limit(method: str, model: torch.nn.Module, example: torch.Tensor
     The budget defaults to ``$LINF_BOUND_MEMORY_GB``, else 16 GiB on CUDA and
     8 GiB elsewhere.  It bounds the batch only; bounds never depend on it.
     """
-    if method == "alpha-crown":
+    if method == Method.ALPHA_CROWN:
         return alpha_crown_batch_limit(model, example, budget_gb)
-    if method not in ("crown", "crown-ibp"):
+    if method not in (Method.CROWN, Method.CROWN_IBP):
         return None
     if budget_gb is None:
         budget_gb = _budget(BOUND_MEMORY_ENV, example.device)
@@ -129,7 +130,7 @@ def bound_batch_limit(method: str, model: torch.nn.Module, example: torch.Tensor
         raise ValueError(f"{BOUND_MEMORY_ENV} must be > 0 GiB, got {budget_gb}")
     sizes = _output_sizes(model, example) + [example[0].numel()]
     s = example.element_size()
-    if method == "crown":
+    if method == Method.CROWN:
         per_sample = _CROWN_BYTES_PER_PAIR * s * float(max(sizes)) ** 2
     else:
         with torch.no_grad():
@@ -147,7 +148,8 @@ def _is_03() -> bool:
 _AUTO_LIRPA_03 = _is_03()
 
 # our name -> auto_LiRPA's method name
-LIRPA_METHODS = {"ibp": "IBP", "crown-ibp": "CROWN-IBP", "crown": "CROWN", "alpha-crown": "CROWN-Optimized"}
+LIRPA_METHODS = {Method.IBP: "IBP", Method.CROWN_IBP: "CROWN-IBP", Method.CROWN: "CROWN",
+                 Method.ALPHA_CROWN: "CROWN-Optimized"}
 
 
 def margin_spec(y: torch.Tensor, num_classes: int, dtype=torch.float32) -> torch.Tensor:
@@ -230,7 +232,7 @@ class _Bounder:
         ptb = PerturbationLpNorm(norm=math.inf, eps=None, x_L=lower, x_U=upper)
         c = margin_spec(y, num_classes, x.dtype)
         name = LIRPA_METHODS[method]
-        if method == "alpha-crown" and not self.bounded.optimizable_activations:
+        if method == Method.ALPHA_CROWN and not self.bounded.optimizable_activations:
             # nothing to optimise (a pure l_inf-dist net): every alpha-CROWN iteration would
             # recompute the same CROWN bound, so compute it once
             name = "CROWN"
@@ -240,7 +242,7 @@ class _Bounder:
         with _default_dtype(self.dtype), grad, exact_float(), _quiet_identity():
             lb, _ = self.bounded.compute_bounds(x=(BoundedTensor(x, ptb),), C=c, method=name, bound_upper=False)
         self.alphas = None
-        if method == "alpha-crown":
+        if method == Method.ALPHA_CROWN:
             nodes = _alpha_nodes(self.bounded)
             if nodes is not None:
                 self.alphas = {n.name: {k: (v.detach().clone(), getattr(n, "alpha_lookup_idx", {}).get(k))
@@ -319,7 +321,7 @@ class BoundPropCertifier:
         self.model = model
         self.num_classes = num_classes
         opts = {"optimize_bound_args": {"iteration": int(alpha_iterations), "lr_alpha": float(alpha_lr)}}
-        if method == "alpha-crown":
+        if method == Method.ALPHA_CROWN:
             opts["conv_mode"] = conv_mode_for(model, example)
         if _AUTO_LIRPA_03:
             # 0.3's sparse alpha (its default) breaks alpha-CROWN when the set of
@@ -369,7 +371,7 @@ class BoundPropCertifier:
         """
         lower, upper = widen_box(*linf_box(x64, eps, data_range, outward=True))
         ok = None
-        if method == "alpha-crown" and alpha_rows is not None and self._main.alphas is not None:
+        if method == Method.ALPHA_CROWN and alpha_rows is not None and self._main.alphas is not None:
             lb = bounder.lower_given_alpha(x64, y, lower, upper, self.num_classes, self._main.alphas, alpha_rows)
             if lb is not None:
                 ok = self._above_slack(bounder, lb, lower, upper)

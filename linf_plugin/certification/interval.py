@@ -20,9 +20,10 @@ propagates).  With ``u`` the unit roundoff and ``gamma = 2u``:
 * mean shift and bias (one rounding each): relative ``gamma``.
 
 The promise is about the real-arithmetic network with the stored parameters
-(the float model at perturbed inputs is covered by the margin certificate,
-which ``interval`` also applies when the model admits it: both are sound, so
-their union is too, and interval-certified then contains margin-certified).
+(the float model at perturbed inputs is covered by the margin certificate;
+``certify(..., "interval+margin")`` asks for both, certified when either
+certifies).  The exact interval map is monotone in eps, so a radius can be
+bisected (:func:`~linf_plugin.certification.bisect_radius`).
 """
 from __future__ import annotations
 

@@ -2,16 +2,24 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
 from torch import nn
 
-__all__ = ["CertifiableModel", "CERTIFICATES", "BOUND_PROPAGATION_METHODS", "check_input"]
+from ..names import BOUND_PROPAGATION_METHODS, METHODS, Family, Method
 
-# Names of the methods of ``linf_plugin.certification``.
-CERTIFICATES = ("margin", "interval", "ibp", "crown-ibp", "crown", "alpha-crown")
-BOUND_PROPAGATION_METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown")
+__all__ = ["CertifiableModel", "BOUND_PROPAGATION_METHODS", "check_input"]
+
+
+def __getattr__(name: str):
+    if name == "CERTIFICATES":
+        warnings.warn("linf_plugin.models.CERTIFICATES is deprecated and will be removed in the next release; use "
+                      "linf_plugin.names.METHODS (or linf_plugin.certification.METHODS)", DeprecationWarning,
+                      stacklevel=2)
+        return METHODS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def check_input(x: torch.Tensor, input_shape: tuple, who: str) -> None:
@@ -33,10 +41,10 @@ class CertifiableModel(nn.Module):
         rebuilds the architecture), input_shape, num_classes.
 
     Properties:
-        family: ``"linf_dist"``, ``"hybrid"`` or ``"relu"``.
+        family: a :class:`~linf_plugin.names.Family` (``"linf_dist"``, ``"hybrid"`` or ``"relu"``).
         lipschitz_linf: ℓ∞ → ℓ∞ Lipschitz constant of the logits in pixel
             units, or None when the model has none right now.
-        certificates: the ``linf_plugin.certification`` methods that apply now.
+        certificates: the :class:`~linf_plugin.names.Method` s that apply now.
     """
 
     family: str = ""
@@ -56,9 +64,9 @@ class CertifiableModel(nn.Module):
     def certificates(self) -> tuple:
         out = []
         if self.lipschitz_linf is not None:
-            out.append("margin")
-        if self.family == "linf_dist":
-            out.append("interval")
+            out.append(Method.MARGIN)
+        if self.family == Family.LINF_DIST:
+            out.append(Method.INTERVAL)
         return tuple(out) + BOUND_PROPAGATION_METHODS
 
     def any_training(self) -> bool:

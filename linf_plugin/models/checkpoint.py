@@ -328,6 +328,8 @@ def load_checkpoint(path, map_location="cpu") -> Checkpoint:
     config = payload["model_config"]
     if not isinstance(config, dict) or "name" not in config:
         raise CheckpointError(f"{path} has no usable model_config")
+    if isinstance(config.get("kwargs"), dict):  # files written before 0.2 nest the model's keyword arguments
+        config = {**{k: v for k, v in config.items() if k != "kwargs"}, **config["kwargs"]}
     name = config["name"]
     try:
         model = create_model(**config)

@@ -14,22 +14,29 @@ arguments always win.
 Every model built by :func:`create_model` carries ``model_name``,
 ``family``, ``model_config`` (a JSON-able dict; ``create_model(**config)``
 rebuilds the same architecture), ``input_shape`` and ``num_classes``.
+
+As in timm, :func:`model_entrypoint` returns the entrypoint itself;
+:func:`model_info` returns the registry's record of a name (family, defaults).
 """
 from __future__ import annotations
 
 import difflib
 import fnmatch
+import functools
+import inspect
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 from torch import nn
 
-__all__ = ["register_model", "create_model", "list_models", "model_family", "model_entrypoint", "is_model",
-           "model_defaults", "FAMILIES", "GENERIC_DEFAULTS", "ModelEntry", "UnknownModelError"]
+from ..names import FAMILIES, Family
 
-FAMILIES = ("linf_dist", "hybrid", "relu")
+__all__ = ["register_model", "create_model", "list_models", "model_family", "model_entrypoint", "model_info",
+           "is_model", "model_defaults", "FAMILIES", "GENERIC_DEFAULTS", "ModelEntry", "UnknownModelError"]
+
 #: Defaults of names registered without their own: the digits data set.
 GENERIC_DEFAULTS = {"input_shape": (1, 8, 8), "num_classes": 10}
 
@@ -40,11 +47,21 @@ class UnknownModelError(ValueError):
 
 @dataclass(frozen=True)
 class ModelEntry:
+    """The registry's record of one name (:func:`model_info`).
+
+    Attributes:
+        name: the registry name.
+        family: its :class:`~linf_plugin.names.Family`.
+        fn: the entrypoint ``fn(input_shape, num_classes, **kwargs) -> nn.Module``.
+        doc: the first line of the entrypoint's docstring.
+        defaults: ``((key, value), ...)``: the variant's own ``input_shape`` / ``num_classes``.
+    """
+
     name: str
-    family: str
+    family: Family
     fn: Callable[..., nn.Module]
     doc: str = ""
-    defaults: tuple = ()  # ((key, value), ...): the variant's own input_shape / num_classes
+    defaults: tuple = ()
 
 
 _REGISTRY: dict = {}
@@ -72,7 +89,8 @@ def register_model(fn: Optional[Callable] = None, *, family: str, name: Optional
         ValueError: unknown family, bad defaults, or the name is already registered.
     """
     if family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; choose from {FAMILIES}")
+        raise ValueError(f"unknown model family {family!r}; choose from {[f.value for f in FAMILIES]}")
+    family = Family(family)
     defaults = {}
     if input_shape is not None:
         defaults["input_shape"] = _check_input_shape(input_shape)
@@ -102,7 +120,7 @@ def model_defaults(name: str) -> dict:
         UnknownModelError: ``name`` is not registered.
     """
     out = dict(GENERIC_DEFAULTS)
-    out.update(model_entrypoint(name).defaults)
+    out.update(model_info(name).defaults)
     return out
 
 
@@ -117,7 +135,7 @@ def list_models(filter: str | Sequence[str] = "", family: Optional[str] = None) 
         A sorted list of names.
     """
     if family is not None and family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; choose from {FAMILIES}")
+        raise ValueError(f"unknown model family {family!r}; choose from {[f.value for f in FAMILIES]}")
     names = [n for n, e in _REGISTRY.items() if family is None or e.family == family]
     patterns = [filter] if isinstance(filter, str) else list(filter)
     patterns = [p for p in patterns if p]
@@ -130,8 +148,12 @@ def is_model(name: str) -> bool:
     return name in _REGISTRY
 
 
-def model_entrypoint(name: str) -> ModelEntry:
-    """The registry entry of ``name``; an unknown name lists close matches and all choices."""
+def model_info(name: str) -> ModelEntry:
+    """The registry's record of ``name``: family, entrypoint, defaults.
+
+    Raises:
+        UnknownModelError: ``name`` is not registered (close matches and all choices listed).
+    """
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
@@ -140,9 +162,42 @@ def model_entrypoint(name: str) -> ModelEntry:
         raise UnknownModelError(f"unknown model {name!r}.{hint} Registered models: {list_models()}") from None
 
 
-def model_family(name: str) -> str:
+class _Entrypoint:
+    """The entrypoint of a name, callable as itself; reading a :class:`ModelEntry` field from it still works
+    for one release, with a ``DeprecationWarning`` (``model_entrypoint`` returned the entry before)."""
+
+    def __init__(self, entry: ModelEntry):
+        self._entry = entry
+        functools.update_wrapper(self, entry.fn)
+
+    def __call__(self, *args, **kwargs):
+        return self._entry.fn(*args, **kwargs)
+
+    def __getattr__(self, attr: str):
+        if attr in ("name", "family", "fn", "doc", "defaults"):
+            warnings.warn(f"model_entrypoint(name).{attr} is deprecated and will be removed in the next release: "
+                          f"model_entrypoint returns the entrypoint itself, as timm's does; use "
+                          f"model_info(name).{attr}", DeprecationWarning, stacklevel=2)
+            return getattr(self._entry, attr)
+        raise AttributeError(f"{type(self._entry.fn).__name__} {self._entry.name!r} has no attribute {attr!r}")
+
+
+def model_entrypoint(name: str) -> Callable[..., nn.Module]:
+    """The entrypoint of ``name``, ``fn(input_shape, num_classes, **kwargs) -> nn.Module``, as timm's.
+
+    Calling it builds the bare model; :func:`create_model` also fills in the
+    defaults and sets ``model_name``, ``family`` and ``model_config``.
+    :func:`model_info` gives the registry's record (family, defaults).
+
+    Raises:
+        UnknownModelError: ``name`` is not registered (close matches and all choices listed).
+    """
+    return _Entrypoint(model_info(name))
+
+
+def model_family(name: str) -> Family:
     """The family (``linf_dist``, ``hybrid``, ``relu``) of a registered name."""
-    return model_entrypoint(name).family
+    return model_info(name).family
 
 
 def _check_input_shape(input_shape) -> tuple:
@@ -176,9 +231,18 @@ def _jsonable(value, where: str):
                     f"the model, got {type(value).__name__}: {value!r}")
 
 
+def _accepts(fn: Callable, name: str) -> bool:
+    """``fn`` takes a keyword argument ``name`` (explicitly, not only through ``**kwargs``)."""
+    try:
+        param = inspect.signature(fn).parameters.get(name)
+    except (TypeError, ValueError):
+        return False
+    return param is not None and param.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+
+
 def create_model(name: str, input_shape: Optional[Sequence[int]] = None, num_classes: Optional[int] = None,
-                 kwargs: Optional[dict] = None, **extra) -> nn.Module:
-    """Build a registered model by name.
+                 **kwargs) -> nn.Module:
+    """Build a registered model by name, as timm's ``create_model``.
 
     Args:
         name: a name from :func:`list_models`.
@@ -186,34 +250,40 @@ def create_model(name: str, input_shape: Optional[Sequence[int]] = None, num_cla
             (digits ``(1, 8, 8)``, MNIST ``(1, 28, 28)``, CIFAR-10 ``(3, 32, 32)``);
             None = the name's default (:func:`model_defaults`).
         num_classes: number of logits; None = the name's default.
-        kwargs: model keyword arguments as a dict (so that
-            ``create_model(**model.model_config)`` works).
-        **extra: more model keyword arguments (``mean``, ``std``, ``p``,
-            ``depth``, ``width``, ...); they override ``kwargs``.
+        **kwargs: the model's keyword arguments (``mean``, ``std``, ``p``,
+            ``depth``, ``width``, ...).
 
     Returns:
         The model (train mode), with ``model_name``, ``family``,
-        ``model_config``, ``input_shape`` and ``num_classes`` set.
+        ``model_config``, ``input_shape`` and ``num_classes`` set;
+        ``create_model(**model.model_config)`` rebuilds the architecture.
 
     Raises:
         UnknownModelError: ``name`` is not registered (close matches listed).
         ValueError / TypeError: bad shape, class count, or kwargs.
+
+    The previous release's ``create_model(name, kwargs={...})`` (a dict of
+    keyword arguments) still works for one release, with a ``DeprecationWarning``.
     """
-    entry = model_entrypoint(name)
+    entry = model_info(name)
+    if isinstance(kwargs.get("kwargs"), dict) and not _accepts(entry.fn, "kwargs"):
+        warnings.warn("create_model(name, kwargs={...}) is deprecated and will be removed in the next release; "
+                      "pass the keyword arguments themselves: create_model(name, **kwargs)", DeprecationWarning,
+                      stacklevel=2)
+        nested = kwargs.pop("kwargs")
+        kwargs = {**nested, **kwargs}
     defaults = model_defaults(name)
     shape = _check_input_shape(defaults["input_shape"] if input_shape is None else input_shape)
     num_classes = _check_num_classes(defaults["num_classes"] if num_classes is None else num_classes)
-    merged = dict(kwargs or {})
-    merged.update(extra)
-    config = {"name": name, "input_shape": list(shape), "num_classes": num_classes,
-              "kwargs": _jsonable(merged, f"the keyword arguments of {name!r}")}
+    model_kwargs = _jsonable(kwargs, f"the keyword arguments of {name!r}")
+    config = {"name": name, "input_shape": list(shape), "num_classes": num_classes, **model_kwargs}
     json.dumps(config)  # guaranteed by _jsonable; fails loudly if not
     try:
-        model = entry.fn(input_shape=shape, num_classes=num_classes, **merged)
+        model = entry.fn(input_shape=shape, num_classes=num_classes, **kwargs)
     except TypeError as e:
         if "unexpected keyword" in str(e):
             raise TypeError(f"model {name!r} does not accept one of the keyword arguments "
-                            f"{sorted(merged)}: {e}") from None
+                            f"{sorted(kwargs)}: {e}") from None
         raise
     model.model_name = name
     model.family = entry.family

@@ -210,11 +210,15 @@ class TorchBackend:
         return max(1, budget // max(1, n * d))
 
     def _chunks(self, rows: int, n: int, d: int, compiled: bool):
+        """The fewest chunks of at most the budget's rows each, balanced: their sizes differ by at most one
+        (10 rows, 3 a chunk: 3, 3, 2, 2, not 3, 3, 3, 1 -- no tiny last chunk to specialise a graph for)."""
         cap = self._rows_per_chunk(n, d, compiled)
         count = -(-rows // cap)
-        step = -(-rows // count) if count else 1
-        for start in range(0, rows, step):
-            yield slice(start, min(rows, start + step))
+        start = 0
+        for i in range(count):
+            size = rows // count + (i < rows % count)
+            yield slice(start, start + size)
+            start += size
 
     def linf_stack_fixed(self, x: torch.Tensor, layers, extra=()):
         """A stack of p = inf distance layers in ONE graph compiled for its weight shapes, the batch dynamic.

@@ -16,7 +16,7 @@ import sys
 import typing
 from dataclasses import MISSING, fields
 
-from .config import ConfigError, TrainConfig, sanitize_name
+from .config import DEPRECATED_FIELDS, ConfigError, TrainConfig, sanitize_name
 from .presets import PresetError, get_preset, list_presets
 from .trainer import TrainingDivergedError, train
 
@@ -109,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
         ann = ann.replace("typing.", "")
         conv = _converter(f.name, ann)
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        note = f"deprecated: use {DEPRECATED_FIELDS[f.name]}; " if f.name in DEPRECATED_FIELDS else ""
         kw = dict(dest=f.name, type=conv, default=argparse.SUPPRESS, metavar=f.name.upper(),
-                  help=f"(default {default!r})")
+                  help=f"({note}default {default!r})")
         if ann in ("bool", "Optional[bool]"):
             kw.update(nargs="?", const=True)
         group.add_argument("--" + f.name.replace("_", "-"), **kw)

@@ -6,13 +6,18 @@ import json
 import math
 import re
 from dataclasses import dataclass, field, fields
+from enum import Enum
 from typing import Any, Optional, Tuple
 
-__all__ = ["TrainConfig", "FAMILIES", "BOUNDS", "ConfigError", "sanitize_name", "RUNTIME_FIELDS"]
+from ..names import FAMILIES
 
-FAMILIES = ("linf_dist", "hybrid", "relu")
+__all__ = ["TrainConfig", "FAMILIES", "BOUNDS", "ConfigError", "sanitize_name", "RUNTIME_FIELDS", "DEPRECATED_FIELDS"]
+
 BOUNDS = ("ibp", "crown-ibp")
 FEATURE_BOUNDS = ("lipschitz", "interval")
+
+#: Fields kept one release for compatibility: {field: what to use instead}.
+DEPRECATED_FIELDS = {"stop_after_epoch": "train(config, callbacks=[...]) with an on_epoch_end hook"}
 
 # Fields that only change how a run is executed, not what it computes: a
 # resumed run may change them freely.
@@ -78,9 +83,13 @@ class TrainConfig:
     num_threads (CPU threads; None = torch's default), deterministic,
     eval_every (epochs; 0 = at the end only), eval_batch_size, eval_subset,
     log_every (steps between progress-bar updates), progress (None = when
-    stderr is a TTY), out_dir, resume, stop_after_epoch (debug: the process
-    kills itself with SIGKILL right after that epoch's checkpoint is
-    written), ddp_backend (None = nccl on CUDA, gloo on CPU).
+    stderr is a TTY), out_dir, resume, ddp_backend (None = nccl on CUDA,
+    gloo on CPU).
+
+    Deprecated: stop_after_epoch (the process killed itself with SIGKILL
+    right after that epoch's checkpoint; it still does, with a
+    ``DeprecationWarning``, for one release): pass ``train(config,
+    callbacks=[...])`` an ``on_epoch_end`` hook instead.
     """
 
     name: str = "custom"
@@ -160,6 +169,8 @@ class TrainConfig:
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
+            if isinstance(v, Enum):  # a Family: plain str, so checkpoints stay weights_only-loadable
+                v = v.value
             if isinstance(v, tuple):
                 v = list(v)
             if isinstance(v, float) and math.isinf(v):
@@ -216,7 +227,7 @@ class TrainConfig:
         if self.family is None:
             self.family = fam
         if self.family not in FAMILIES:
-            raise ConfigError(f"unknown family {self.family!r}; choose from {list(FAMILIES)}")
+            raise ConfigError(f"unknown family {self.family!r}; choose from {[f.value for f in FAMILIES]}")
         if self.family != fam:
             raise ConfigError(f"model {self.model!r} belongs to family {fam!r}, but the config says "
                               f"{self.family!r}")

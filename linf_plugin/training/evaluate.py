@@ -18,11 +18,12 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..names import Family, Method
 from ..nn import lp_dist_layers
 
 __all__ = ["evaluate", "eval_mode", "EVAL_METHODS"]
 
-EVAL_METHODS = {"linf_dist": "margin", "hybrid": "ibp", "relu": "ibp"}
+EVAL_METHODS = {Family.LINF_DIST: Method.MARGIN, Family.HYBRID: Method.IBP, Family.RELU: Method.IBP}
 log = logging.getLogger(__name__)
 
 
@@ -73,7 +74,7 @@ def evaluate(model: nn.Module, family: str, x: torch.Tensor, y: torch.Tensor, ep
             # a hook or a modified part (the user's) voids the Lipschitz argument, not
             # the training run: IBP traces whatever the model computes
             log.warning("evaluation: %s; certifying with IBP instead", exc)
-            method = "ibp"
+            method = Method.IBP
             res = certify(model, data, eps, method, batch_size=batch_size, distributed=False)
-    return {"clean_acc": float(res.clean_accuracy), "cert_acc": float(res.certified_accuracy), "method": method,
+    return {"clean_acc": float(res.clean_accuracy), "cert_acc": float(res.certified_accuracy), "method": method.value,
             "n": int(res.n), "eval_time": float(res.wall_time)}

@@ -10,7 +10,9 @@ Files in ``config.out_dir`` (written by rank 0 only; nothing is written when
 * ``final.json`` — the final metrics.
 
 Resuming (``config.resume``) loads ``checkpoint.pt`` and continues with the
-next epoch.  Every schedule, the sample order and the augmentation are pure
+next epoch.  ``train(config, callbacks=[...])`` calls the callbacks'
+``on_train_start`` / ``on_epoch_end`` / ``on_train_end`` hooks
+(:mod:`linf_plugin.training.callbacks`).  Every schedule, the sample order and the augmentation are pure
 functions of (seed, epoch, step), so on CPU a resumed run ends with exactly
 the weights of the uninterrupted one.
 """
@@ -24,9 +26,10 @@ import random
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -37,6 +40,7 @@ from ..io import atomic_write_json, atomic_write_text
 from ..nn import lp_dist_layers, set_p
 from .augment import apply_augment
 from .batches import EpochBatches
+from .callbacks import call_hook, check_callbacks
 from .config import ConfigError, TrainConfig
 from .ddp import all_reduce_sum, convert_sync_mean_shift, sync_bound_batchnorm
 from .evaluate import evaluate
@@ -88,7 +92,7 @@ class TrainResult:
                 "out_dir": str(self.out_dir) if self.out_dir else None, "wall_time": self.wall_time}
 
 
-def train(config: TrainConfig, *, model: Optional[nn.Module] = None) -> TrainResult:
+def train(config: TrainConfig, *, model: Optional[nn.Module] = None, callbacks: Sequence = ()) -> TrainResult:
     """Train a registry model with its family's recipe.
 
     Launched by ``torchrun`` (``WORLD_SIZE > 1``), every rank calls this and
@@ -98,6 +102,9 @@ def train(config: TrainConfig, *, model: Optional[nn.Module] = None) -> TrainRes
         config: a :class:`TrainConfig` (e.g. ``get_preset("digits-linf")``).
         model: an already built registry model to train instead of
             ``create_model(config.model, ...)`` (its name must match ``config.model``).
+        callbacks: objects with ``on_train_start`` / ``on_epoch_end`` /
+            ``on_train_end`` hooks, each called with the :class:`TrainResult`
+            so far (see :mod:`linf_plugin.training.callbacks`).
 
     Returns:
         A :class:`TrainResult`.
@@ -106,23 +113,44 @@ def train(config: TrainConfig, *, model: Optional[nn.Module] = None) -> TrainRes
         ConfigError: bad config (unknown model / data set / field values).
         TrainingDivergedError: a non-finite loss or parameter; the last good
             checkpoint stays on disk untouched.
+        TypeError: a callback that defines no hook.
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"train() needs a TrainConfig, got {type(config).__name__}")
     config = config.replace().validate()
+    callbacks = check_callbacks(callbacks)
     if model is not None and getattr(model, "model_name", None) not in (None, config.model):
         raise ConfigError(f"the model passed is {model.model_name!r} but config.model is {config.model!r}")
-    if config.stop_after_epoch is not None and config.out_dir is None:
-        raise ConfigError("stop_after_epoch needs out_dir (it stops right after writing a checkpoint)")
+    if config.stop_after_epoch is not None:
+        if config.out_dir is None:
+            raise ConfigError("stop_after_epoch needs out_dir (it stops right after writing a checkpoint)")
+        warnings.warn("TrainConfig.stop_after_epoch (--stop-after-epoch) is deprecated and will be removed in the "
+                      "next release; pass train(config, callbacks=[...]) an on_epoch_end hook instead",
+                      DeprecationWarning, stacklevel=2)
+        callbacks = callbacks + (_KillAfterEpoch(config.stop_after_epoch),)
     ctx = init_distributed(config.device, config.ddp_backend)
     prev_det = torch.are_deterministic_algorithms_enabled()
     prev_threads = torch.get_num_threads()
     try:
-        return _Run(config, ctx, model).run()
+        return _Run(config, ctx, model, callbacks).run()
     finally:
         torch.use_deterministic_algorithms(prev_det)
         torch.set_num_threads(prev_threads)
         shutdown_distributed(ctx)
+
+
+class _KillAfterEpoch:
+    """The deprecated ``stop_after_epoch``: SIGKILL this process after that epoch's checkpoint."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_epoch_end(self, result) -> None:
+        if result.history and result.history[-1]["epoch"] == self.epoch:
+            log.warning("stop_after_epoch=%d: killing this process (SIGKILL) after its checkpoint", self.epoch)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _seed_everything(seed: int) -> None:
@@ -134,11 +162,11 @@ def _seed_everything(seed: int) -> None:
 class _Run:
     """One call of :func:`train` (state shared by the loop's helpers)."""
 
-    def __init__(self, config: TrainConfig, ctx: DistContext, model: Optional[nn.Module]):
+    def __init__(self, config: TrainConfig, ctx: DistContext, model: Optional[nn.Module], callbacks=()):
         from ..data import load_dataset
         from ..models import create_model
 
-        self.config, self.ctx = config, ctx
+        self.config, self.ctx, self.callbacks = config, ctx, tuple(callbacks)
         self.device = ctx.device
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
@@ -321,6 +349,7 @@ class _Run:
                 atomic_write_text(self.out_dir / LOG_NAME, "")
         steps = len(self.batches)
         metrics: dict = {}
+        call_hook(self.callbacks, "on_train_start", self._result(metrics, t_start))
         for epoch in range(self.start_epoch, c.epochs):
             self.objective.train()
             self.model.train()
@@ -380,24 +409,25 @@ class _Run:
             elif last:
                 self._check_params(epoch + 1)
             self.ctx.barrier()
-            if c.stop_after_epoch is not None and epoch + 1 == c.stop_after_epoch:
-                log.warning("stop_after_epoch=%d: killing this process (SIGKILL) after its checkpoint",
-                            c.stop_after_epoch)
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os.kill(os.getpid(), signal.SIGKILL)
+            call_hook(self.callbacks, "on_epoch_end", self._result(metrics, t_start))
         self._sync_model()
         self.model.eval()
+        result = self._result(metrics, t_start)
+        if self.write:
+            atomic_write_json(self.out_dir / FINAL_NAME, result.to_dict())
+        call_hook(self.callbacks, "on_train_end", result)
+        return result
+
+    def _result(self, metrics: dict, t_start: float) -> TrainResult:
+        """The :class:`TrainResult` so far (what the callbacks see, and at the end what ``train`` returns)."""
+        c = self.config
         final = {"eps": c.eps, **{k: v for k, v in metrics.items()}} if metrics else {}
         if not final and self.history:
             final = {k: v for k, v in self.history[-1].items() if k.startswith("test_") or k == "method"}
-        wall = time.perf_counter() - t_start
-        result = TrainResult(model=self.model, config=c, history=self.history,
-                             checkpoint_path=self.checkpoint_path if self.last_saved_epoch else None,
-                             final_metrics=final, out_dir=self.out_dir if self.write else None, wall_time=wall)
-        if self.write:
-            atomic_write_json(self.out_dir / FINAL_NAME, result.to_dict())
-        return result
+        return TrainResult(model=self.model, config=c, history=list(self.history),
+                           checkpoint_path=self.checkpoint_path if self.last_saved_epoch else None,
+                           final_metrics=final, out_dir=self.out_dir if self.write else None,
+                           wall_time=time.perf_counter() - t_start)
 
 
 def _fmt(record: dict) -> str:

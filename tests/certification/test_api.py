@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from linf_plugin.certification import METHODS, CertResult, applicable_methods, certified_accuracy_curve, certify
+from linf_plugin.certification import (METHODS, CertResult, CurveResult, applicable_methods, certified_accuracy_curve,
+                                      certify, curve_from_result)
 from linf_plugin.data import load_dataset
 from linf_plugin.models import create_model
 
@@ -43,12 +44,16 @@ def test_result_fields_and_json_roundtrip(linf_net, data):
     assert isinstance(res, CertResult)
     assert res.n == 40 and res.method == "margin" and res.eps == 0.02
     assert res.model_name == "linf_dist_mlp"
-    assert res.correct.dtype == bool and res.certified.dtype == bool and res.radius.shape == (40,)
+    assert res.correct.dtype == res.certified.dtype == torch.bool and res.radius.dtype == torch.float64
+    assert res.radius.shape == (40,) and res.certified.device.type == "cpu"
     assert res.wall_time > 0
-    assert (res.certified <= res.correct).all()
-    assert np.array_equal(res.certified, res.correct & (res.radius > 0.02))
-    back = CertResult.from_dict(json.loads(json.dumps(res.to_dict())))
-    assert np.array_equal(back.certified, res.certified) and np.allclose(back.radius, res.radius)
+    assert not (res.certified & ~res.correct).any()
+    assert torch.equal(res.certified, res.correct & (res.radius > 0.02))
+    saved = json.loads(json.dumps(res.to_dict()))
+    # the saved format: plain lists, as results saved before the fields were tensors
+    assert saved["certified"] == [bool(v) for v in res.certified] and isinstance(saved["radius"][0], float)
+    back = CertResult.from_dict(saved)
+    assert torch.equal(back.certified, res.certified) and torch.equal(back.radius, res.radius)
     assert "certified" in res.summary()
 
 
@@ -56,7 +61,7 @@ def test_data_forms_agree(linf_net, data):
     ref = certify(linf_net, data, 0.01, "interval")
     for form in ((data.x, data.y), TensorDataset(data.x, data.y), DataLoader(TensorDataset(data.x, data.y),
                                                                               batch_size=7)):
-        assert np.array_equal(certify(linf_net, form, 0.01, "interval", batch_size=9).certified, ref.certified)
+        assert torch.equal(certify(linf_net, form, 0.01, "interval", batch_size=9).certified, ref.certified)
 
 
 def test_state_is_restored(linf_net, data):
@@ -70,6 +75,20 @@ def test_state_is_restored(linf_net, data):
 def test_bad_eps(linf_net, data, eps):
     with pytest.raises(ValueError, match="eps"):
         certify(linf_net, data, eps, "margin")
+
+
+def test_eps_as_a_0d_tensor(linf_net, data):
+    ref = certify(linf_net, data, 0.015, "margin")
+    for eps in (torch.tensor(0.015, dtype=torch.float64), np.float64(0.015), np.array(0.015)):
+        assert torch.equal(certify(linf_net, data, eps, "margin").certified, ref.certified)
+    with pytest.raises(ValueError, match=r"0-d tensor, got a tensor of shape \(2,\)"):
+        certify(linf_net, data, torch.tensor([0.01, 0.02]), "margin")
+    with pytest.raises(ValueError, match=r"shape \(1,\)"):
+        certify(linf_net, data, torch.tensor([0.01]), "margin")
+    with pytest.raises(TypeError, match="eps"):
+        certify(linf_net, data, torch.tensor(True), "margin")
+    with pytest.raises(TypeError, match="eps"):
+        certify(linf_net, data, "0.1", "margin")
 
 
 def test_bad_data(linf_net, data):
@@ -92,12 +111,36 @@ def test_bad_data(linf_net, data):
 def test_margin_curve_is_one_pass_and_matches_per_eps(linf_net, data):
     grid = [0.0, 0.005, 0.01, 0.05]
     curve = certified_accuracy_curve(linf_net, data, grid, "margin")
-    for e, acc in zip(grid, curve.certified_accuracy):
-        assert acc == certify(linf_net, data, e, "margin").certified_accuracy
-    assert curve.certified_accuracy == sorted(curve.certified_accuracy, reverse=True)
-    from_result = certified_accuracy_curve(certify(linf_net, data, 0.0, "margin"), eps_grid=grid)
-    assert from_result.certified_accuracy == curve.certified_accuracy
-    json.dumps(curve.to_dict())
+    assert curve.certified_accuracy.dtype == curve.eps.dtype == torch.float64 and curve.certified.shape == (40, 4)
+    for j, e in enumerate(grid):
+        per_eps = certify(linf_net, data, e, "margin")
+        assert curve.certified_accuracy[j] == per_eps.certified_accuracy
+        assert torch.equal(curve.certified[:, j], per_eps.certified)
+    assert torch.equal(curve.certified_accuracy, curve.certified_accuracy.sort(descending=True).values)
+    from_result = curve_from_result(certify(linf_net, data, 0.0, "margin"), grid)
+    assert torch.equal(from_result.certified_accuracy, curve.certified_accuracy)
+    back = CurveResult.from_dict(json.loads(json.dumps(curve.to_dict())))
+    assert torch.equal(back.certified, curve.certified) and torch.equal(back.eps, curve.eps)
+
+
+def test_curve_signature_method_required_and_the_old_forms_warn(linf_net, data):
+    grid = [0.0, 0.01]
+    ref = certified_accuracy_curve(linf_net, data, grid, "margin")
+    with pytest.warns(DeprecationWarning, match="without a method"):
+        old = certified_accuracy_curve(linf_net, data, grid)
+    assert torch.equal(old.certified_accuracy, ref.certified_accuracy)
+    res = certify(linf_net, data, 0.0, "margin")
+    with pytest.warns(DeprecationWarning, match="curve_from_result"):
+        old = certified_accuracy_curve(res, eps_grid=grid)
+    assert torch.equal(old.certified_accuracy, ref.certified_accuracy)
+    with pytest.raises(TypeError, match="missing required argument.*data"):
+        certified_accuracy_curve(linf_net, eps_grid=grid, method="margin")
+    with pytest.raises(ValueError, match="empty"):
+        certified_accuracy_curve(linf_net, data, [], "margin")
+    with pytest.raises(ValueError, match="holds no radii"):
+        curve_from_result(certify(linf_net, data, 0.01, "interval"), grid)
+    assert torch.equal(certified_accuracy_curve(linf_net, data, torch.tensor(grid), "margin").certified_accuracy,
+                       ref.certified_accuracy)
 
 
 def test_bisection_radius_is_certified_and_tight(linf_net, data):
@@ -106,15 +149,14 @@ def test_bisection_radius_is_certified_and_tight(linf_net, data):
     radius = curve.radius
     tol = curve.extra["bisect_tolerance"]
     assert tol == pytest.approx(0.01 / 2 ** 8)
-    for i in np.nonzero(radius > 0)[0][:5]:
+    for i in torch.nonzero(radius > 0).flatten()[:5].tolist():
         xi, yi = data.x[i:i + 1], data.y[i:i + 1]
         assert certify(linf_net, (xi, yi), float(radius[i]), "ibp").certified[0]
         if radius[i] + tol < 0.01:
             assert not certify(linf_net, (xi, yi), float(radius[i] + tol), "ibp").certified[0]
     per_eps = certified_accuracy_curve(linf_net, data, grid, "ibp")
     # bisection can only lose what lies within one tolerance of the grid point
-    for a, b in zip(curve.certified_accuracy, per_eps.certified_accuracy):
-        assert a <= b + 1e-12
+    assert (curve.certified_accuracy <= per_eps.certified_accuracy + 1e-12).all()
 
 
 def test_alpha_crown_batch_limit_follows_the_nonlinear_sizes(monkeypatch):
@@ -147,9 +189,9 @@ def test_alpha_crown_in_capped_batches_is_still_sound(monkeypatch, data):
     pts = info.subset(6)
     res = certify(mlp, pts, 0.01, "alpha-crown", batch_size=256, alpha_iterations=3)
     assert res.n == 6 and res.certified.shape == (6,)
-    assert not np.any(res.certified & ~res.correct)
+    assert not (res.certified & ~res.correct).any()
     adv = pgd_attack(mlp, pts.x, pts.y, 0.01, steps=20)
-    assert not np.any(res.certified & adv.success.numpy())
+    assert not (res.certified & adv.success).any()  # results combine: bool CPU tensors
 
 
 @pytest.mark.parametrize("method", ["ibp", "crown-ibp", "crown"])

@@ -13,6 +13,7 @@ import pytest
 from comparisons import plots
 from comparisons.cache import CheckpointCache, config_key
 from comparisons.cli import main
+from comparisons.common import MIN_POINTS
 from comparisons.report import METHOD_TITLES
 from comparisons.schema import SchemaError, validate_results
 from comparisons.suites import build_config, get_suite, parse_overrides
@@ -103,15 +104,21 @@ def test_csv_agrees_with_json(tiny_run):
 
 
 def _parse_cell(cell: str):
-    """``"12.5 / 8.3 / 0.0 (0.123 s)"`` → ([12.5, 8.3, 0.0], "0.123 s")."""
+    """``"12.5 / 8.3 / 0.0 (0.123 s)"`` → ([12.5, 8.3, 0.0], "0.123 s", None);
+    ``"1 / 1 / 0 of 3 pts (2.1 s)†"`` (fewer than MIN_POINTS points) → ([1, 1, 0], "2.1 s", 3)."""
     accs, _, rest = cell.partition(" (")
-    return [float(a) for a in accs.split(" / ")], rest.rstrip(")†").rstrip(")")
+    accs, _, of = accs.partition(" of ")
+    n = int(of.split()[0]) if of else None
+    return [float(a) for a in accs.split(" / ")], rest.rstrip(")†").rstrip(")"), n
 
 
 def test_markdown_agrees_with_json(tiny_run):
     run_dir, _, res = tiny_run
     text = (run_dir / "results.md").read_text()
     main_table = table_dicts(md_tables(text)[0])
+    # α-CROWN ran on 10 points (--points alpha-crown=10): its cells must be counts
+    assert any(r["n"] < MIN_POINTS for m in _ok_models(res) for r in m["evaluation"]["methods"].values()
+               if r["status"] == "ok")
     assert [r["Model"] for r in main_table] == [m["label"] for m in res["models"]]
     for row, m in zip(main_table, res["models"]):
         ev = m["evaluation"]
@@ -122,8 +129,11 @@ def test_markdown_agrees_with_json(tiny_run):
         for meth, title in METHOD_TITLES.items():
             rec = ev["methods"][meth]
             if rec["status"] == "ok":
-                accs, _ = _parse_cell(row[title])
-                assert accs == [pct(r["certified_accuracy"]) for r in rec["results"]], (m["key"], meth)
+                accs, _, n = _parse_cell(row[title])
+                if rec["n"] >= MIN_POINTS:
+                    assert n is None and accs == [pct(r["certified_accuracy"]) for r in rec["results"]], meth
+                else:  # a handful of points: the counts, never a percentage
+                    assert n == rec["n"] and accs == [round(r["certified_accuracy"] * n) for r in rec["results"]]
             else:
                 assert row[title] == {"n/a": "n/a", "not run": "—", "error": "error"}[rec["status"]]
     goal = table_dicts(md_tables(text)[1])
@@ -213,6 +223,22 @@ def test_a_failed_training_is_recorded_and_the_run_goes_on(tmp_path):
     text = (out / "results.md").read_text()
     assert "training failed" in text
     check_png(out / "certified_vs_eps.png", min_size=(50, 50))
+
+
+def test_an_internal_error_is_no_usage_error(tmp_path, monkeypatch):
+    """Only the project's own user-facing errors exit with code 2; a bug (a KeyError, a plain ValueError)
+    raises with its traceback."""
+    import comparisons.schema as schema
+
+    def bug(*a, **k):
+        raise KeyError("internal")
+
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "results.json").write_text("{}")
+    monkeypatch.setattr(schema, "validate_results", bug)
+    with pytest.raises(KeyError, match="internal"):
+        main(["report", str(run_dir)])
 
 
 def test_bad_arguments_are_refused_with_a_message(tmp_path, capsys):

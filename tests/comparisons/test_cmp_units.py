@@ -59,6 +59,40 @@ def test_cache_resumes_an_unfinished_entry_and_retrains_a_corrupt_one(tmp_path):
     assert not again.cache_hit and cache.lookup(cfg) is not None
 
 
+class _CountingBar:
+    def __init__(self, total):
+        self.total, self.n, self.closed = total, 0, False
+
+    def update(self, k=1):
+        self.n += k
+
+    def close(self):
+        self.closed = True
+
+
+def test_the_training_bar_counts_every_epoch_resumed_ones_included(tmp_path):
+    """The bar is ticked by a trainer callback (not by parsing log lines): a resumed entry counts the epochs
+    its checkpoint already holds."""
+    from types import SimpleNamespace
+
+    import comparisons.run as run
+
+    cfg = _tiny_relu_config()
+    cache = CheckpointCache(tmp_path / "cache")
+    spec = SimpleNamespace(key="ibp", preset=cfg.name)
+    bars = []
+
+    def stage_bar(desc, total):
+        bars.append(_CountingBar(total))
+        return bars[-1]
+
+    first = run._train_or_load(cfg, spec, cache, "cpu", stage_bar)
+    assert bars[-1].n == bars[-1].total == cfg.epochs and bars[-1].closed
+    (first.path.parent / ENTRY_NAME).unlink()  # as if the process died after its last checkpoint
+    run._train_or_load(cfg, spec, cache, "cpu", stage_bar)
+    assert len(bars) == 2 and bars[-1].n == cfg.epochs  # every epoch was done before the resume
+
+
 def test_disabled_cache_trains_into_the_scratch_folder(tmp_path):
     cfg = _tiny_relu_config()
     cache = CheckpointCache(tmp_path / "cache", enabled=False, scratch=tmp_path / "run")

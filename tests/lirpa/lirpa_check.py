@@ -168,6 +168,30 @@ def sample_points(lo, hi, n: int, gen) -> torch.Tensor:
     return torch.cat([lo + u * (hi - lo), lo + v * (hi - lo)])
 
 
+def sampled_values(model, lower, upper, n: int = 400, C=None, seed: int = 7) -> torch.Tensor:
+    """``C f(x)`` (``f(x)`` without ``C``) at ``n`` points of the box: half uniform, half random vertices.
+
+    The one sampling check of the tests' bounds (with :func:`assert_contains`).
+    Evaluated one batch of the ``B`` box centres at a time, as the bounds were
+    computed (a model may add a constant that depends on the batch position).
+
+    Returns:
+        ``(n, B, S)``.
+    """
+    gen = torch.Generator(device=lower.device).manual_seed(seed)
+    with torch.no_grad():
+        out = torch.stack([model(p) for p in sample_points(lower, upper, n, gen)])
+    return out if C is None else torch.einsum("bsk,rbk->rbs", C.to(out.dtype), out)
+
+
+def assert_contains(lb, ub, values, label: str = "") -> None:
+    """Finite bounds ``lb``, ``ub`` (``(B, S)``) that contain every sampled value ``(n, B, S)`` up to rounding."""
+    assert lb.shape == ub.shape == values.shape[1:], (label, lb.shape, values.shape)
+    assert torch.isfinite(lb).all() and torch.isfinite(ub).all(), f"{label}: non-finite bounds"
+    found = violations(lb, ub, values.min(0).values, values.max(0).values, label)
+    assert not found, found
+
+
 def pgd_extremes(model, C, lo, hi, gen, steps: int = 25):
     """Min and max of every spec output over the box found by sign-gradient PGD.
 

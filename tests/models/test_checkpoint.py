@@ -159,10 +159,11 @@ def test_unknown_model_and_shape_mismatch(tmp_path):
     with pytest.raises(CheckpointError, match=r"'mlp_9layer', which is not registered.*mlp_3layer"):
         load_checkpoint(_rewrite(good, tmp_path / "unknown.pt", model_config=config))
 
-    config = dict(model.model_config, kwargs={"width": 2})  # the rebuilt model is twice as wide
-    with pytest.raises(CheckpointError, match=r"shape mismatch for 'body.1.weight': the checkpoint has "
-                                              r"\(256, 64\).*expects \(512, 64\)"):
-        load_checkpoint(_rewrite(good, tmp_path / "wide.pt", model_config=config))
+    # the rebuilt model is twice as wide; as a flat config and as the nested one of checkpoints before 0.2
+    for config in (dict(model.model_config, width=2), dict(model.model_config, kwargs={"width": 2})):
+        with pytest.raises(CheckpointError, match=r"shape mismatch for 'body.1.weight': the checkpoint has "
+                                                  r"\(256, 64\).*expects \(512, 64\)"):
+            load_checkpoint(_rewrite(good, tmp_path / "wide.pt", model_config=config))
 
     with pytest.raises(CheckpointError, match="version 99"):
         load_checkpoint(_rewrite(good, tmp_path / "future.pt", version=99))

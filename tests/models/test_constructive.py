@@ -44,7 +44,7 @@ def test_theorem32_certifies_every_digit_at_eps_0_2(digits, dtype):
     net = theorem32_net(x, digits.y)
     assert net.layers[0].weight.dtype == dtype and not net.training
     assert net.lipschitz_linf == 1.0 and "margin" in net.certificates
-    assert net.model_name == "theorem32_net" and net.model_config["kwargs"]["num_points"] == len(digits)
+    assert net.model_name == "theorem32_net" and net.model_config["num_points"] == len(digits)
     with torch.no_grad():
         logits = net(x)
     margin = _margin(logits.double(), digits.y)

@@ -1,6 +1,7 @@
 """Every registered model builds, runs forward and backward, and describes itself (timm style)."""
 from __future__ import annotations
 
+import inspect
 import json
 import math
 
@@ -8,9 +9,10 @@ import pytest
 import torch
 
 from linf_plugin.data import dataset_info, three_point_set
-from linf_plugin.models import (CERTIFICATES, FAMILIES, GENERIC_DEFAULTS, LinfDistHybrid, LinfDistNet,
-                                UnknownModelError, create_model, list_models, model_defaults, model_family,
+from linf_plugin.models import (FAMILIES, GENERIC_DEFAULTS, LinfDistHybrid, LinfDistNet, UnknownModelError,
+                                create_model, list_models, model_defaults, model_entrypoint, model_family, model_info,
                                 register_model)
+from linf_plugin.names import METHODS
 from linf_plugin.nn import InputNormalize, LpDistLinear, MeanShiftNorm, set_p
 
 SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
@@ -108,7 +110,7 @@ def test_model_describes_itself_and_config_rebuilds_it(name):
     again = create_model(**cfg)
     assert type(again) is type(model)
     assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
-    assert set(model.certificates) <= set(CERTIFICATES)
+    assert set(model.certificates) <= set(METHODS)
     assert model.lipschitz_linf is None  # train mode: mean shift uses batch statistics
     assert {"ibp", "crown-ibp", "crown", "alpha-crown"} <= set(model.certificates)
 
@@ -218,3 +220,43 @@ def test_registry_errors_and_listing():
     model = create_model("mlp_3layer", (1, 8, 8), 10)
     with pytest.raises(ValueError, match=r"expects inputs of shape \(B, 1, 8, 8\)"):
         model(torch.rand(2, 1, 28, 28))
+
+
+def test_create_model_takes_the_model_kwargs_themselves_as_timm():
+    params = inspect.signature(create_model).parameters
+    assert [p.kind for p in params.values()][-1] is inspect.Parameter.VAR_KEYWORD and "kwargs" in params
+    assert not any(p.name == "kwargs" and p.kind is not inspect.Parameter.VAR_KEYWORD for p in params.values())
+    model = create_model("linf_dist_mlp", (1, 8, 8), 10, depth=2, width=8)
+    # the config is flat: create_model(**config) passes the model's own keyword arguments
+    assert model.model_config == {"name": "linf_dist_mlp", "input_shape": [1, 8, 8], "num_classes": 10, "depth": 2,
+                                  "width": 8}
+    with pytest.warns(DeprecationWarning, match=r"create_model\(name, \*\*kwargs\)"):
+        old = create_model("linf_dist_mlp", (1, 8, 8), 10, kwargs={"depth": 2, "width": 8})
+    assert old.model_config == model.model_config
+
+
+def test_model_entrypoint_is_the_entrypoint_and_model_info_the_record():
+    fn = model_entrypoint("mlp_3layer")
+    assert callable(fn) and fn.__name__ == "mlp_3layer"
+    bare = fn(input_shape=(1, 8, 8), num_classes=4)
+    assert isinstance(bare, torch.nn.Module) and bare(torch.rand(2, 1, 8, 8)).shape == (2, 4)
+    info = model_info("mlp_3layer")
+    assert info.family == "relu" == model_family("mlp_3layer") and info.fn is fn.__wrapped__
+    with pytest.warns(DeprecationWarning, match="model_info"):
+        assert fn.family == "relu"  # the previous release's ModelEntry field, for one release
+    with pytest.raises(UnknownModelError, match="Did you mean"):
+        model_entrypoint("mlp_3layr")
+
+
+def test_names_are_defined_once():
+    from linf_plugin import certification, names, training
+    from linf_plugin.certification import bound_prop
+    from linf_plugin.models import BOUND_PROPAGATION_METHODS, base
+
+    assert certification.METHODS is names.METHODS and training.FAMILIES is FAMILIES is names.FAMILIES
+    assert BOUND_PROPAGATION_METHODS is names.BOUND_PROPAGATION_METHODS
+    assert set(bound_prop.LIRPA_METHODS) == set(BOUND_PROPAGATION_METHODS)
+    assert names.Method.CROWN == "crown" and f"{names.Method.CROWN_IBP}" == "crown-ibp"
+    assert json.dumps([names.Method.ALPHA_CROWN, names.Family.RELU]) == '["alpha-crown", "relu"]'
+    with pytest.warns(DeprecationWarning, match="CERTIFICATES"):
+        assert base.CERTIFICATES is names.METHODS

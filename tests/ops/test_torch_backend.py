@@ -83,12 +83,15 @@ def test_chunking_under_a_tiny_budget_gives_the_same_result():
         _compare(tiny, 13, 17, 19, torch.float64, p)
 
 
-def test_chunks_are_balanced_and_cover_every_row():
+@pytest.mark.parametrize("rows", [1, 2, 9, 10, 11, 12, 13, 97])
+def test_chunks_are_balanced_and_cover_every_row(rows):
     b = TorchBackend(compile=False, eager_budget=100)
-    sl = list(b._chunks(10, 3, 10, False))                         # 3 rows fit: 4 chunks of 3,3,3,1 -> 3,3,2,2
-    assert [s.stop - s.start for s in sl] == [3, 3, 3, 1] or sum(s.stop - s.start for s in sl) == 10
-    assert sl[0].start == 0 and sl[-1].stop == 10
-    assert all(a.stop == b_.start for a, b_ in zip(sl, sl[1:]))
+    sl = list(b._chunks(rows, 3, 10, False))  # 3 rows fit a chunk: 10 rows -> 3, 3, 2, 2
+    sizes = [s.stop - s.start for s in sl]
+    assert len(sl) == -(-rows // 3) and max(sizes) <= 3  # the fewest chunks the budget allows
+    assert max(sizes) - min(sizes) <= 1  # balanced
+    assert sl[0].start == 0 and sl[-1].stop == rows and all(a.stop == b_.start for a, b_ in zip(sl, sl[1:]))
+    assert [s.stop - s.start for s in b._chunks(10, 3, 10, False)] == [3, 3, 2, 2]
 
 
 def test_eager_ties_take_the_lowest_index():

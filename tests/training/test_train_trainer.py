@@ -1,4 +1,4 @@
-"""The trainer end to end on tiny digits runs: files, checkpoints, exact resume after a SIGKILL, NaN stop."""
+"""The trainer end to end on tiny digits runs: files, checkpoints, callbacks, exact resume after a SIGKILL, NaN stop."""
 from __future__ import annotations
 
 import hashlib
@@ -54,9 +54,32 @@ def _run_cli(args, check=True):
     return proc
 
 
+class _Recorder:
+    """Records every hook call: (hook, epochs in the history, checkpoint epoch on disk)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def _record(self, hook, result):
+        on_disk = load_checkpoint(result.checkpoint_path).epoch if result.checkpoint_path else None
+        self.calls.append((hook, len(result.history), on_disk))
+
+    def on_train_start(self, result):
+        self._record("start", result)
+
+    def on_epoch_end(self, result):
+        self._record("epoch", result)
+
+    def on_train_end(self, result):
+        self._record("end", result)
+
+
 def test_train_writes_logs_checkpoint_and_final_metrics(tmp_path):
     cfg = _tiny_config("linf_dist", tmp_path / "run")
-    result = train(cfg)
+    recorder = _Recorder()
+    result = train(cfg, callbacks=[recorder])
+    # each epoch's hook runs after its checkpoint is on disk
+    assert recorder.calls == [("start", 0, None), ("epoch", 1, 1), ("epoch", 2, 2), ("epoch", 3, 3), ("end", 3, 3)]
     out = tmp_path / "run"
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3] == [r["epoch"] for r in result.history]
@@ -86,12 +109,28 @@ def test_train_without_out_dir_writes_nothing(tmp_path, monkeypatch):
     assert len(result.history) == 1
 
 
+# The child trains with a callback that kills its own process (SIGKILL) after the first epoch's checkpoint.
+_KILLED_AFTER_EPOCH_1 = """
+import os, signal, sys
+from linf_plugin.training import train
+from linf_plugin.training.__main__ import build_parser, config_from_args
+
+class KillAfterFirstEpoch:
+    def on_epoch_end(self, result):
+        if len(result.history) == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+train(config_from_args(build_parser().parse_args(sys.argv[1:])), callbacks=[KillAfterFirstEpoch()])
+"""
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["linf_dist", "hybrid", "relu"])
 def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path, family):
     full, cut = tmp_path / "full", tmp_path / "cut"
     _run_cli(TINY[family] + COMMON + ["--out", str(full)])
-    killed = _run_cli(TINY[family] + COMMON + ["--out", str(cut), "--stop-after-epoch", "1"], check=False)
+    killed = subprocess.run([sys.executable, "-c", _KILLED_AFTER_EPOCH_1, *TINY[family], *COMMON, "--out", str(cut)],
+                            cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert load_checkpoint(cut / "checkpoint.pt").epoch == 1
     assert len((cut / "log.jsonl").read_text().splitlines()) == 1
@@ -143,10 +182,37 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_p
     assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 1
 
 
-def test_stop_after_epoch_needs_an_out_dir():
+def test_a_callback_that_raises_stops_the_run_and_resume_goes_on(tmp_path):
+    cfg = _tiny_config("linf_dist", tmp_path, epochs=2)
+
+    class Stop:
+        def on_epoch_end(self, result):
+            raise KeyboardInterrupt("stop here")
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, callbacks=[Stop()])
+    assert load_checkpoint(tmp_path / "checkpoint.pt").epoch == 1
+    recorder = _Recorder()
+    result = train(cfg.replace(resume=True), callbacks=[recorder])
+    assert recorder.calls[0] == ("start", 1, 1) and [r["epoch"] for r in result.history] == [1, 2]
+    with pytest.raises(TypeError, match="defines none of"):
+        train(cfg, callbacks=[object()])
+    with pytest.raises(TypeError, match="sequence of callbacks"):
+        train(cfg, callbacks=recorder)
+
+
+def test_stop_after_epoch_is_deprecated_and_needs_an_out_dir(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="out_dir"):
         train(get_preset("digits-linf", stop_after_epoch=1, epochs=2))
+    kills = []
 
+    def fake_kill(pid, sig):  # the shim still kills its own process; here it only records that it would
+        kills.append((pid, sig, load_checkpoint(tmp_path / "checkpoint.pt").epoch))
+
+    monkeypatch.setattr(os, "kill", fake_kill)
+    with pytest.warns(DeprecationWarning, match="stop_after_epoch"):
+        train(_tiny_config("linf_dist", tmp_path, epochs=1, stop_after_epoch=1))
+    assert kills == [(os.getpid(), signal.SIGKILL, 1)]
 
 
 def test_cli_children_keep_the_callers_pythonpath(tmp_path, monkeypatch):
