@@ -172,3 +172,11 @@ def test_a_signal_during_a_save_is_raised_after_it():
                 steps.append("log line")
         steps.append("after")
     assert steps == ["file", "log line", "after"] and info.value.signum == signal.SIGTERM
+
+
+def test_a_union_saves_each_member_in_its_own_folder(models, data, tmp_path):
+    ref = certify(models["linf"], data, 0.02, "interval+margin", batch_size=8, distributed=False)
+    res = certify(models["linf"], data, 0.02, "interval+margin", batch_size=8, chunk_dir=tmp_path / "job")
+    _same(res, ref)
+    assert sorted(p.name for p in (tmp_path / "job").iterdir()) == ["interval", "margin"]
+    assert all(len(_log(tmp_path / "job" / m)) == 5 for m in ("interval", "margin"))
