@@ -13,13 +13,29 @@ IBP, CROWN and alpha-CROWN beside it as ratios.
 
     python benchmarks/certify.py                 # CPU defaults
     python benchmarks/certify.py --device cuda   # GPU: 10,000 CIFAR inputs
+
+``--nproc N`` measures something else: the speed-up of ``certify`` sharded
+over N ``torchrun`` processes against one process, for CROWN on the digits
+CNN (``cnn_7layer``, width 16, as the digits suite trains it), each process
+with ``--threads`` threads (default 1), plus one process with N threads as
+the machine's other way of using N cores.  Every run is a fresh process;
+the table gives the ``certify`` call's wall time (inside the processes,
+gathering included), the whole command's (start-up and imports included),
+each rank's compute time, a matmul rate measured in each run, and the
+load average before and after (other jobs on the machine slow every run).
+
+    python benchmarks/certify.py --nproc 2       # writes benchmarks/results/certify_sharded-cpu.json
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import platform
+import subprocess
+import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,9 +51,10 @@ from linf_plugin.models import create_model
 
 def _cpu_name() -> str:
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return platform.processor() or "unknown"
@@ -92,6 +109,102 @@ def _time_row(model, data, eps, method, n, budget, alpha_iterations):
             "certified_accuracy": cert}
 
 
+def _matmul_gflops(device, seconds: float = 0.5) -> float:
+    """This process's float32 matmul rate (1024², its current thread count): the machine's own yardstick."""
+    a = torch.rand(1024, 1024, device=device)
+    b = torch.rand(1024, 1024, device=device)
+    a @ b
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        n += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * 1024 ** 3 * n / (time.perf_counter() - t0) / 1e9
+
+
+def _sharded_worker(args) -> None:
+    """One process of a ``--nproc`` run (alone, or one torchrun rank): CROWN on the digits CNN, timed."""
+    from linf_plugin import distributed as pg
+
+    torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    if pg.launched():
+        pg.join_group(args.device)
+        if dev.type == "cuda":
+            dev = torch.device(f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}")
+    info = dataset_info("digits")
+    torch.manual_seed(0)  # the same weights in every process (certify checks the ranks' models agree)
+    model = create_model("cnn_7layer", input_shape=(1, 8, 8), num_classes=10, width=16, linear_size=128,
+                         mean=info.mean, std=info.std).to(dev).eval()
+    te = load_dataset("digits", "test")
+    data = (te.x[:args.points], te.y[:args.points])
+    gflops = _matmul_gflops(dev)
+    certify(model, (data[0][:2], data[1][:2]), args.eps, "crown", batch_size=2, distributed=False)  # warm-up
+    t0 = time.perf_counter()
+    res = certify(model, data, args.eps, "crown", batch_size=args.batch_size)
+    wall = time.perf_counter() - t0
+    chunks = res.extra.get("chunks", {})
+    if pg.is_main():
+        atomic_write_json(args.worker_out, {"wall_s": wall, "rank_time_s": chunks.get("rank_time", [wall]),
+                                            "world_size": pg.world_size(), "matmul_gflops_rank0": gflops,
+                                            "certified": int(torch.as_tensor(res.certified).sum()),
+                                            "certified_flags": torch.as_tensor(res.certified).tolist()})
+
+
+def _sharded_speedup(args) -> None:
+    """Time CROWN on the digits CNN in 1 process, in ``--nproc`` torchrun processes, and in 1 process with
+    ``--nproc`` times the threads; print the table and write the JSON."""
+    me = [sys.executable, str(Path(__file__).resolve()), "--worker", "--device", args.device, "--points",
+          str(args.points), "--batch-size", str(args.batch_size), "--eps", str(args.eps)]
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (str(root), os.environ.get("PYTHONPATH")))))
+    runs = [("1 process", 1, args.threads), (f"{args.nproc} processes (torchrun)", args.nproc, args.threads),
+            (f"1 process, {args.nproc * args.threads} threads", 1, args.nproc * args.threads)]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, nproc, threads in runs:
+            out = Path(tmp) / f"run{len(rows)}.json"
+            cmd = me + ["--threads", str(threads), "--worker-out", str(out)]
+            if nproc > 1:
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                       str(nproc), *cmd[1:]]
+            load_before = os.getloadavg()
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, env={**env, "OMP_NUM_THREADS": str(threads)}, capture_output=True, text=True)
+            total = time.perf_counter() - t0
+            if proc.returncode != 0:
+                raise SystemExit(f"{label} failed:\n{proc.stderr[-3000:]}")
+            rec = json.loads(out.read_text())
+            rows.append({"run": label, "processes": nproc, "threads_per_process": threads, "command_s": total,
+                         "load_before": load_before, "load_after": os.getloadavg(), **rec})
+    base = rows[0]
+    if any(r["certified_flags"] != base["certified_flags"] for r in rows):
+        raise SystemExit("the runs certified different points: sharding changed a result")
+    for r in rows:
+        r["speedup_certify"] = base["wall_s"] / r["wall_s"]
+        r["speedup_command"] = base["command_s"] / r["command_s"]
+        r.pop("certified_flags")
+    print(f"CROWN on the digits CNN (cnn_7layer width 16), {args.points} points, batch {args.batch_size}, "
+          f"eps {args.eps:g}, {_cpu_name() if args.device == 'cpu' else args.device}, {os.cpu_count()} cores")
+    print(f"{'run':32s} {'certify s':>10s} {'x 1 proc':>9s} {'command s':>10s} {'x 1 proc':>9s} {'rank s':>16s} "
+          f"{'GFLOP/s':>8s} {'load before/after':>18s}")
+    for r in rows:
+        ranks = "/".join(f"{t:.1f}" for t in r["rank_time_s"])
+        print(f"{r['run']:32s} {r['wall_s']:10.2f} {r['speedup_certify']:9.2f} {r['command_s']:10.2f} "
+              f"{r['speedup_command']:9.2f} {ranks:>16s} {r['matmul_gflops_rank0']:8.1f} "
+              f"{r['load_before'][0]:8.2f}/{r['load_after'][0]:<8.2f}")
+    print(f"all runs certified the same {base['certified']} of {args.points} points")
+    out = Path(args.out or f"benchmarks/results/certify_sharded-{torch.device(args.device).type}.json")
+    atomic_write_json(out, {"benchmark": "certify --nproc", "model": "cnn_7layer(width=16, linear_size=128)",
+                            "method": "crown", "points": args.points, "batch_size": args.batch_size, "eps": args.eps,
+                            "device": args.device, "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+                            "machine": platform.node(), "torch": torch.__version__,
+                            "linf_plugin": linf_plugin.__version__,
+                            "timestamp": datetime.now(timezone.utc).isoformat(), "rows": rows})
+    print(f"wrote {out}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -101,7 +214,21 @@ def main(argv=None):
     parser.add_argument("--alpha-iterations", type=int, default=20)
     parser.add_argument("--skip-cifar", action="store_true")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--nproc", type=int, default=None,
+                        help="instead: the speed-up of certify over N torchrun processes (CROWN, digits CNN)")
+    parser.add_argument("--threads", type=int, default=1, help="--nproc: threads per process")
+    parser.add_argument("--points", type=int, default=128, help="--nproc: points certified")
+    parser.add_argument("--batch-size", type=int, default=16, help="--nproc: the batch (one chunk each)")
+    parser.add_argument("--eps", type=float, default=0.05, help="--nproc: eps")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.worker:
+        return _sharded_worker(args)
+    if args.nproc is not None:
+        if args.nproc < 1:
+            parser.error("--nproc must be >= 1")
+        return _sharded_speedup(args)
     dev = torch.device(args.device)
     gpu = dev.type == "cuda"
     device_name = torch.cuda.get_device_name(dev) if gpu else _cpu_name()

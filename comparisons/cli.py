@@ -7,6 +7,7 @@ PNG files rendered from it.  A short summary is printed at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from typing import List, Optional
 
@@ -116,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--alpha-iterations", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run stopped in --out (Ctrl-C, SIGTERM, a dead rank): the certification, "
+                        "bisection and PGD batches it saved are read back, not computed again; changed settings "
+                        "are refused")
     _cache(p)
     _common(p, "run folder (default runs/run-<timestamp>)")
 
@@ -136,10 +141,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Parse ``argv`` (default ``sys.argv[1:]``), run the subcommand, print its summary; returns the exit code."""
+    """Parse ``argv`` (default ``sys.argv[1:]``), run the subcommand, print its summary; returns the exit code.
+
+    Under ``torchrun`` every rank runs the whole command (certification is
+    sharded over the ranks, training uses DDP) and rank 0 writes and prints.
+    SIGTERM and Ctrl-C stop it with the shell's code for the signal (143, 130)
+    and, for ``run --out DIR``, the command that resumes it.
+    """
+    from linf_plugin import distributed as pg
+    from linf_plugin.certification.distributed import Interrupted, stop_on_signals
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    stack = contextlib.ExitStack()
     try:
+        if args.command != "report":
+            pg.join_group(args.device)
+        stack.enter_context(stop_on_signals())
         if args.command == "run":
             from .run import RunSettings, run_comparison
             from .summary import summarize_run
@@ -148,19 +166,19 @@ def main(argv: Optional[List[str]] = None) -> int:
             kw["method_points"] = _points(kw.get("method_points"))
             kw["budgets"] = _points(kw.get("budgets"), "--budget", float)
             run_dir, res = run_comparison(RunSettings(**kw))
-            print(summarize_run(run_dir, res))
+            _print_main(summarize_run(run_dir, res))
         elif args.command == "mirman":
             from .mirman import settings_from_args, run_mirman
             from .summary import summarize_mirman
 
             run_dir, res = run_mirman(settings_from_args(args))
-            print(summarize_mirman(run_dir, res))
+            _print_main(summarize_mirman(run_dir, res))
         elif args.command == "theorem":
             from .summary import summarize_theorem
             from .theorem import run_theorem, settings_from_args as theorem_settings
 
             run_dir, res = run_theorem(theorem_settings(args))
-            print(summarize_theorem(run_dir, res))
+            _print_main(summarize_theorem(run_dir, res))
         else:
             from .report import render_report
 
@@ -170,17 +188,49 @@ def main(argv: Optional[List[str]] = None) -> int:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"error: {msg}", file=sys.stderr)
         return 2
+    except pg.RankFailure as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except Interrupted as exc:
+        _print_main(_stopped(exc, args, sys.argv[1:] if argv is None else argv), file=sys.stderr)
+        return exc.exit_code
+    finally:
+        stack.close()
     return 0
 
 
 def _user_errors() -> tuple:
     """The exception types that report a user's mistake (arguments, files, names), each with a message."""
     from linf_plugin.certification import MethodNotApplicableError
+    from linf_plugin.certification.chunks import ResumeError
     from linf_plugin.models import CheckpointError, UnknownModelError
     from linf_plugin.training import ConfigError, PresetError
 
     from .schema import SchemaError
 
     # FileNotFoundError: a missing results.json or data set (DataNotFoundError)
+    # ResumeError: a run folder or job that cannot be resumed with these settings (the fields are named)
     return (UsageError, SchemaError, ConfigError, PresetError, UnknownModelError, CheckpointError,
-            MethodNotApplicableError, FileNotFoundError)
+            MethodNotApplicableError, FileNotFoundError, ResumeError)
+
+
+def _print_main(text: str, file=None) -> None:
+    from linf_plugin import distributed as pg
+
+    if pg.is_main():
+        print(text, file=file)
+
+
+def _stopped(exc, args, argv: List[str]) -> str:
+    """What a stop by a signal left behind, and how to go on."""
+    import signal
+
+    from .jobs import resume_command
+
+    msg = f"stopped by {signal.Signals(exc.signum).name}"
+    if args.command != "run":
+        return msg + "; nothing of this command is saved, run it again"
+    if args.out is None:
+        return msg + "; run with --out DIR to be able to resume a stopped run"
+    return (f"{msg}; every finished batch is saved in {args.out}/chunks (trained models in the cache). "
+            f"Resume with:\n  {resume_command(argv)}")

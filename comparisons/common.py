@@ -19,9 +19,11 @@ from typing import Optional
 
 import torch
 
-__all__ = ["UsageError", "usage_errors", "make_run_dir", "environment", "resolve_device", "Timer", "error_record",
-           "fmt_eps", "fmt_pct", "fmt_seconds", "fmt_share", "fmt_shares", "fmt_gap", "fmt_points", "MIN_POINTS",
-           "progress_enabled", "count_params", "nan_to_none", "torch_threads", "SCHEMA_VERSION", "log"]
+from linf_plugin import distributed as pg
+
+__all__ = ["UsageError", "usage_errors", "make_run_dir", "shared_run_dir", "environment", "resolve_device", "Timer",
+           "error_record", "fmt_eps", "fmt_pct", "fmt_seconds", "fmt_share", "fmt_shares", "fmt_gap", "fmt_points",
+           "MIN_POINTS", "progress_enabled", "count_params", "nan_to_none", "torch_threads", "SCHEMA_VERSION", "log"]
 
 SCHEMA_VERSION = 1
 
@@ -46,8 +48,9 @@ def usage_errors():
 
 
 def log(msg: str) -> None:
-    """One line of progress on stderr (stdout is kept for the final summary)."""
-    print(msg, file=sys.stderr, flush=True)
+    """One line of progress on stderr (stdout is kept for the final summary); rank 0 alone under torchrun."""
+    if pg.is_main():
+        print(msg, file=sys.stderr, flush=True)
 
 
 def make_run_dir(command: str, out: Optional[str] = None, root: str = "runs") -> Path:
@@ -72,6 +75,12 @@ def make_run_dir(command: str, out: Optional[str] = None, root: str = "runs") ->
             path = Path(root) / f"{command}-{stamp}-{k}"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def shared_run_dir(command: str, out: Optional[str] = None, root: str = "runs") -> Path:
+    """:func:`make_run_dir` on rank 0, the same path on every rank (the others create nothing; rank 0 writes)."""
+    path = make_run_dir(command, out, root) if pg.is_main() else None
+    return Path(pg.broadcast_object(None if path is None else str(path), what="sharing the run folder"))
 
 
 def environment(device: torch.device) -> dict:

@@ -33,6 +33,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
+from linf_plugin import distributed as pg
 from linf_plugin.certification import bisect_radius, certify
 from linf_plugin.certification.bound_prop import BoundPropCertifier
 from linf_plugin.data import three_point_set
@@ -40,8 +41,8 @@ from linf_plugin.io import atomic_write_json
 from linf_plugin.models import theorem32_net
 from linf_plugin.names import BOUND_PROPAGATION_METHODS, Method
 
-from .common import (SCHEMA_VERSION, Timer, UsageError, count_params, environment, error_record, log, make_run_dir,
-                     nan_to_none, progress_enabled, torch_threads)
+from .common import (SCHEMA_VERSION, Timer, UsageError, count_params, environment, error_record, log, nan_to_none,
+                     progress_enabled, shared_run_dir, torch_threads)
 from .mirman_nets import (SmallReluNet, abs_net, linf_train_config, relu_train_config, small_linf_net,
                           train_on_points, tuned_net)
 
@@ -255,8 +256,8 @@ def run_mirman(settings: MirmanSettings):
     for sep in s.separations:
         if not sep >= 1:
             raise UsageError(f"separations must be >= 1 (1 = touching), got {sep}")
-    progress = progress_enabled(s.progress)
-    run_dir = make_run_dir("mirman", s.out)
+    progress = progress_enabled(s.progress) and pg.is_main()
+    run_dir = shared_run_dir("mirman", s.out)
     if s.device not in (None, "auto", "cpu"):
         log("note: the three-point experiment is tiny; it runs on the CPU in float64")
     results = {"schema": "comparisons.mirman", "schema_version": SCHEMA_VERSION, "command": "mirman",
@@ -315,8 +316,9 @@ def run_mirman(settings: MirmanSettings):
     results["checks"] = evaluate_checks(results)
     results["wall_time"] = total.seconds
     results = nan_to_none(results)
-    atomic_write_json(Path(run_dir) / "results.json", results, indent=1)
-    render_report(run_dir)
+    if pg.is_main():  # under torchrun every rank computed the same results; one writes them
+        atomic_write_json(Path(run_dir) / "results.json", results, indent=1)
+        render_report(run_dir)
     return Path(run_dir), results
 
 

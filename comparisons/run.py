@@ -18,6 +18,7 @@ the results (and listed in the summary); the run goes on with the rest.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -25,19 +26,23 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from linf_plugin.attacks import pgd_attack
+from linf_plugin import distributed as pg
 from linf_plugin.certification import applicable_methods, certified_accuracy_curve, certify
 from linf_plugin.data import load_dataset
 from linf_plugin.io import atomic_write_json
 from linf_plugin.names import METHODS, Method
 
 from .cache import CheckpointCache
-from .common import (SCHEMA_VERSION, Timer, UsageError, count_params, environment, error_record, log, make_run_dir,
-                     nan_to_none, progress_enabled, resolve_device, torch_threads, usage_errors)
+from .common import (SCHEMA_VERSION, Timer, UsageError, count_params, environment, error_record, log, nan_to_none,
+                     progress_enabled, resolve_device, shared_run_dir, torch_threads, usage_errors)
+from .jobs import Saving, bisect_radii, certify_at, check_run_state, is_fatal, pgd_accuracy
 from .suites import ModelSpec, build_config, eps_label_list, get_suite, parse_overrides, select_models, training_label
 
 __all__ = ["RunSettings", "run_comparison", "evaluate_model", "speed_accuracy", "budgeted_points",
            "BASELINE_TRAININGS", "DENSE_POINTS"]
+
+# settings that change how a run is carried out, not its results (free to differ when resuming)
+_RUNTIME_SETTINGS = ("out", "device", "data_root", "cache_dir", "use_cache", "num_threads", "progress", "resume")
 
 # Training methods that count as "baselines" for the speed/accuracy goal.
 BASELINE_TRAININGS = ("IBP", "CROWN-IBP")
@@ -70,7 +75,9 @@ class RunSettings:
         batch_size, alpha_iterations: certification settings.
         seed: training seed and attack generator seed.
         num_threads: CPU threads (None = torch's default).
-        progress: progress bars (None = when stderr is a terminal).
+        progress: progress bars (None = when stderr is a terminal; rank 0 only under torchrun).
+        resume: continue the run saved in ``out`` (``--resume``): finished batches of certification, bisection
+            and PGD are read back, not computed again (see :mod:`comparisons.jobs`).
     """
 
     preset: str = "digits"
@@ -98,6 +105,7 @@ class RunSettings:
     seed: int = 0
     num_threads: Optional[int] = None
     progress: Optional[bool] = None
+    resume: bool = False
 
 
 def _check_methods(methods: Optional[List[str]]) -> Optional[List[Method]]:
@@ -109,20 +117,13 @@ def _check_methods(methods: Optional[List[str]]) -> Optional[List[Method]]:
     return [Method(m) for m in dict.fromkeys(methods)]
 
 
-def _pgd(model, x, y, eps_grid, steps, restarts, batch_size, data_range, seed, device, bar) -> dict:
+def _pgd(model, x, y, eps_grid, steps, restarts, batch_size, data_range, seed, device, bar, saving: Saving) -> dict:
     out = []
-    for eps in eps_grid:
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        broken = []
-        with Timer(device) as t:
-            for s in range(0, x.shape[0], batch_size):
-                xb, yb = x[s:s + batch_size].to(device), y[s:s + batch_size].to(device)
-                res = pgd_attack(model, xb, yb, eps, steps=steps, restarts=restarts, data_range=data_range,
-                                 generator=gen)
-                broken.append(res.success.cpu())
-        broken = torch.cat(broken)
-        acc = float((~broken).sum().item()) / broken.numel()
-        out.append({"eps": eps, "accuracy": acc, "time": t.seconds})
+    for k, eps in enumerate(eps_grid):
+        acc, seconds, retries = pgd_accuracy(model, x, y, eps, saving=saving.sub(f"eps-{k}"), steps=steps,
+                                             restarts=restarts, batch_size=batch_size, data_range=data_range,
+                                             seed=seed, device=device)
+        out.append({"eps": eps, "accuracy": acc, "time": seconds, **({"oom_retries": retries} if retries else {})})
         bar.update(1)
     return {"status": "ok", "steps": steps, "restarts": restarts, "results": out}
 
@@ -134,7 +135,7 @@ def _dense_curve(radius: torch.Tensor, eps_max: float, points: int = DENSE_POINT
 
 
 def _certify_method(model, data, method, eps_grid, *, batch_size, device, alpha_iterations, bisect, bisect_steps,
-                    bar, budget: Optional[float] = None) -> dict:
+                    bar, saving: Saving = Saving(), budget: Optional[float] = None) -> dict:
     """One method on one model over the whole grid; the record that goes into results.json.
 
     Models with ℓp-dist layers use kernels compiled on first use
@@ -143,7 +144,8 @@ def _certify_method(model, data, method, eps_grid, *, batch_size, device, alpha_
     excepted: it runs CROWN's kernels) first runs once, untimed, on the
     first ``batch_size`` points (margin: on the one batch its timed pass
     runs), so the same kernels and shapes are compiled; that time is
-    recorded as ``warmup_time``.  ReLU nets need no warm-up.
+    recorded as ``warmup_time``.  ReLU nets need no warm-up.  Every rank warms
+    up its own kernels (``distributed=False``).
     """
     from linf_plugin.nn import lp_dist_layers
 
@@ -156,10 +158,11 @@ def _certify_method(model, data, method, eps_grid, *, batch_size, device, alpha_
                               else (min(len(data), batch_size), batch_size))
         with Timer(device) as tw:
             certify(model, data.subset(n_warm), 0.0 if method == Method.MARGIN else eps_grid[0],
-                    method, batch_size=warm_batch, device=device, alpha_iterations=alpha_iterations)
+                    method, batch_size=warm_batch, device=device, alpha_iterations=alpha_iterations,
+                    distributed=False)
         warm = tw.seconds
     kw = dict(batch_size=batch_size, device=device, alpha_iterations=alpha_iterations, bisect=bisect,
-              bisect_steps=bisect_steps)
+              bisect_steps=bisect_steps, saving=saving)
     if budget is not None and method != Method.MARGIN:
         rec = _budgeted_method(model, data, method, eps_grid, eps_max, budget, **kw)
         bar.update(len(eps_grid))
@@ -197,10 +200,13 @@ def _budgeted_method(model, data, method, eps_grid, eps_max, budget, *, batch_si
     A probe on the first points sets the count; when more fit, the method
     runs again on the first ``n`` points, in batches of the probe's size (its
     record and times are that run's; the probe's time is kept under ``budget``).
+    The probe's time is the sum of its chunks' compute times, saved with
+    them: a resumed run (or one under torchrun) picks the same ``n``.
     """
     probe_n = min(len(data), BUDGET_PROBE.get(method, DEFAULT_PROBE))
+    probe_kw = {**kw, "saving": kw["saving"].sub("probe")}
     rec = _timed_method(model, data.subset(probe_n), method, eps_grid, eps_max, batch_size=batch_size,
-                        bar=None, **kw)
+                        bar=None, **probe_kw)
     probe_time = rec["time"]
     n = budgeted_points(probe_time, probe_n, len(data), budget)
     if n > probe_n:
@@ -219,7 +225,7 @@ def _margin_batch(batch_size: int, n: int) -> int:
 
 
 def _timed_method(model, data, method, eps_grid, eps_max, *, batch_size, device, alpha_iterations, bisect,
-                  bisect_steps, bar) -> dict:
+                  bisect_steps, bar, saving: Saving = Saving()) -> dict:
     from tqdm.auto import tqdm
 
     bar = bar if bar is not None else tqdm(disable=True)
@@ -228,27 +234,30 @@ def _timed_method(model, data, method, eps_grid, eps_max, *, batch_size, device,
         with Timer(device) as t:
             curve = certified_accuracy_curve(model, data, eps_grid, Method.MARGIN, batch_size=margin_batch,
                                              device=device)
+        # under torchrun the pass runs on one rank and the call also hashes and gathers: time the pass itself
+        seconds = curve.extra["chunks"]["compute_time"] if "chunks" in curve.extra else t.seconds
         bar.update(len(eps_grid))
-        results = [{"eps": e, "certified_accuracy": a, "time": t.seconds}
+        results = [{"eps": e, "certified_accuracy": a, "time": seconds}
                    for e, a in zip(eps_grid, curve.certified_accuracy.tolist())]
-        return {"status": "ok", "one_pass": True, "n": len(data), "time": t.seconds, "results": results,
+        return {"status": "ok", "one_pass": True, "n": len(data), "time": seconds, "results": results,
                 "curve": _dense_curve(curve.radius, eps_max), "extra": nan_to_none(dict(curve.extra))}
     if bisect:  # interval and bound propagation
-        with Timer(device) as t:
-            curve = certified_accuracy_curve(model, data, [eps_max], method, bisect=True, bisect_steps=bisect_steps,
-                                             batch_size=batch_size, device=device, alpha_iterations=alpha_iterations)
+        radius, extra, seconds = bisect_radii(model, data, method, eps_max, saving=saving.sub("bisect"),
+                                              batch_size=batch_size, device=device,
+                                              alpha_iterations=alpha_iterations, bisect_steps=bisect_steps)
         bar.update(len(eps_grid))
-        radius = curve.radius
-        results = [{"eps": e, "certified_accuracy": float((radius > e).double().mean()), "time": t.seconds}
+        results = [{"eps": e, "certified_accuracy": float((radius > e).double().mean()), "time": seconds}
                    for e in eps_grid]
-        return {"status": "ok", "one_pass": False, "bisect": True, "n": len(data), "time": t.seconds,
-                "results": results, "curve": _dense_curve(radius, eps_max),
-                "extra": nan_to_none(dict(curve.extra))}
+        return {"status": "ok", "one_pass": False, "bisect": True, "n": len(data), "time": seconds,
+                "results": results, "curve": _dense_curve(radius, eps_max), "extra": nan_to_none(extra)}
     results, total = [], 0.0
-    for e in eps_grid:
-        res = certify(model, data, e, method, batch_size=batch_size, device=device, alpha_iterations=alpha_iterations)
-        results.append({"eps": e, "certified_accuracy": res.certified_accuracy, "time": res.wall_time})
-        total += res.wall_time
+    for k, e in enumerate(eps_grid):
+        res, seconds = certify_at(model, data, e, method, saving=saving.sub(f"eps-{k}"), batch_size=batch_size,
+                                  device=device, alpha_iterations=alpha_iterations)
+        results.append({"eps": e, "certified_accuracy": res.certified_accuracy, "time": seconds})
+        if res.extra.get("chunks", {}).get("oom_retries"):  # batches retried at half the size (see jobs.py)
+            results[-1]["oom_retries"] = res.extra["chunks"]["oom_retries"]
+        total += seconds
         bar.update(1)
     return {"status": "ok", "one_pass": False, "n": len(data), "time": total, "results": results, "curve": None,
             "extra": {}}
@@ -256,7 +265,7 @@ def _timed_method(model, data, method, eps_grid, eps_max, *, batch_size, device,
 
 def evaluate_model(model, data, eps_grid, methods, *, device, batch_size=256, alpha_iterations=20, bisect=False,
                    bisect_steps=12, pgd_steps=100, pgd_restarts=1, seed=0, method_points=None, budgets=None,
-                   stage_bar=None) -> dict:
+                   stage_bar=None, saving: Optional[Saving] = None) -> dict:
     """Clean, PGD and certified accuracy of one trained model (the ``evaluation`` part of a model record).
 
     Args:
@@ -270,13 +279,20 @@ def evaluate_model(model, data, eps_grid, methods, *, device, batch_size=256, al
             the leading points that fit in its budget (recorded under ``budget``).
         stage_bar: ``stage_bar(name, total)`` -> a tqdm bar for one stage (PGD, one
             method), ticked once per ε; None for no bars.
+        saving: where PGD, bisection and certification save their chunks for a
+            resume (:class:`comparisons.jobs.Saving`); None: nowhere.
 
     Returns:
         ``{"n", "clean_accuracy", "pgd", "methods": {method: record}}``.
+
+    Raises:
+        ResumeError, RankFailure: a refused resume, a dead or hung rank (other
+            errors of a step are recorded and the other steps run).
     """
     from tqdm.auto import tqdm
 
     stage_bar = stage_bar or (lambda name, total: tqdm(total=total, disable=True))
+    saving = saving or Saving()
     methods = list(METHODS) if methods is None else list(methods)
     method_points, budgets = method_points or {}, budgets or {}
     x, y = data.x, data.y
@@ -290,8 +306,10 @@ def evaluate_model(model, data, eps_grid, methods, *, device, batch_size=256, al
     bar = stage_bar(f"PGD-{pgd_steps}", len(eps_grid))
     try:
         out["pgd"] = _pgd(model, x, y, eps_grid, pgd_steps, pgd_restarts, batch_size, tuple(data.data_range), seed,
-                          device, bar)
+                          device, bar, saving.sub("pgd"))
     except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
+        if is_fatal(exc):
+            raise
         out["pgd"] = error_record(exc)
         log(f"  PGD failed: {out['pgd']['error']}")
     finally:
@@ -311,8 +329,10 @@ def evaluate_model(model, data, eps_grid, methods, *, device, batch_size=256, al
         try:
             records[m] = _certify_method(model, sub, m, eps_grid, batch_size=batch_size, device=device,
                                          alpha_iterations=alpha_iterations, bisect=bisect, bisect_steps=bisect_steps,
-                                         bar=bar, budget=budget)
+                                         bar=bar, budget=budget, saving=saving.sub(m))
         except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
+            if is_fatal(exc):
+                raise
             records[m] = error_record(exc)
             log(f"  {m} failed on {getattr(model, 'model_name', type(model).__name__)}: {records[m]['error']}")
         finally:
@@ -397,6 +417,10 @@ class _EpochTicker:
 
 def _train_or_load(cfg, spec: ModelSpec, cache: CheckpointCache, device, stage_bar):
     hit = cache.lookup(cfg, device) if cache.enabled else None
+    # under torchrun every rank trains (DDP) or none does: rank 0's cache decides
+    if pg.broadcast_object(hit is not None, what="looking up the checkpoint cache") != (hit is not None):
+        raise RuntimeError(f"rank {pg.rank()} cannot read the cached {spec.key} checkpoint that rank 0 found in "
+                           f"{cache.root}: put the cache on a file system every node shares (--cache-dir)")
     if hit is None:
         bar = stage_bar(f"{spec.key}: train ({spec.preset}, {cfg.epochs} epochs)", cfg.epochs)
         try:
@@ -426,9 +450,13 @@ def run_comparison(settings: RunSettings):
         specs = select_models(suite, settings.models, full=settings.full)
         eps_grid = eps_label_list(settings.eps if settings.eps else suite.eps)
         overrides = parse_overrides(settings.overrides)
+    if settings.resume and settings.out is None:
+        raise UsageError("--resume needs --out: the folder of the run to continue")
     methods = _check_methods(settings.methods)
     device = resolve_device(settings.device)
-    progress = progress_enabled(settings.progress)
+    if pg.join_group(str(device)) and device.type == "cuda" and device.index is None:
+        device = pg.resolve_device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    progress = progress_enabled(settings.progress) and pg.is_main()
     for m, n in settings.method_points.items():
         if m not in METHODS or int(n) < 1:
             raise UsageError(f"--points {m}={n}: need a method of {[x.value for x in METHODS]} and n >= 1")
@@ -444,19 +472,21 @@ def run_comparison(settings: RunSettings):
     def stage_bar(desc, total):
         return tqdm(total=total, desc=desc, disable=not progress, dynamic_ncols=True, leave=True)
 
-    run_dir = make_run_dir("run", settings.out)
+    run_dir = shared_run_dir("run", settings.out)
     cache = CheckpointCache(settings.cache_dir, enabled=settings.use_cache, scratch=run_dir)
     with torch_threads(settings.num_threads):
         test = load_dataset(suite.dataset, "test", root=settings.data_root)
         if settings.test_subset:
             test = test.subset(int(settings.test_subset))
+        recorded = nan_to_none({**asdict(settings), "method_points": method_points, "budgets": budgets,
+                                "eps": eps_grid, "suite": suite.name, "dataset": suite.dataset,
+                                "test_points": len(test), "methods": methods or list(METHODS)})
+        check_run_state(run_dir / "chunks", {k: v for k, v in recorded.items() if k not in _RUNTIME_SETTINGS},
+                        settings.resume)
+        saving = Saving(run_dir / "chunks", resume=settings.resume, progress=progress)
         results = {"schema": "comparisons.run", "schema_version": SCHEMA_VERSION, "command": "run",
-                   "environment": environment(device),
-                   "settings": nan_to_none({**asdict(settings), "method_points": method_points, "budgets": budgets,
-                                            "eps": eps_grid, "suite": suite.name,
-                                            "dataset": suite.dataset, "test_points": len(test),
-                                            "methods": methods or list(METHODS)}),
-                   "models": []}
+                   "environment": {**environment(device), "world_size": pg.world_size()},
+                   "settings": recorded, "models": []}
         with Timer(device) as total:
             for spec in specs:
                 rec = {"key": spec.key, "label": spec.label, "preset": spec.preset}
@@ -465,6 +495,8 @@ def run_comparison(settings: RunSettings):
                     rec.update(model_name=cfg.model, family=cfg.family, training=training_label(cfg))
                     cm = _train_or_load(cfg, spec, cache, device, stage_bar)
                 except Exception as exc:  # noqa: BLE001 - recorded, the others still run
+                    if is_fatal(exc):
+                        raise
                     rec.update(error_record(exc), stage="training")
                     log(f"  training {spec.key} failed: {rec['error']}")
                     results["models"].append(rec)
@@ -481,12 +513,13 @@ def run_comparison(settings: RunSettings):
                         alpha_iterations=settings.alpha_iterations, bisect=settings.bisect,
                         bisect_steps=settings.bisect_steps, pgd_steps=settings.pgd_steps,
                         pgd_restarts=settings.pgd_restarts, seed=settings.seed,
-                        method_points=method_points, budgets=budgets,
+                        method_points=method_points, budgets=budgets, saving=saving.sub(spec.key),
                         stage_bar=lambda desc, total, key=spec.key: stage_bar(f"{key}: {desc}", total))
                 rec["evaluation"]["time"] = t_eval.seconds
                 results["models"].append(nan_to_none(rec))
         results["speed_accuracy"] = speed_accuracy(results["models"], eps_grid, suite.goal_eps)
         results["wall_time"] = total.seconds
-    atomic_write_json(Path(run_dir) / "results.json", nan_to_none(results), indent=1)
-    render_report(run_dir)
+    if pg.is_main():
+        atomic_write_json(Path(run_dir) / "results.json", nan_to_none(results), indent=1)
+        render_report(run_dir)
     return Path(run_dir), results

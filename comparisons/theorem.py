@@ -28,14 +28,15 @@ from typing import List, Optional
 
 import torch
 
+from linf_plugin import distributed as pg
 from linf_plugin.certification import certify
 from linf_plugin.data import DataNotFoundError, linf_separation, load_dataset
 from linf_plugin.io import atomic_write_json
 from linf_plugin.models import theorem32_net, theoremA2_net
 
 from .cache import CheckpointCache
-from .common import (SCHEMA_VERSION, Timer, UsageError, count_params, environment, error_record, log, make_run_dir,
-                     nan_to_none, progress_enabled, resolve_device, torch_threads)
+from .common import (SCHEMA_VERSION, Timer, UsageError, count_params, environment, error_record, log, nan_to_none,
+                     progress_enabled, resolve_device, shared_run_dir, torch_threads)
 from .suites import build_config, get_suite, parse_overrides
 
 __all__ = ["TheoremSettings", "run_theorem", "add_arguments", "settings_from_args"]
@@ -131,8 +132,8 @@ def run_theorem(settings: TheoremSettings):
         raise UsageError(f"--a2-depth must be >= 3 (Theorem A.2 nets have L >= 3 layers), got {s.a2_depth}")
     fractions = sorted(float(f) for f in s.fractions)
     device = resolve_device(s.device)
-    progress = progress_enabled(s.progress)
-    run_dir = make_run_dir("theorem", s.out)
+    progress = progress_enabled(s.progress) and pg.is_main()
+    run_dir = shared_run_dir("theorem", s.out)
     cache = CheckpointCache(s.cache_dir, enabled=s.use_cache, scratch=run_dir)
     results = {"schema": "comparisons.theorem", "schema_version": SCHEMA_VERSION, "command": "theorem",
                "environment": environment(device), "settings": {**asdict(s), "fractions": fractions},
@@ -202,8 +203,9 @@ def run_theorem(settings: TheoremSettings):
             bar.close()
     results["wall_time"] = total.seconds
     results = nan_to_none(results)
-    atomic_write_json(Path(run_dir) / "results.json", results, indent=1)
-    render_report(run_dir)
+    if pg.is_main():  # under torchrun every rank computed the same results; one writes them
+        atomic_write_json(Path(run_dir) / "results.json", results, indent=1)
+        render_report(run_dir)
     return Path(run_dir), results
 
 

@@ -12,6 +12,7 @@ import contextlib
 import math
 import time
 import warnings
+from pathlib import Path
 from typing import Iterable, Optional, Union
 
 import numpy as np
@@ -21,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from ..data import DatasetSplit
 from ..data.box import check_data_range, linf_box
 from ..names import BOUND_PROPAGATION_METHODS, METHODS, Method, split_method
-from .bound_prop import BoundPropCertifier
+from .distributed import certify_sharded, shared_certifier, wants_shards
 from .float_safety import exact_float, value_ranges
 from .interval import interval_certify
 from .margin import margin_certify
@@ -256,7 +257,8 @@ def _batches(x, y, batch_size: int, device, dtype) -> Iterable:
 
 def certify(model: torch.nn.Module, data, eps: Union[float, torch.Tensor], method: str, *, data_range=None,
             batch_size: int = 256, device: Optional[Union[str, torch.device]] = None, float_model: bool = True,
-            alpha_iterations: int = 20, rigorous: bool = True, progress: bool = False) -> CertResult:
+            alpha_iterations: int = 20, rigorous: bool = True, progress: bool = False,
+            distributed: Optional[bool] = None, chunk_dir=None, resume: bool = False) -> CertResult:
     """Certify ``model`` on ``data`` at radius ``eps`` with one method (or a named union of methods).
 
     Args:
@@ -289,7 +291,20 @@ def certify(model: torch.nn.Module, data, eps: Union[float, torch.Tensor], metho
             float64 with a derived rounding slack (default).  ``False`` trusts
             the float32 bound up to a relative slack and marks the result
             ``float_rigorous=False``.
-        progress: show a tqdm bar.
+        progress: show a tqdm bar (under torchrun: one, on rank 0).
+        distributed: ``None``: when this process is one of several started
+            by ``torchrun`` (or in a process group of several ranks), each
+            rank certifies its share of the batches and every rank returns
+            the whole result, equal to one process's (see
+            :mod:`linf_plugin.certification.distributed`); ``False``: this
+            process certifies all of ``data`` alone; ``True``: shard, or
+            raise when there is only one process.
+        chunk_dir: a folder where each finished batch's results are saved
+            at once (rank 0 writes; a union's members in sub-folders), so
+            that a stopped job can resume.
+        resume: continue the job saved in ``chunk_dir`` (refused, naming the
+            difference, when the model, data, method, eps or a setting
+            changed).
 
     Returns:
         :class:`CertResult` with per-sample ``correct`` / ``certified``
@@ -305,20 +320,35 @@ def certify(model: torch.nn.Module, data, eps: Union[float, torch.Tensor], metho
             2 classes;
             TypeError: eps that is no number, a float16/bfloat16 model;
             :class:`MethodNotApplicableError` for a method that does not
-            apply (e.g. margin on a hybrid or a p = 8 net).
+            apply (e.g. margin on a hybrid or a p = 8 net);
+            ``chunks.ResumeError`` for a ``chunk_dir`` that holds another job
+            (or any job, without ``resume``);
+            ``distributed.Interrupted`` (a KeyboardInterrupt) on SIGTERM or
+            Ctrl-C during a sharded or chunked job, after saving;
+            ``linf_plugin.distributed.RankFailure`` when another rank died,
+            hung or raised.
     """
     eps = check_eps(eps)
     members = check_method(model, method)
+    if resume and chunk_dir is None:
+        raise ValueError("certify(..., resume=True) needs the chunk_dir of the job to resume")
     kw = dict(data_range=data_range, batch_size=batch_size, device=device, float_model=float_model,
-              alpha_iterations=alpha_iterations, rigorous=rigorous, progress=progress)
+              alpha_iterations=alpha_iterations, rigorous=rigorous, progress=progress, distributed=distributed,
+              resume=resume)
     if len(members) > 1:
-        return union_results([_certify_one(model, data, eps, m, **kw) for m in members])
-    return _certify_one(model, data, eps, members[0], **kw)
+        return union_results([_certify_one(model, data, eps, m, chunk_dir=None if chunk_dir is None else
+                                           Path(chunk_dir) / m.value, **kw) for m in members])
+    return _certify_one(model, data, eps, members[0], chunk_dir=chunk_dir, **kw)
 
 
 def _certify_one(model, data, eps: float, method: Method, *, data_range, batch_size, device, float_model,
-                 alpha_iterations, rigorous, progress) -> CertResult:
+                 alpha_iterations, rigorous, progress, distributed, chunk_dir, resume) -> CertResult:
     x, y, data_range = prepare_data(data, model, data_range)
+    if wants_shards(distributed, device if device is not None else _model_device_dtype(model, None)[0]) \
+            or chunk_dir is not None:
+        return certify_sharded(model, x, y, eps, method.value, data_range=data_range, batch_size=batch_size,
+                               device=device, float_model=float_model, alpha_iterations=alpha_iterations,
+                               rigorous=rigorous, progress=progress, chunk_dir=chunk_dir, resume=resume)
     corrects, certs, radii, extra = [], [], [], {}
     start = time.perf_counter()
     orig_device = dev = _model_device_dtype(model, None)[0]
@@ -329,9 +359,9 @@ def _certify_one(model, data, eps: float, method: Method, *, data_range, batch_s
                                                    finite=method != Method.MARGIN)
             certifier = None
             if method in _BOUND_PROP:
-                certifier = BoundPropCertifier(model, x[:1].to(dev, dtype), num_classes,
-                                               alpha_iterations=alpha_iterations, rigorous=rigorous,
-                                               method=method.value)
+                certifier = shared_certifier(model, x[:1].to(dev, dtype), num_classes,
+                                             alpha_iterations=alpha_iterations, rigorous=rigorous,
+                                             method=method.value)
                 batch_size = certifier.batch_size(method.value, batch_size)
             batches = _batches(x, y, batch_size, dev, dtype)
             if progress:
@@ -420,8 +450,8 @@ def bisect_radius(model: torch.nn.Module, data, method: str, eps_max: float, ste
                     return interval_certify(model, xb, yb, *linf_box(xb, eps, data_range, outward=True))[1].to(
                         c.device) & c
             else:
-                cert = BoundPropCertifier(model, x[:1].to(dev, dtype), num_classes,
-                                          alpha_iterations=alpha_iterations, rigorous=rigorous, method=method.value)
+                cert = shared_certifier(model, x[:1].to(dev, dtype), num_classes,
+                                        alpha_iterations=alpha_iterations, rigorous=rigorous, method=method.value)
                 batch_size = cert.batch_size(method.value, batch_size)
 
                 def certified_at(xb, yb, eps, c):

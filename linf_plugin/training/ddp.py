@@ -2,8 +2,9 @@
 
 ``torchrun --nproc-per-node N -m linf_plugin.training ...`` sets ``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous variables;
-:func:`init_distributed` joins the group (gloo on CPU, nccl on CUDA) and
-picks the device.  Rank 0 alone writes logs and checkpoints.
+:func:`~linf_plugin.distributed.init_distributed` joins the group (gloo on
+CPU, nccl on CUDA; shared with sharded certification) and picks the
+device.  Rank 0 alone writes logs and checkpoints.
 
 DDP averages gradients over ranks, so the loss of each rank must be the mean
 over its local batch, and every statistic computed over the batch must be
@@ -22,10 +23,7 @@ the whole batch (what ``SyncBatchNorm`` does for batch norm):
 """
 from __future__ import annotations
 
-import os
 import types
-from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -33,90 +31,7 @@ from torch import nn
 
 from ..nn import MeanShiftNorm
 
-__all__ = ["DistContext", "init_distributed", "shutdown_distributed", "SyncMeanShiftNorm",
-           "convert_sync_mean_shift", "sync_bound_batchnorm", "global_mean", "all_reduce_sum", "resolve_device"]
-
-
-@dataclass
-class DistContext:
-    """Where this process runs.
-
-    Attributes:
-        world_size, rank, local_rank: the DDP layout (1, 0, 0 without DDP).
-        device: this process's device.
-        backend: the process-group backend, or None without DDP.
-        owns_group: this context initialised the process group (and tears it down).
-    """
-
-    world_size: int = 1
-    rank: int = 0
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-    backend: Optional[str] = None
-    owns_group: bool = False
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
-
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """``auto`` → ``cuda:<local_rank>`` when CUDA is available, else ``cpu``; anything else as given."""
-    if device in (None, "auto"):
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device {device!r} asked for, but CUDA is not available; use device='cpu'")
-        if dev.index is None:
-            dev = torch.device(f"cuda:{local_rank}")
-    return dev
-
-
-def init_distributed(device: str = "auto", backend: Optional[str] = None) -> DistContext:
-    """Join the DDP group when launched by ``torchrun`` (``WORLD_SIZE > 1``); else a one-process context.
-
-    Args:
-        device: ``auto`` | ``cpu`` | ``cuda`` (each rank takes ``cuda:LOCAL_RANK``).
-        backend: ``gloo`` | ``nccl`` | ``mpi``; None = nccl on CUDA, gloo on CPU.
-
-    Returns:
-        A :class:`DistContext`.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = resolve_device(device, local_rank)
-    if world <= 1 and not (dist.is_available() and dist.is_initialized()):
-        return DistContext(device=dev)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    owns = False
-    if not dist.is_initialized():
-        # torch._dynamo imported while a process group exists (DDP's constructor imports it) keeps
-        # that group alive past destroy_process_group (seen with torch 2.14): its gloo threads then
-        # run on into interpreter exit, where a rank now and then aborts ("terminate called without
-        # an active exception") after its work is done.  Imported before the group, it holds nothing.
-        import torch._dynamo  # noqa: F401
-
-        backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
-        dist.init_process_group(backend=backend)
-        owns = True
-    return DistContext(world_size=dist.get_world_size(), rank=dist.get_rank(), local_rank=local_rank, device=dev,
-                       backend=dist.get_backend(), owns_group=owns)
-
-
-def shutdown_distributed(ctx: DistContext) -> None:
-    """Destroy the process group if ``ctx`` created it."""
-    if ctx.owns_group and dist.is_initialized():
-        dist.destroy_process_group()
+__all__ = ["SyncMeanShiftNorm", "convert_sync_mean_shift", "sync_bound_batchnorm", "global_mean", "all_reduce_sum"]
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

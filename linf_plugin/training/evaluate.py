@@ -66,14 +66,15 @@ def evaluate(model: nn.Module, family: str, x: torch.Tensor, y: torch.Tensor, ep
     method = EVAL_METHODS[family]
     data = DatasetSplit(x, y, name="eval", split="test", num_classes=int(model.num_classes),
                         data_range=tuple(data_range))
+    # rank 0 alone evaluates during DDP training: certify must not wait for the other ranks
     with eval_mode(model):
         try:
-            res = certify(model, data, eps, method, batch_size=batch_size)
+            res = certify(model, data, eps, method, batch_size=batch_size, distributed=False)
         except MarginCertificateError as exc:
             # a hook or a modified part (the user's) voids the Lipschitz argument, not
             # the training run: IBP traces whatever the model computes
             log.warning("evaluation: %s; certifying with IBP instead", exc)
             method = Method.IBP
-            res = certify(model, data, eps, method, batch_size=batch_size)
+            res = certify(model, data, eps, method, batch_size=batch_size, distributed=False)
     return {"clean_acc": float(res.clean_accuracy), "cert_acc": float(res.certified_accuracy), "method": method.value,
             "n": int(res.n), "eval_time": float(res.wall_time)}

@@ -35,14 +35,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..distributed import DistContext, init_distributed, shutdown_distributed
 from ..io import atomic_write_json, atomic_write_text
 from ..nn import lp_dist_layers, set_p
 from .augment import apply_augment
 from .batches import EpochBatches
 from .callbacks import call_hook, check_callbacks
 from .config import ConfigError, TrainConfig
-from .ddp import (DistContext, all_reduce_sum, convert_sync_mean_shift, init_distributed, shutdown_distributed,
-                  sync_bound_batchnorm)
+from .ddp import all_reduce_sum, convert_sync_mean_shift, sync_bound_batchnorm
 from .evaluate import evaluate
 from .objectives import STAT_NAMES, LirpaObjective, make_objective, summarize_stats
 from .schedules import Schedule
