@@ -44,7 +44,7 @@ __all__ = ["KERNEL_DIR", "NVRTC_OPTIONS", "DTYPES", "P_VARIANTS", "FAMILIES", "K
            "RAW_P_VARIANTS", "fused_n_splits", "nvrtc_compile"]
 
 KERNEL_DIR = Path(__file__).with_name("kernels")
-NVRTC_OPTIONS = ("--std=c++17",)
+NVRTC_OPTIONS = ("--std=c++17", "--fmad=false")   # every fused multiply-add is explicit (common.cuh)
 DTYPES = ("float", "double")
 P_VARIANTS = (1, 2, 8, 0)
 RAW_P_VARIANTS = (2, 8)      # lp_forward_raw, with lp_forward as its fixup

@@ -55,7 +55,7 @@ def test_the_backward_launches_the_kernels_of_its_plan(cupy_on_cpu, p, dtype):
     """Autograd through lp_dist launches exactly ``kernel_plan``'s backward for the gradients it needs: at finite
     p ONE fused kernel for both (training), the single-gradient kernel for one (x or w alone); the
     gradients match the float64 oracle either way (ragged 70 x 45 x 67: several batch blocks)."""
-    from oracles import lp_grad_oracle
+    from .oracles import lp_grad_oracle
 
     from linf_plugin.ops.kernel_specs import module_spec
 

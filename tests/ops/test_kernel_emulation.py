@@ -394,7 +394,7 @@ def test_concurrent_builds_of_one_library_agree(harness, tmp_path):
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0 and out.strip() == "42", err[-2000:]
     built = sorted(f.name for f in (tmp_path / "cache").iterdir() if not f.name.endswith(".lock"))
-    assert len(built) == 1 and built[0].endswith(".so"), built
+    assert len(built) == 2 and built[0].endswith(".shared") and built[1] == built[0][:-len(".shared")] + ".so", built
 
 
 # -- p = 2, 8: the raw sum (lp_forward_raw) and its fixup (lp_forward over the blocks it marked) ----------

@@ -72,11 +72,11 @@ lp_backward(const T* __restrict__ A, const T* __restrict__ C, const T* __restric
                     const T t = (av[i][j] - cv[j]) * rv[i];
                     if constexpr (FAST) {
                         const float l = lp_max_nan(lp_lg2_approx(lp_abs(t)), lmin);
-                        const float v = lp_pow2_fast(j < LP_EX2_HW_COLS, pm1, l,
+                        const float v = lp_pow2_fast<true>(j < LP_EX2_HW_COLS, pm1, l,
                                                      j < LP_EX2_HW_COLS ? 0.0f : LP_EXP2_MAGIC);
-                        acc[i][j] += gv[i] * copysignf(v, t);
+                        acc[i][j] = lp_fma(gv[i], copysignf(v, t), acc[i][j]);
                     } else {
-                        acc[i][j] += gv[i] * lp_odd_pow<PV, T>(t, pm1);
+                        acc[i][j] = lp_fma(gv[i], lp_odd_pow<PV, T>(t, pm1), acc[i][j]);
                     }
                 }
             }
@@ -227,12 +227,12 @@ lp_backward_fused(const T* __restrict__ X, const T* __restrict__ W, const T* __r
                         // (a constant per unrolled (i, j), as LP_EX2_HW_COLS is in lp_backward)
                         const bool hw = ((i * RI + j) & 1) == 0;
                         const float l = lp_max_nan(lp_lg2_approx(lp_abs(t)), lmin);
-                        v = copysignf(lp_pow2_fast(hw, pm1, l, hw ? 0.0f : LP_EXP2_MAGIC), t);
+                        v = copysignf(lp_pow2_fast<true>(hw, pm1, l, hw ? 0.0f : LP_EXP2_MAGIC), t);
                     } else {
                         v = lp_odd_pow<PV, T>(t, pm1);
                     }
-                    acc[i][j] += gv[i] * v;
-                    pw.v[j] += gv[i] * v;
+                    acc[i][j] = lp_fma(gv[i], v, acc[i][j]);
+                    pw.v[j] = lp_fma(gv[i], v, pw.v[j]);
                 }
             }
             *reinterpret_cast<Row*>(&sp[k][tb][ti * RI]) = pw;
