@@ -33,6 +33,7 @@ Compiles are cached by source hash (``--cache``, default
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import glob
 import hashlib
@@ -98,18 +99,28 @@ def _libnvrtc() -> ctypes.CDLL:
 
 
 def _cached(cache: Path, key: str, build):
-    """``build() -> (cubin bytes, log str)``, memoised on disk under ``cache`` by ``key``."""
+    """``build() -> (cubin bytes, log str)``, memoised on disk under ``cache`` by ``key``.
+
+    Processes sharing ``cache`` (pytest-xdist workers: the NVRTC tests and the cost model compile the same
+    modules) wait for each other's build of one key when ``filelock`` is installed, instead of repeating it.
+    """
     digest = hashlib.sha256(key.encode()).hexdigest()[:24]
     cubin, log = cache / f"{digest}.cubin", cache / f"{digest}.log"
-    if cubin.exists() and log.exists():
-        return cubin.read_bytes(), log.read_text()
-    data, text = build()
     cache.mkdir(parents=True, exist_ok=True)
-    for path, content, mode in ((log, text, "w"), (cubin, data, "wb")):   # cubin last: it marks completion
-        fd, tmp = tempfile.mkstemp(dir=cache)
-        with os.fdopen(fd, mode) as fh:
-            fh.write(content)
-        os.replace(tmp, path)
+    try:
+        from filelock import FileLock  # noqa: PLC0415  (optional: a test dependency)
+        lock = FileLock(str(cache / f"{digest}.lock"))
+    except ImportError:
+        lock = contextlib.nullcontext()
+    with lock:
+        if cubin.exists() and log.exists():
+            return cubin.read_bytes(), log.read_text()
+        data, text = build()
+        for path, content, mode in ((log, text, "w"), (cubin, data, "wb")):   # cubin last: it marks completion
+            fd, tmp = tempfile.mkstemp(dir=cache)
+            with os.fdopen(fd, mode) as fh:
+                fh.write(content)
+            os.replace(tmp, path)
     return data, text
 
 

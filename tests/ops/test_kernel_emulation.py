@@ -306,6 +306,52 @@ def test_results_do_not_depend_on_the_thread_schedule(harness, emulator_lib, sch
     assert any(name.startswith("lp_backward_fused") for name, _ in backend.launcher.calls)
 
 
+# -- torch.use_deterministic_algorithms(True): no atomics, the same bits whatever order blocks and threads take --
+def _gradients(backend, p, data):
+    x, w, gy, lower, upper = data
+    y, aux = backend.forward(x, w, p)
+    gx, gw = backend.backward(gy, x, w, y, aux, p)
+    lo, hi, iaux = backend.interval_forward(lower, upper, w, p)
+    return (gx, gw, *backend.interval_backward(gy, 0.5 * gy, lower, upper, w, lo, hi, iaux, p))
+
+
+@pytest.mark.parametrize("p", (math.inf, 8.0, 8.5))
+def test_deterministic_mode_gives_the_same_bits_whatever_the_schedule(harness, emulator_lib, p):
+    """Blocks run in a shuffled order and threads in a shuffled order per barrier phase, so atomics add in a
+    different order per seed: the default kernels' gradients differ in their last bits between seeds (the
+    p = inf scatters; at finite p the fused kernel's grad_w, summed over 4 batch blocks).  Under
+    torch.use_deterministic_algorithms(True) no atomic kernel runs, and every gradient (interval ones included)
+    has the same bits under every seed and the descending schedule, within tolerance of the reference."""
+    from linf_plugin.ops.cupy_backend import CupyBackend
+
+    g = torch.Generator().manual_seed(21)
+    B, N, D = (21, 60, 7) if math.isinf(p) else (200, 40, 33)
+    x, w, gy = torch.randn(B, D, generator=g), torch.randn(N, D, generator=g), torch.randn(B, N, generator=g)
+    data = (x, w, gy, x - 0.3, x + 0.3)
+    schedules = [("shuffled", 1), ("shuffled", 2), ("shuffled", 3), ("descending", 1)]
+    atomic = ("linf_backward", "interval_inf_backward", "lp_backward_fused")
+    before = torch.are_deterministic_algorithms_enabled()
+    runs = {}
+    try:
+        for mode in (False, True):
+            torch.use_deterministic_algorithms(mode)
+            runs[mode] = []
+            for schedule, seed in schedules:
+                backend = CupyBackend(launcher=harness.EmulatedLauncher(emulator_lib, schedule, seed=seed))
+                runs[mode].append(_gradients(backend, p, data))
+                launched = {name.split("<")[0] for name, _ in backend.launcher.calls}
+                assert bool(launched & set(atomic)) != mode, launched
+    finally:
+        torch.use_deterministic_algorithms(before)
+    first, *others = runs[False]
+    assert any(not torch.equal(a, b) for run in others for a, b in zip(first, run))
+    first, *others = runs[True]
+    assert all(torch.equal(a, b) for run in others for a, b in zip(first, run))
+    ref = _gradients(REF, p, data)
+    for got, want in zip(first, ref):
+        torch.testing.assert_close(got, want, **_gtol(torch.float32))
+
+
 def test_barrier_divergence_is_detected(harness, tmp_path):
     src = '#include "cuda_shim.h"\n' + """
 template <typename T> __global__ void divergent(T* out) {
@@ -354,18 +400,27 @@ def test_every_catalogue_kernel_was_launched(harness, emulator_lib):
 
     launcher = harness.EmulatedLauncher(emulator_lib)
     backend = CupyBackend(launcher=launcher)
-    for dtype in DTYPES:
-        for p in (1.0, 2.0, 8.0, 8.5, 300.0, math.inf):   # 300: the float accurate-power gradient kernels
-            x, w, lower, upper, g = _problem(3, 4, 5, dtype)
-            y, aux = backend.forward(x, w, p, need_aux=True)
-            backend.forward(x, w, p, need_aux=False)
-            backend.backward(g, x, w, y, aux, p)
-            backend.backward(g, x, w, y, aux, p, need_w=False)   # one gradient: the single-gradient kernels
-            backend.backward(g, x, w, y, aux, p, need_x=False)
-            lo, hi, iaux = backend.interval_forward(lower, upper, w, p, need_aux=True)
-            backend.interval_forward(lower, upper, w, p, need_aux=False)
-            backend.interval_backward(g, g, lower, upper, w, lo, hi, iaux, p)
-        backend.linf_box_argmax(lower, upper, w)
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        for dtype in DTYPES:
+            for p in (1.0, 2.0, 8.0, 8.5, 300.0, math.inf):   # 300: the float accurate-power gradient kernels
+                x, w, lower, upper, g = _problem(3, 4, 5, dtype)
+                y, aux = backend.forward(x, w, p, need_aux=True)
+                backend.forward(x, w, p, need_aux=False)
+                backend.backward(g, x, w, y, aux, p)
+                backend.backward(g, x, w, y, aux, p, need_w=False)   # one gradient: the single-gradient kernels
+                backend.backward(g, x, w, y, aux, p, need_x=False)
+                lo, hi, iaux = backend.interval_forward(lower, upper, w, p, need_aux=True)
+                backend.interval_forward(lower, upper, w, p, need_aux=False)
+                backend.interval_backward(g, g, lower, upper, w, lo, hi, iaux, p)
+                if math.isinf(p):                                    # the fixed-order sums
+                    torch.use_deterministic_algorithms(True)
+                    backend.backward(g, x, w, y, aux, p)
+                    backend.interval_backward(g, g, lower, upper, w, lo, hi, iaux, p)
+                    torch.use_deterministic_algorithms(before)
+            backend.linf_box_argmax(lower, upper, w)
+    finally:
+        torch.use_deterministic_algorithms(before)
     launched = {name for name, _ in launcher.calls}
     catalogue = {k.name for spec in all_module_specs() for k in spec.kernels.values()}
     assert launched == catalogue

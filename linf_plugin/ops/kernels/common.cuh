@@ -240,14 +240,13 @@ __device__ __forceinline__ float lp_max_nan_f32_insn(float a, float b) {
 #endif
 #endif
 
-// max that returns NaN when either operand is NaN (as torch.amax does;
-// fmaxf would drop it), with the semantics of PTX max.NaN.f32: the
-// canonical NaN (bits 0x7fffffff) when either operand is NaN, +0.0 > -0.0,
-// otherwise the larger operand.  Written with comparisons and selects for
-// sm_75 (and for double, which has no such instruction): the same result,
-// bit for bit, in a few instructions instead of one
-// (tests/ops/test_kernel_emulation.py compares the two on every pair of
-// special values).
+// NaN-keeping maxima (as torch.amax: fmaxf would drop a NaN), with the
+// semantics of PTX max.NaN.f32: the canonical NaN (bits 0x7fffffff) when
+// either operand is NaN, +0.0 above -0.0, otherwise the larger operand.  On
+// sm_80 and later that is one instruction (FMNMX.NAN); sm_75 lacks the .NaN
+// modifier, so there each use gets the cheapest code with the same result
+// on the operands it can see.  tests/ops/test_kernel_emulation.py compares
+// each sm_75 version with the instruction's emulation on special values.
 template <typename T> struct lp_canonical_nan;
 template <> struct lp_canonical_nan<float> {
     static __device__ __forceinline__ float get() { return __int_as_float(0x7fffffff); }
@@ -257,6 +256,9 @@ template <> struct lp_canonical_nan<double> {
 };
 __device__ __forceinline__ bool lp_sign_bit(float v) { return __float_as_int(v) < 0; }
 __device__ __forceinline__ bool lp_sign_bit(double v) { return __double_as_longlong(v) < 0; }
+
+// Any operands: comparisons and selects (a few instructions; double has no
+// NaN-keeping max instruction at all).
 template <typename T>
 __device__ __forceinline__ T lp_max_nan_portable(T a, T b) {
     if (a != a || b != b) return lp_canonical_nan<T>::get();
@@ -271,6 +273,34 @@ __device__ __forceinline__ float lp_max_nan(float a, float b) {
 #endif
 }
 __device__ __forceinline__ double lp_max_nan(double a, double b) { return lp_max_nan_portable(a, b); }
+
+// Operands that are >= +0.0 or the canonical NaN (|x - w| and the running
+// maxima of the forward kernels: float arithmetic on the GPU returns the
+// canonical NaN, and fabs clears its sign).  Such bit patterns order as
+// unsigned integers exactly as max.NaN orders the values (+0.0 < subnormals
+// < normals < +inf < NaN), so sm_75 takes one integer max (IMNMX.U32): the
+// same cost as FMNMX.NAN.  Doubles take the portable version (no hot loop
+// of a double kernel is bound by it).
+__device__ __forceinline__ float lp_max_nonneg(float a, float b) {
+#if LP_ARCH >= 800
+    return lp_max_nan_f32_insn(a, b);
+#else
+    const unsigned ua = (unsigned)__float_as_int(a), ub = (unsigned)__float_as_int(b);
+    return __int_as_float((int)(ua > ub ? ua : ub));
+#endif
+}
+__device__ __forceinline__ double lp_max_nonneg(double a, double b) { return lp_max_nan_portable(a, b); }
+
+// max(l, lo) keeping a NaN l, for a bound lo that is a number other than
+// +-0.0 (the clamps of log2 in the general-p kernels): on sm_75 a compare
+// and a select, which return l itself where it is NaN.
+__device__ __forceinline__ float lp_clamp_below(float l, float lo) {
+#if LP_ARCH >= 800
+    return lp_max_nan_f32_insn(l, lo);
+#else
+    return l < lo ? lo : l;
+#endif
+}
 
 // 2^(p l + c) for the z = p l + c range [LP_EXP2_FLOOR, ~0], with cm = M - c
 // (M = 1.5 2^23, c an integer): r = M + round(z) in one FFMA (ulp(r) = 1),

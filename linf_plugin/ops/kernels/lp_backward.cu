@@ -17,8 +17,14 @@
 // rows of C at a time.  Zero padding past NC has G = 0 and adds 0.
 #include "common.cuh"
 
+// Blocks per SM for __launch_bounds__: 2 (at most 128 registers per thread), except where Blackwell's
+// ptxas (sm_100, sm_120) needs more for the same code: double, and the accurate float powers, spilled
+// 0.7-1.5 KiB per thread there at 128 registers; with one block per SM they keep everything in registers
+// (tests/ops/test_nvrtc.py checks every architecture).
+#define LP_BWD_MIN_BLOCKS(T, PV, APPROX) ((LP_ARCH >= 1000 && (sizeof(T) == 8 || ((PV) == 0 && !(APPROX)))) ? 1 : 2)
+
 template <typename T, int PV, int RA, int RI, bool GT, bool APPROX>
-__global__ void __launch_bounds__(LP_THREADS, 2)
+__global__ void __launch_bounds__(LP_THREADS, LP_BWD_MIN_BLOCKS(T, PV, APPROX))
 lp_backward(const T* __restrict__ A, const T* __restrict__ C, const T* __restrict__ G, const T* __restrict__ R,
             T* __restrict__ out, int NA, int NC, int D, T pm1) {
     constexpr int BA = LP_TY * RA;
@@ -71,7 +77,7 @@ lp_backward(const T* __restrict__ A, const T* __restrict__ C, const T* __restric
                 for (int j = 0; j < RI; ++j) {
                     const T t = (av[i][j] - cv[j]) * rv[i];
                     if constexpr (FAST) {
-                        const float l = lp_max_nan(lp_lg2_approx(lp_abs(t)), lmin);
+                        const float l = lp_clamp_below(lp_lg2_approx(lp_abs(t)), lmin);
                         const float v = lp_pow2_fast<true>(j < LP_EX2_HW_COLS, pm1, l,
                                                      j < LP_EX2_HW_COLS ? 0.0f : LP_EXP2_MAGIC);
                         acc[i][j] = lp_fma(gv[i], copysignf(v, t), acc[i][j]);
@@ -226,7 +232,7 @@ lp_backward_fused(const T* __restrict__ X, const T* __restrict__ W, const T* __r
                         // half of the terms through ex2.approx, half through the polynomial (common.cuh)
                         // (a constant per unrolled (i, j), as LP_EX2_HW_COLS is in lp_backward)
                         const bool hw = ((i * RI + j) & 1) == 0;
-                        const float l = lp_max_nan(lp_lg2_approx(lp_abs(t)), lmin);
+                        const float l = lp_clamp_below(lp_lg2_approx(lp_abs(t)), lmin);
                         v = copysignf(lp_pow2_fast<true>(hw, pm1, l, hw ? 0.0f : LP_EXP2_MAGIC), t);
                     } else {
                         v = lp_odd_pow<PV, T>(t, pm1);

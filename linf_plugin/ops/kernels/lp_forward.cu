@@ -158,7 +158,7 @@ lp_forward(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y, 
 #pragma unroll
                 for (int e = 0; e < RA * RB; ++e) {  // e = (i, j)
                     T& t = mt[e / RB][e % RB];
-                    t = lp_max_nan(t, lp_abs(xv[e / RB] - wv[e % RB]));
+                    t = lp_max_nonneg(t, lp_abs(xv[e / RB] - wv[e % RB]));
                 }
             }
             // a NaN maximum counts as growth, and lp_rescale makes it the running maximum, which stays
@@ -198,7 +198,7 @@ lp_forward(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y, 
                     if constexpr (!NORM) {
                         acc[i][j] += d;
                     } else if constexpr (FAST) {
-                        const float l = lp_max_nan(lp_lg2_approx(d * s[i][j]), lmin[i % R0][j % C0]);
+                        const float l = lp_clamp_below(lp_lg2_approx(d * s[i][j]), lmin[i % R0][j % C0]);
                         acc[i][j] += lp_pow2_fast<false>(j < LP_EX2_HW_COLS, p, l, off[i % R0][j % C0]);
                     } else if constexpr (GEN) {
                         acc[i][j] += lp_exp2(lp_fma(p, lp_log2(d * s[i][j]), -off[i % R0][j % C0]));

@@ -279,8 +279,11 @@ class EmulatedCupy:
       (a Python float would be marshalled as a double by CuPy).
     """
 
-    def __init__(self, lib: ctypes.CDLL, schedule: str = "shuffled", seed: int = 1):
+    def __init__(self, lib: ctypes.CDLL, schedule: str = "shuffled", seed: int = 1, compute_capability: str = "90",
+                 nvrtc_error: str | None = None):
         self.lib = lib
+        self.compute_capability = compute_capability   # as cupy.cuda.Device(i).compute_capability reports it
+        self.nvrtc_error = nvrtc_error                  # what cupy.cuda.nvrtc.getVersion() raises, if anything
         self.calls: list = []
         self.compiled: list = []
         self.stream_handle = 0x5151           # what "torch's current stream" is; tests may change it
@@ -289,7 +292,8 @@ class EmulatedCupy:
         self._specs = {tuple(s.name_expressions): s for s in all_module_specs()}
         self.configure(schedule, seed)
         stream = _Namespace(from_external=self._from_external)
-        self.cuda = _Namespace(runtime=_Namespace(getDeviceCount=lambda: 1), Device=self._device, Stream=stream)
+        self.cuda = _Namespace(runtime=_Namespace(getDeviceCount=lambda: 1), Device=self._device, Stream=stream,
+                               nvrtc=_Namespace(getVersion=self._nvrtc_version))
 
     def configure(self, schedule: str, seed: int = 1) -> None:
         """How a block's threads run: fibers (``ascending``, ``descending``, ``shuffled`` per barrier
@@ -304,7 +308,14 @@ class EmulatedCupy:
 
     # -- the cupy interface ---------------------------------------------------
     def _device(self, index):
-        return _Context(self._devices, index)
+        context = _Context(self._devices, index)
+        context.compute_capability = self.compute_capability
+        return context
+
+    def _nvrtc_version(self):
+        if self.nvrtc_error is not None:
+            raise RuntimeError(self.nvrtc_error)
+        return (13, 0)
 
     def _from_external(self, obj):
         version, handle = obj.__cuda_stream__()
@@ -387,8 +398,8 @@ class EmulatedLauncher(CupyLauncher):
 
     MODES = {"ascending": 0, "descending": 1, "shuffled": 2, "threads": 3}
 
-    def __init__(self, lib: ctypes.CDLL, schedule: str = "shuffled", seed: int = 1):
-        self.device = EmulatedCupy(lib, schedule, seed)
+    def __init__(self, lib: ctypes.CDLL, schedule: str = "shuffled", seed: int = 1, **device):
+        self.device = EmulatedCupy(lib, schedule, seed, **device)
         super().__init__(device=self.device, current_stream=self.device.current_stream)
 
     @property
