@@ -93,7 +93,7 @@ def test_deterministic_algorithms_use_the_fixed_order_sums_at_p_inf(cupy_on_cpu,
     from linf_plugin.ops.kernel_specs import module_spec
 
     g = torch.Generator().manual_seed(9)
-    x0, w0 = torch.randn(37, 29, generator=g, dtype=dtype), torch.randn(50, 29, generator=g, dtype=dtype)
+    x0, w0 = torch.randn(37, 45, generator=g, dtype=dtype), torch.randn(50, 45, generator=g, dtype=dtype)
     gy = torch.randn(37, 50, generator=g, dtype=dtype)
     ctype = "float" if dtype == torch.float32 else "double"
     plan = CupyBackend.kernel_plan(INF, ctype, deterministic=True)

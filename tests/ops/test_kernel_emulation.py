@@ -20,7 +20,7 @@ import torch
 from .lp_accuracy import rel_err, rel_tol
 from .oracles import lp_grad_oracle
 
-from linf_plugin.ops.kernel_specs import all_module_specs, fused_n_splits
+from linf_plugin.ops.kernel_specs import all_module_specs, full_source, fused_n_splits
 from linf_plugin.ops.reference import ReferenceBackend
 
 REF = ReferenceBackend()
@@ -350,6 +350,111 @@ def test_deterministic_mode_gives_the_same_bits_whatever_the_schedule(harness, e
     ref = _gradients(REF, p, data)
     for got, want in zip(first, ref):
         torch.testing.assert_close(got, want, **_gtol(torch.float32))
+
+
+# -- sm_75 and sm_80+: the NaN-keeping maxima, instruction (sm_80+) against the fallbacks (sm_75) ----------------
+_MAXIMA = '#include "cuda_shim.h"\n' + full_source(()) + """
+extern "C" void maxima(const float* a, const float* b, int n, float* general, float* nonneg, float* clamp) {
+    for (int i = 0; i < n; ++i) {
+        general[i] = lp_max_nan(a[i], b[i]);
+        nonneg[i] = lp_max_nonneg(a[i], b[i]);
+        clamp[i] = lp_clamp_below(a[i], b[i]);
+    }
+}
+extern "C" void portable(const float* a, const float* b, int n, float* out) {
+    for (int i = 0; i < n; ++i) out[i] = lp_max_nan_portable(a[i], b[i]);
+}
+"""
+_BITS = {"+0": 0x00000000, "-0": 0x80000000, "min_sub": 0x00000001, "-min_sub": 0x80000001, "min_norm": 0x00800000,
+         "1": 0x3F800000, "-1": 0xBF800000, "2.5": 0x40200000, "-2.5": 0xC0200000, "max": 0x7F7FFFFF,
+         "-max": 0xFF7FFFFF, "inf": 0x7F800000, "-inf": 0xFF800000, "nan": 0x7FFFFFFF, "nan_x86": 0x7FC00000,
+         "-nan_x86": 0xFFC00000, "snan": 0x7F800001}
+
+
+def _floats(names):
+    import numpy
+
+    return torch.from_numpy(numpy.array([_BITS[n] for n in names], dtype=numpy.uint32).view(numpy.float32))
+
+
+def _run_maxima(lib, a, b):
+    import ctypes
+
+    outs = [torch.empty_like(a) for _ in range(3)]
+    ptr = lambda t: ctypes.c_void_p(t.data_ptr())   # noqa: E731
+    lib.maxima(ptr(a), ptr(b), a.numel(), *map(ptr, outs))
+    return outs
+
+
+def _bits(t):
+    return t.view(torch.int32)
+
+
+def test_the_sm75_maxima_give_the_instructions_bits(harness, tmp_path):
+    """common.cuh compiled as for sm_75 (LP_EMULATED_ARCH=750: comparisons and selects, an integer max) against
+    sm_80+ (the emulated max.NaN.f32: canonical NaN 0x7fffffff when either operand is NaN, +0.0 above -0.0), on
+    every pair of special values: NaN of several payloads and signs, +-0.0, subnormals, +-inf, +-FLT_MAX.
+      lp_max_nan: the same bits on every pair;
+      lp_max_nonneg: the same bits on the operands it is for (>= +0.0 or the canonical NaN);
+      lp_clamp_below(l, lo): the same bits for every l and every lo other than NaN and +-0.0, NaN for NaN."""
+    import ctypes
+
+    names = list(_BITS)
+    pairs = [(x, y) for x in names for y in names]
+    a, b = _floats([x for x, _ in pairs]), _floats([y for _, y in pairs])
+    sm75 = _run_maxima(harness.build_library(tmp_path, _MAXIMA, arch=750), a, b)
+    sm90 = _run_maxima(harness.build_library(tmp_path, _MAXIMA, arch=900), a, b)
+    general75, nonneg75, clamp75 = sm75
+    general90, nonneg90, clamp90 = sm90
+    assert torch.equal(_bits(general75), _bits(general90))
+    nonneg = torch.tensor([x in ("+0", "min_sub", "min_norm", "1", "2.5", "max", "inf", "nan") and
+                           y in ("+0", "min_sub", "min_norm", "1", "2.5", "max", "inf", "nan") for x, y in pairs])
+    assert nonneg.sum() == 64 and torch.equal(_bits(nonneg75[nonneg]), _bits(nonneg90[nonneg]))
+    bounded = torch.tensor(["nan" not in y and y not in ("+0", "-0") for _, y in pairs])
+    number = ~clamp90.isnan() & bounded
+    assert torch.equal(clamp75.isnan()[bounded], clamp90.isnan()[bounded])
+    assert torch.equal(_bits(clamp75[number]), _bits(clamp90[number]))
+    # the semantics themselves, spelled out on a few pairs
+    want = {("nan_x86", "1"): _BITS["nan"], ("-nan_x86", "-inf"): _BITS["nan"], ("snan", "snan"): _BITS["nan"],
+            ("-0", "+0"): _BITS["+0"], ("+0", "-0"): _BITS["+0"], ("-0", "-0"): _BITS["-0"],
+            ("-min_sub", "-0"): _BITS["-0"], ("-1", "-2.5"): _BITS["-1"], ("inf", "max"): _BITS["inf"]}
+    for (x, y), bits in want.items():
+        assert _bits(general90)[pairs.index((x, y))].item() == (bits if bits < 2 ** 31 else bits - 2 ** 32), (x, y)
+    # the shim's instruction and common.cuh's portable version are written independently: they agree too
+    lib = harness.build_library(tmp_path, _MAXIMA, arch=900)
+    out = torch.empty_like(a)
+    lib.portable(ctypes.c_void_p(a.data_ptr()), ctypes.c_void_p(b.data_ptr()), a.numel(), ctypes.c_void_p(out.data_ptr()))
+    assert torch.equal(_bits(out), _bits(general90))
+
+
+def test_sm75_kernels_give_the_sm80_results(harness, tmp_path_factory, emulator_lib):
+    """The p = inf and finite-p float kernels built as for sm_75 give what the sm_80+ build gives, bit for bit
+    (NaN for NaN), on data with NaN rows, zero rows (identical x and w: +-0.0 differences) and ties."""
+    from linf_plugin.ops.cupy_backend import CupyBackend
+    from linf_plugin.ops.kernel_specs import module_spec
+
+    kernels = [k.name for key in (("linf", "float", None), ("lp", "float", 8), ("lp", "float", 0))
+               for k in module_spec(*key).kernels.values()]
+    lib75 = harness.build_library(tmp_path_factory.mktemp("sm75"), harness.harness_source(kernels), arch=750)
+    g = torch.Generator().manual_seed(75)
+    x, w = torch.randint(-3, 4, (37, 41), generator=g).float(), torch.randn(70, 41, generator=g)
+    w[:5] = x[:5]                                    # y = 0 there
+    w[6] = -x[6] * 0.0                               # -0.0 against +0.0 and against integers
+    x[7, 3] = float("nan")
+    w[9, 40] = float("nan")
+    gy = torch.randn(37, 70, generator=g)
+    results = []
+    for lib in (lib75, emulator_lib):
+        backend = CupyBackend(launcher=harness.EmulatedLauncher(lib, "shuffled", seed=4))
+        out = []
+        for p in (math.inf, 8.0, 8.5):
+            y, aux = backend.forward(x, w, p)
+            out += [y, *backend.backward(gy, x, w, y, aux, p)]
+        results.append(out)
+    for a, b in zip(*results):
+        assert torch.equal(a.isnan(), b.isnan())
+        assert torch.equal(_bits(a[~a.isnan()]), _bits(b[~b.isnan()]))
+    assert results[0][0].isnan().any() and (results[0][0] == 0).any()
 
 
 def test_barrier_divergence_is_detected(harness, tmp_path):

@@ -204,6 +204,8 @@ int launch_fibers(dim3 grid, dim3 block, F& body, const std::vector<Region>& reg
 }
 
 // ---- real threads
+// A pool of OS threads per block size, started on first use and kept for the process (blocked in a barrier
+// between launches; never joined): starting 256 threads per launch would dominate the sanitizer runs.
 struct OrCompletion {   // runs once per barrier phase, after the last thread arrives and before any leaves
     std::atomic<int>* acc;
     int* result;
@@ -214,37 +216,60 @@ inline Barrier* barrier = nullptr;
 inline std::atomic<int> thread_or_acc{0};
 inline int thread_or_result = 0;
 
+struct Pool {
+    unsigned nt;
+    Barrier blocks;                 // __syncthreads among the nt workers
+    std::barrier<> gate;            // the launching thread and the workers: start and end of a launch
+    std::function<void(unsigned)> job;
+    explicit Pool(unsigned n) : nt(n), blocks(n, OrCompletion{&thread_or_acc, &thread_or_result}), gate(n + 1) {
+        for (unsigned t = 0; t < n; ++t) {
+            std::thread([this, t] {
+                for (;;) {
+                    gate.arrive_and_wait();   // a launch begins
+                    job(t);
+                    gate.arrive_and_wait();   // it is done
+                }
+            }).detach();
+        }
+    }
+};
+
+inline Pool& pool_of(unsigned nt) {
+    static std::vector<Pool*> pools;   // leaked on purpose: the workers outlive static destruction
+    for (Pool* p : pools)
+        if (p->nt == nt) return *p;
+    pools.push_back(new Pool(nt));
+    return *pools.back();
+}
+
 template <class F>
 int launch_threads(dim3 grid, dim3 block, F& body, const std::vector<Region>& regions) {
     const unsigned nt = block.x * block.y * block.z;
     const std::vector<dim3> order = block_order(grid);
+    Pool& pool = pool_of(nt);
     thread_or_acc = 0;
-    Barrier bar(nt, OrCompletion{&thread_or_acc, &thread_or_result});
-    barrier = &bar;
+    barrier = &pool.blocks;
     std::vector<unsigned long> counts(nt);
     std::atomic<int> error{0};
-    std::vector<std::thread> threads;
-    threads.reserve(nt);
-    poison(regions);   // before the threads start: ordered before the first block
-    for (unsigned t = 0; t < nt; ++t) {
-        threads.emplace_back([&, t] {
-            thread_idx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
-            for (const dim3& b : order) {
-                block_idx = b;
-                syncs = 0;
-                body();
-                counts[t] = syncs;
-                bar.arrive_and_wait();  // the block is done; its shared memory may be reused
-                if (t == 0) {
-                    for (unsigned s = 1; s < nt; ++s)
-                        if (counts[s] != counts[0]) error = 1;
-                    poison(regions);
-                }
-                bar.arrive_and_wait();
+    poison(regions);   // before the gate: ordered before the first block
+    pool.job = [&](unsigned t) {
+        thread_idx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+        for (const dim3& b : order) {
+            block_idx = b;
+            syncs = 0;
+            body();
+            counts[t] = syncs;
+            pool.blocks.arrive_and_wait();  // the block is done; its shared memory may be reused
+            if (t == 0) {
+                for (unsigned s = 1; s < nt; ++s)
+                    if (counts[s] != counts[0]) error = 1;
+                poison(regions);
             }
-        });
-    }
-    for (auto& th : threads) th.join();
+            pool.blocks.arrive_and_wait();
+        }
+    };
+    pool.gate.arrive_and_wait();
+    pool.gate.arrive_and_wait();
     barrier = nullptr;
     return error.load();
 }

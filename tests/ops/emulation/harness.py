@@ -45,16 +45,21 @@ __all__ = ["compiler", "harness_source", "build_library", "build_library_file", 
            "sanitizer_runtime", "EmulatedCupy", "EmulatedLauncher", "Launch", "symbol"]
 
 SHIM = Path(__file__).with_name("cuda_shim.h")
-# -ffp-contract=off: no multiply-add is fused unless the source says so, as in the kernels' NVRTC build
-CXXFLAGS = ("-std=c++20", "-O0", "-pthread", "-shared", "-fPIC", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas",
-            "-Wno-unused-variable", "-Wno-unused-but-set-variable")
-# Sanitizer builds: name -> (compiler flags replacing -O0, the runtime a child process preloads).  The
-# address build adds UndefinedBehaviorSanitizer (alignment of the 16-byte vector loads included);
-# both recover from errors, so one child reports every case it runs (halt_on_error=0 in its options).
+# -ffp-contract=off: no multiply-add is fused unless the source says so, as in the kernels' NVRTC build.
+# -fno-gnu-unique: each library keeps its own kernels' static (shared-memory) variables and emulator state;
+# with the default STB_GNU_UNIQUE binding, two libraries loaded in one process (the sm_75 build, planted-bug
+# builds) would share one definition of every such variable, whatever its size in each.
+CXXFLAGS = ("-std=c++20", "-O0", "-pthread", "-shared", "-fPIC", "-ffp-contract=off", "-fno-gnu-unique", "-Wall",
+            "-Wno-unknown-pragmas", "-Wno-unused-variable", "-Wno-unused-but-set-variable")
+# Sanitizer builds: name -> (compiler flags replacing -O0, the libraries a child process preloads).  The
+# address build adds UndefinedBehaviorSanitizer (alignment of the 16-byte vector loads included); its
+# child preloads libstdc++ too, or ASan's C++ exception interceptor finds no __cxa_throw when a module
+# loaded later throws.  Both recover from errors, so one child reports every case it runs
+# (halt_on_error=0 in its options).
 SANITIZERS = {
-    "thread": (("-O1", "-g1", "-fsanitize=thread"), "libtsan.so"),
+    "thread": (("-O1", "-g1", "-fsanitize=thread"), ("libtsan.so",)),
     "address": (("-O0", "-g1", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
-                 "-fsanitize-recover=all"), "libasan.so"),
+                 "-fsanitize-recover=all"), ("libasan.so", "libstdc++.so.6")),
 }
 
 
@@ -115,13 +120,19 @@ def harness_source(kernels=None, transform=None) -> str:
 
 
 def sanitizer_runtime(name: str) -> str | None:
-    """Path of the runtime library of sanitizer ``name`` (a :data:`SANITIZERS` key) that g++ links, or ``None``."""
+    """``LD_PRELOAD`` for a child running sanitizer ``name``'s builds (a :data:`SANITIZERS` key): the paths of the
+    runtime libraries g++ links, space-separated; ``None`` when one is missing."""
     cxx = compiler()
     if cxx is None:
         return None
-    proc = subprocess.run([cxx, f"-print-file-name={SANITIZERS[name][1]}"], capture_output=True, text=True)
-    path = proc.stdout.strip()
-    return os.path.realpath(path) if proc.returncode == 0 and os.path.isabs(path) and os.path.exists(path) else None
+    paths = []
+    for lib in SANITIZERS[name][1]:
+        proc = subprocess.run([cxx, f"-print-file-name={lib}"], capture_output=True, text=True)
+        path = proc.stdout.strip()
+        if proc.returncode != 0 or not os.path.isabs(path) or not os.path.exists(path):
+            return None
+        paths.append(os.path.realpath(path))
+    return " ".join(paths)
 
 
 def _flags(arch: int, sanitizer: str | None) -> list:
