@@ -134,3 +134,14 @@ template <typename T> __global__ void too_big(T* out) {
     nvrtc_compile(src, ["too_big<float>"], NVRTC_OPTIONS, "sm_90")
     with pytest.raises(RuntimeError, match="shared"):
         nvrtc_compile(src, ["too_big<double>"], NVRTC_OPTIONS, "sm_90")
+
+
+def test_the_gpu_tests_maxima_kernel_compiles(nvrtc):
+    """test_gpu.py compares the NaN-keeping max instruction with the sm_75 fallbacks on the GPU; its kernel
+    compiles (sm_80: the instruction needs it)."""
+    from pathlib import Path
+
+    text = Path(__file__).with_name("test_gpu.py").read_text()
+    source = text[text.index('MAXIMA_SOURCE = """') + len('MAXIMA_SOURCE = """'):]
+    source = source[:source.index('"""')]
+    nvrtc_compile(full_source(()) + source, ["maxima"], NVRTC_OPTIONS, "sm_80")

@@ -246,7 +246,8 @@ __device__ __forceinline__ float lp_max_nan_f32_insn(float a, float b) {
 // sm_80 and later that is one instruction (FMNMX.NAN); sm_75 lacks the .NaN
 // modifier, so there each use gets the cheapest code with the same result
 // on the operands it can see.  tests/ops/test_kernel_emulation.py compares
-// each sm_75 version with the instruction's emulation on special values.
+// each sm_75 version with the instruction's emulation on special values, and
+// tests/ops/test_gpu.py with the instruction itself.
 template <typename T> struct lp_canonical_nan;
 template <> struct lp_canonical_nan<float> {
     static __device__ __forceinline__ float get() { return __int_as_float(0x7fffffff); }
@@ -281,12 +282,15 @@ __device__ __forceinline__ double lp_max_nan(double a, double b) { return lp_max
 // < normals < +inf < NaN), so sm_75 takes one integer max (IMNMX.U32): the
 // same cost as FMNMX.NAN.  Doubles take the portable version (no hot loop
 // of a double kernel is bound by it).
+__device__ __forceinline__ float lp_max_nonneg_int(float a, float b) {
+    const unsigned ua = (unsigned)__float_as_int(a), ub = (unsigned)__float_as_int(b);
+    return __int_as_float((int)(ua > ub ? ua : ub));
+}
 __device__ __forceinline__ float lp_max_nonneg(float a, float b) {
 #if LP_ARCH >= 800
     return lp_max_nan_f32_insn(a, b);
 #else
-    const unsigned ua = (unsigned)__float_as_int(a), ub = (unsigned)__float_as_int(b);
-    return __int_as_float((int)(ua > ub ? ua : ub));
+    return lp_max_nonneg_int(a, b);
 #endif
 }
 __device__ __forceinline__ double lp_max_nonneg(double a, double b) { return lp_max_nan_portable(a, b); }
@@ -294,11 +298,12 @@ __device__ __forceinline__ double lp_max_nonneg(double a, double b) { return lp_
 // max(l, lo) keeping a NaN l, for a bound lo that is a number other than
 // +-0.0 (the clamps of log2 in the general-p kernels): on sm_75 a compare
 // and a select, which return l itself where it is NaN.
+__device__ __forceinline__ float lp_clamp_below_select(float l, float lo) { return l < lo ? lo : l; }
 __device__ __forceinline__ float lp_clamp_below(float l, float lo) {
 #if LP_ARCH >= 800
     return lp_max_nan_f32_insn(l, lo);
 #else
-    return l < lo ? lo : l;
+    return lp_clamp_below_select(l, lo);
 #endif
 }
 
@@ -374,7 +379,8 @@ template <typename T>
 __device__ __forceinline__ int lp_log2_scale(T s) { return lp_biased_exponent(s) - lp_bias<T>::value; }
 
 // One coordinate of the interval of |x - w| over x in [l, u]; the same
-// operations as every other backend, so p = inf results agree bit for bit.
+// operations as every other backend (subtractions and maxima: nothing a
+// compiler could fuse), so p = inf results agree bit for bit.
 template <typename T>
 __device__ __forceinline__ void lp_interval_terms(T l, T u, T w, T& a, T& c, T& far, T& near) {
     a = w - l;

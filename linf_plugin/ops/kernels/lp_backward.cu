@@ -122,8 +122,14 @@ lp_backward(const T* __restrict__ A, const T* __restrict__ C, const T* __restric
 //      features of one k (16-byte loads, fixed order: deterministic in-block);
 //   3. atomicAdd into gw, which the caller zeroes: the ceil(B / BB) blocks
 //      along b add in whatever order the hardware runs them, so gw is NOT
-//      bit-for-bit reproducible from run to run when B > BB (float addition
-//      is not associative); gx is when S = 1.
+//      bit-for-bit reproducible from run to run when B > 2 BB (float addition
+//      is not associative); gx is when S = 1.  Under
+//      torch.use_deterministic_algorithms(True) the backend runs the two
+//      single-gradient kernels above instead (no atomics).
+// With S = 1, gx is the single-gradient kernel's grad_x bit for bit (the same
+// operations, fma included, over n in the same order) wherever both compute
+// the power alike: every p but the fast general p, whose hardware /
+// polynomial exp2 split follows another index here.
 // Per tile a thread adds OUT x TB values and issues OUT atomics against
 // LP_BK RB RI triples: ~0.2 instructions per triple.
 // sp holds LP_BK TB BI values, 32 KiB at the catalogue's tiles (float: TB = 8,

@@ -111,6 +111,7 @@ def _families(backend, errors):
     _check_pair(backend, errors, math.inf, small, 5e-5)
     for p in (8.0, 8.5):
         _check_pair(backend, errors, p, tiled, 5e-5)
+    _raw_p8_tiny(backend, errors)     # every block of the raw sum flags itself: the flag's barrier, the fixup
     _check_pair(backend, errors, 8.5, _data(21, 13, 41, seed=6), 5e-5, need=(True, False))   # single-gradient
     _check_pair(backend, errors, 2.0, _data(21, 9, 19, torch.float64, seed=1), 1e-10)
     before = torch.are_deterministic_algorithms_enabled()
