@@ -6,6 +6,7 @@ sanitizer's runtime first, so tests/ops/test_sanitizers.py starts this script
 with ``LD_PRELOAD`` set, once per sanitizer, with every case to run:
 
     python sanitize_run.py CASE=SCENARIO=LIBRARY [...]
+    python sanitize_run.py --cuda       # on a GPU, under compute-sanitizer (make gpu-check)
 
 Each case loads its library, runs its scenario through the real
 :class:`~linf_plugin.ops.cupy_backend.CupyBackend` and launcher with real
@@ -25,6 +26,7 @@ D-tile; ``interval_p8``: lp_dist_interval at p = 8 on one partial D-tile).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -65,12 +67,15 @@ def _oracles():
     return module
 
 
+DEVICE = "cpu"     # "cuda" in the --cuda mode
+
+
 def _data(B, N, D, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     x, w = torch.randn(B, D, generator=g, dtype=dtype), torch.randn(N, D, generator=g, dtype=dtype)
     gy = torch.randn(B, N, generator=g, dtype=dtype)
     r = torch.rand(B, D, generator=g, dtype=dtype)
-    return x, w, gy, x - r, x + r
+    return tuple(t.to(DEVICE) for t in (x, w, gy, x - r, x + r))
 
 
 def _close(errors, what, got, want, tol):
@@ -80,13 +85,25 @@ def _close(errors, what, got, want, tol):
         errors.append(f"{what}: max difference {(got - want).abs().max().item():.3g}")
 
 
+@contextlib.contextmanager
+def _reference_mode():
+    """The reference runs with torch's own settings (on CUDA some of its ops have no deterministic version)."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(False)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
 def _check_pair(backend, errors, p, data, tol, need=(True, True)):
     x, w, gy, lower, upper = data
     y, aux = backend.forward(x, w, p)
-    y_ref, aux_ref = REF.forward(x, w, p)
-    _close(errors, f"y p={p}", y, y_ref, tol)
     got = backend.backward(gy, x, w, y, aux, p, *need)
-    want = REF.backward(gy, x, w, y_ref, aux_ref, p, *need)
+    with _reference_mode():
+        y_ref, aux_ref = REF.forward(x, w, p)
+        want = REF.backward(gy, x, w, y_ref, aux_ref, p, *need)
+    _close(errors, f"y p={p}", y, y_ref, tol)
     for name, a, b in zip(("grad_x", "grad_w"), got, want):
         _close(errors, f"{name} p={p} need={need}", a, b, tol)
 
@@ -94,11 +111,12 @@ def _check_pair(backend, errors, p, data, tol, need=(True, True)):
 def _check_interval(backend, errors, p, data, tol):
     x, w, gy, lower, upper = data
     lo, hi, aux = backend.interval_forward(lower, upper, w, p)
-    lo_ref, hi_ref, aux_ref = REF.interval_forward(lower, upper, w, p)
+    got = backend.interval_backward(gy, 0.5 * gy, lower, upper, w, lo, hi, aux, p)
+    with _reference_mode():
+        lo_ref, hi_ref, aux_ref = REF.interval_forward(lower, upper, w, p)
+        want = REF.interval_backward(gy, 0.5 * gy, lower, upper, w, lo_ref, hi_ref, aux_ref, p)
     _close(errors, f"lo p={p}", lo, lo_ref, tol)
     _close(errors, f"hi p={p}", hi, hi_ref, tol)
-    got = backend.interval_backward(gy, 0.5 * gy, lower, upper, w, lo, hi, aux, p)
-    want = REF.interval_backward(gy, 0.5 * gy, lower, upper, w, lo_ref, hi_ref, aux_ref, p)
     for name, a, b in zip(("grad_lower", "grad_upper", "grad_w"), got, want):
         _close(errors, f"interval {name} p={p}", a, b, tol)
 
@@ -163,10 +181,28 @@ def run_scenario(lib, scenario: str, schedule: str = "threads", seed: int = 1) -
     return errors
 
 
+def run_on_gpu() -> int:
+    """``--cuda``: the ``families`` scenario with the real CuPy backend on the GPU (what make gpu-check runs
+    under NVIDIA's compute-sanitizer); one JSON line, exit 1 on a mismatch, 2 without a GPU."""
+    global DEVICE
+    if not torch.cuda.is_available():
+        print("sanitize_run.py --cuda needs a CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
+        return 2
+    DEVICE = "cuda"
+    errors: list = []
+    _families(CupyBackend(), errors)
+    torch.cuda.synchronize()
+    print(json.dumps({"case": "gpu", "scenario": "families", "ok": not errors, "errors": errors}), flush=True)
+    return 1 if errors else 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--cuda"]:
+        return run_on_gpu()
     torch.set_num_threads(1)      # the kernels' threads are the emulator's; torch's pool would only add noise
     harness = _harness()
-    for arg in (sys.argv[1:] if argv is None else argv):
+    for arg in argv:
         case, scenario, path = arg.split("=", 2)
         print(f"@@begin {case}", file=sys.stderr, flush=True)
         try:
