@@ -186,8 +186,10 @@ def _build(family: str, ctype: str, pv: int | None) -> dict:
         ra, rb = _tiles(family, role, ctype, pv)
         return KernelSpec(template, ctype, targs(ra, rb), params, (TILE_THREADS * ra, TILE_THREADS * rb))
 
-    # lp_scatter_rows<T, KC>: out (R, D) from idx0, s0, idx1, s1 (R, C); KC columns per block (scatter_rows.cu)
-    det = KernelSpec("lp_scatter_rows", ctype, (SCATTER_COLUMNS[ctype],), (_IP, _TP, _IP, _TP, _TP, _I, _I, _I))
+    # lp_scatter_rows<T, KC, SOURCES>: out (R, D) from idx0, s0 (and idx1, s1 when SOURCES = 2), all (R, C);
+    # KC columns per block (scatter_rows.cu).  p = inf: one argmax per output; intervals: two (near, far)
+    det = KernelSpec("lp_scatter_rows", ctype, (SCATTER_COLUMNS[ctype], 1 if family == "linf" else 2),
+                     (_IP, _TP, _IP, _TP, _TP, _I, _I, _I))
     if family == "linf":
         return {
             "forward": tiled("linf_forward", "forward", lambda a, b: (a, b, False), (_TP, _TP, _TP, _IP, _I, _I, _I)),

@@ -161,3 +161,22 @@ def test_the_fused_backward_costs_no_more_than_the_seeds(tools, cache):
         assert fused["instructions"] < 0.6 * two, p
         assert fused["instructions"] <= seed[label]["instructions"], (p, fused, seed[label])
         assert fused["cycles"] <= seed[label]["cycles"], (p, fused, seed[label])
+
+
+def test_the_deterministic_plans_and_what_they_cost(tools, cache):
+    """Under torch.use_deterministic_algorithms(True) nothing adds with atomics.  p = inf sums its sparse
+    gradients with lp_scatter_rows (twice: grad_x and grad_w), about 11 instructions per (b, n) entry and chunk
+    of 32 coordinates, so under half an instruction per triple and gradient in float, against the atomic
+    scatter's cost per output (counted 0 here); finite p runs the two single-gradient kernels, about twice the
+    fused kernel."""
+    from linf_plugin.ops.cupy_backend import CupyBackend
+
+    plan = tools.our_costs(cache, ps=(8.0, math.inf))
+    assert [c.name for c in plan[math.inf]["bwd det"]] == ["lp_scatter_rows<float, 32, 1>"] * 2
+    assert tools.totals(plan[math.inf]["bwd"])["instructions"] == 0
+    per_gradient = plan[math.inf]["bwd det"][0].per_triple["instructions"]
+    assert 0.1 < per_gradient < 0.5
+    assert plan[math.inf]["bwd det"][0].spill_bytes == 0
+    fused = tools.totals(plan[8.0]["bwd"])["instructions"]
+    assert 1.5 * fused < tools.totals(plan[8.0]["bwd det"])["instructions"] < 2.5 * fused
+    assert CupyBackend.kernel_plan(8.0, deterministic=True)["bwd"] == [("lp", 8, "backward_x"), ("lp", 8, "backward_w")]

@@ -84,17 +84,22 @@ def test_module_compiles_without_spills(kc, nvrtc_cache, known_archs, spec, arch
 def test_sm75_takes_the_fallback_max(kc, nvrtc_cache):
     """max.NaN.f32 needs sm_80 (ptxas: "Modifier '.NaN' requires .target sm_80 or higher"): sm_75 compiles the
     integer-max fallback of common.cuh, sm_80 the instruction."""
+    from linf_plugin.ops.kernel_specs import BK
+
+    if kc.find_tool("nvdisasm") is None:
+        pytest.skip("nvdisasm not installed (pip install nvidia-cuda-nvdisasm)")
     spec = module_spec("linf", "float")
-    name = spec.kernels["forward"].name
-    ops = {}
+    kernel = spec.kernels["forward"]
+    ops, cost = {}, {}
     for arch in ("sm_75", "sm_80"):
         cubin, log = kc.nvrtc_cubin(spec.source, spec.name_expressions, spec.options, arch, nvrtc_cache)
-        code = kc.disassemble(cubin)[kc.lowered_names(log)[name]] if kc.find_tool("nvdisasm") else None
-        if code is None:
-            pytest.skip("nvdisasm not installed (pip install nvidia-cuda-nvdisasm)")
+        code = kc.disassemble(cubin)[kc.lowered_names(log)[kernel.name]]
         ops[arch] = {kc._opcode(line) for line in code}
+        cost[arch] = kc.hot_loop_cost(code, kernel.tile[0] * kernel.tile[1] // 256 * BK)["instructions"]
     assert "FMNMX.NAN" in ops["sm_80"] and not any(o.startswith("IMNMX") for o in ops["sm_80"])
     assert "IMNMX.U32" in ops["sm_75"] and "FMNMX.NAN" not in ops["sm_75"]
+    # the integer max cannot take |x - w| as an operand modifier: about one instruction more per triple
+    assert cost["sm_80"] < cost["sm_75"] < cost["sm_80"] + 1.25, cost
 
 
 @pytest.mark.parametrize("arch", ("sm_75", "sm_90"))

@@ -2,7 +2,7 @@
 //
 //   out[r, k] = sum_c [idx0[r, c] == k] s0[r, c]  +  sum_c [idx1[r, c] == k] s1[r, c]
 //
-// for r < R, k < D; idx1 and s1 may be null (one source).  Each output (b, n)
+// for r < R, k < D; SOURCES = 1: idx1 and s1 are not read (null).  Each output (b, n)
 // of a p = inf layer sends its gradient to one coordinate, its argmax (two,
 // lower and upper end, for an interval): grad_x takes rows r = b and c = n,
 // grad_w the transposed index and values (r = n, c = b).  linf_backward and
@@ -23,11 +23,11 @@
 // Grid (R, ceil(D / KC)), block 256.
 #include "common.cuh"
 
-template <typename T, int KC>
+template <typename T, int KC, int SOURCES>
 __global__ void __launch_bounds__(LP_THREADS)
 lp_scatter_rows(const int* __restrict__ idx0, const T* __restrict__ s0, const int* __restrict__ idx1,
                 const T* __restrict__ s1, T* __restrict__ out, int R, int C, int D) {
-    static_assert(KC <= LP_THREADS, "one thread stores each column");
+    static_assert(KC <= LP_THREADS && (SOURCES == 1 || SOURCES == 2), "one thread stores each column");
     __shared__ T sp[KC][LP_THREADS + 1];   // + 1: thread t's column k sits on bank (k + t) mod 32
     const int t = threadIdx.x;
     const lp_i64 r = blockIdx.x;
@@ -36,16 +36,20 @@ lp_scatter_rows(const int* __restrict__ idx0, const T* __restrict__ s0, const in
     for (int k = 0; k < KC; ++k) sp[k][t] = T(0);
     const int* i0 = idx0 + r * C;
     const T* v0 = s0 + r * C;
+    const int* i1 = SOURCES == 2 ? idx1 + r * C : nullptr;
+    const T* v1 = SOURCES == 2 ? s1 + r * C : nullptr;
     for (int c = t; c < C; c += LP_THREADS) {
         const unsigned k = (unsigned)(i0[c] - k0);   // < KC exactly when the index is in the chunk
         if (k < (unsigned)KC) sp[k][t] += v0[c];
-        if (idx1 != nullptr) {
-            const unsigned k1 = (unsigned)(idx1[r * C + c] - k0);
-            if (k1 < (unsigned)KC) sp[k1][t] += s1[r * C + c];
+        if constexpr (SOURCES == 2) {
+            const unsigned k1 = (unsigned)(i1[c] - k0);
+            if (k1 < (unsigned)KC) sp[k1][t] += v1[c];
         }
     }
     __syncthreads();
-    for (int h = LP_THREADS / 2; h >= 1; h /= 2) {
+#pragma unroll
+    for (int h = LP_THREADS / 2; h >= 1; h /= 2) {   // unrolled: h, and so e / h and e % h, known
+#pragma unroll
         for (int e = t; e < KC * h; e += LP_THREADS) {
             const int k = e / h;
             const int j = e % h;
