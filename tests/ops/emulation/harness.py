@@ -288,6 +288,10 @@ class EmulatedCupy:
       module dtype (``int32`` for ``int*``) or the null ``numpy.uint64(0)``,
       ``numpy.int32`` for ``int``, ``numpy.float32``/``float64`` for ``T``
       (a Python float would be marshalled as a double by CuPy).
+
+    ``compute_capability`` is what ``cuda.Device(i).compute_capability`` reports ("90", "75", "61": the
+    launcher's device check reads it) and ``nvrtc_error``, when given, what ``cuda.nvrtc.getVersion()`` raises
+    (CuPy installed without NVRTC).
     """
 
     def __init__(self, lib: ctypes.CDLL, schedule: str = "shuffled", seed: int = 1, compute_capability: str = "90",
