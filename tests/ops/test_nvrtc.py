@@ -24,10 +24,10 @@ OPTIONAL = {"sm_120"}     # NVRTC 12.8 added it; the others are known to every N
 SPECS = all_module_specs()
 # Register spills per kernel (bytes stored + loaded, ptxas -v): none on sm_90, the architecture the cost model
 # (benchmarks/kernel_cost.py) counts; elsewhere ptxas allocates differently and keeps a few values of some
-# kernels at the 128-register limit in local memory (L1-cached): at most 36 bytes on sm_75-sm_89 (the 8 x 8
-# p = inf forward on sm_75, the fused backward on sm_80-sm_89) and 80 bytes on sm_100/sm_120 (the double
-# interval forward).  The bound catches what matters: kernels that spill kilobytes, as the single-gradient
-# double and accurate-power kernels did on Blackwell before they asked for one block per SM there.
+# kernels in local memory (L1-cached): at most 36 bytes on sm_75-sm_89 (the 8 x 8 p = inf forward on sm_75,
+# the fused backward on sm_80-sm_89) and 80 bytes on sm_100/sm_120 (double forwards, p = 1 backward).  The
+# bound catches what matters: kernels that spill kilobytes, as the single-gradient double and accurate-power
+# kernels did on Blackwell before they asked for one block per SM there.
 SPILL_LIMIT = {"sm_90": 0}
 OTHER_SPILL_LIMIT = 96
 
