@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["KERNEL_DIR", "NVRTC_OPTIONS", "DTYPES", "P_VARIANTS", "FAMILIES", "KernelSpec", "ModuleSpec",
+__all__ = ["KERNEL_DIR", "NVRTC_OPTIONS", "DTYPES", "P_VARIANTS", "KERNEL_FAMILIES", "KernelSpec", "ModuleSpec",
            "module_spec", "all_module_specs", "read_source", "full_source", "grid_for", "MAX_GRID_Y", "FAST_GRAD_MAX_P",
            "RAW_P_VARIANTS", "fused_n_splits", "nvrtc_compile", "SCATTER_COLUMNS"]
 
@@ -69,7 +69,7 @@ _FAMILY_FILES = {
     "interval_lp": ("interval_forward.cu", "interval_backward.cu"),
     "box_argmax": ("linf_box_argmax.cu",),
 }
-FAMILIES = tuple(_FAMILY_FILES)
+KERNEL_FAMILIES = tuple(_FAMILY_FILES)
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"common\.cuh"\s*$', re.M)
 
 
@@ -244,7 +244,7 @@ def _build(family: str, ctype: str, pv: int | None) -> dict:
         ra, rb = (4, 4) if ctype == "float" else (4, 2)
         return {"argmax": KernelSpec("linf_box_argmax", ctype, (ra, rb), (_TP, _TP, _TP, _IP, _I, _I, _I),
                                      (TILE_THREADS * ra, TILE_THREADS * rb))}
-    raise ValueError(f"unknown kernel family {family!r}; choose from {FAMILIES}")
+    raise ValueError(f"unknown kernel family {family!r}; choose from {KERNEL_FAMILIES}")
 
 
 @lru_cache(maxsize=None)
@@ -263,7 +263,7 @@ def module_spec(family: str, ctype: str, pv: int | None = None) -> ModuleSpec:
 def all_module_specs() -> list:
     """Every module the backend can load (every family x dtype x p-variant)."""
     specs = []
-    for family in FAMILIES:
+    for family in KERNEL_FAMILIES:
         for ctype in DTYPES:
             for pv in (P_VARIANTS if family in ("lp", "interval_lp") else (None,)):
                 specs.append(module_spec(family, ctype, pv))

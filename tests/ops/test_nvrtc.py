@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import pytest
 
-from linf_plugin.ops.kernel_specs import (DTYPES, FAMILIES, NVRTC_OPTIONS, P_VARIANTS, RAW_P_VARIANTS, all_module_specs,
-                                          full_source, module_spec, nvrtc_compile)
+from linf_plugin.ops.kernel_specs import (DTYPES, KERNEL_FAMILIES, NVRTC_OPTIONS, P_VARIANTS, RAW_P_VARIANTS,
+                                          all_module_specs, full_source, module_spec, nvrtc_compile)
 
 ARCHS = ("sm_75", "sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120")
 OPTIONAL = {"sm_120"}     # NVRTC 12.8 added it; the others are known to every NVRTC that CuPy 14 supports
@@ -38,7 +38,7 @@ def test_catalogue_covers_every_variant():
         assert ("linf", ctype, None) in keys and ("interval_inf", ctype, None) in keys
         for pv in P_VARIANTS:
             assert ("lp", ctype, pv) in keys and ("interval_lp", ctype, pv) in keys
-    assert {s.family for s in SPECS} == set(FAMILIES)
+    assert {s.family for s in SPECS} == set(KERNEL_FAMILIES)
     assert all(s.options == NVRTC_OPTIONS for s in SPECS)
 
 
