@@ -2,9 +2,11 @@
 
 Dispatch: ``backend="auto" | "torch" | "cupy" | "reference"`` (argument, else
 the environment variable ``LINF_LP_DIST_BACKEND``, else ``auto``).  ``auto``
-picks CuPy for CUDA tensors when CuPy imports and sees a GPU, else the
-PyTorch path, and says which once per (backend, device type) in debug
-logging.  Backends:
+picks CuPy for CUDA tensors when CuPy imports, sees the GPU, the GPU has
+compute capability 7.5 or higher and NVRTC loads; else the PyTorch path,
+and then it says why in a warning, once per device and reason.  Which
+backend ``auto`` uses is logged once per (backend, device type) at debug
+level.  Backends:
 
 * ``torch`` (:mod:`.torch_backend`): chunked broadcast reductions, compiled
   with inductor on CPU; any device;
@@ -81,20 +83,36 @@ def resolve_backend(backend, tensor: torch.Tensor) -> str:
     if route is not None and name in ("auto", route[0]):
         return route[1]
     if name == "auto":
-        name = "torch"
-        if tensor.is_cuda:
-            try:
-                get_backend("cupy")
-                name = "cupy"
-            except RuntimeError:
-                pass
+        name = "cupy" if tensor.is_cuda and _cupy_serves(tensor.device, warn=True) else "torch"
         key = (name, tensor.device.type)
         if key not in _announced:
             _announced.add(key)
             log.debug("lp_dist: backend 'auto' uses %r for %s tensors", name, tensor.device.type)
     elif name == "cupy" and not tensor.is_cuda:
         raise ValueError("the CuPy backend needs CUDA tensors; use backend='torch' for CPU tensors")
+    elif name == "cupy":
+        _cupy_serves(tensor.device, warn=False)
     return name
+
+
+def _cupy_serves(device: torch.device, warn: bool) -> bool:
+    """Whether the CuPy backend can run on ``device``.  If not: ``warn`` (for ``auto``, which then falls
+    back to the PyTorch path) says why once per device and reason; otherwise it raises with the reason."""
+    try:
+        backend = get_backend("cupy")
+        reason = backend.unsupported(device) if hasattr(backend, "unsupported") else None
+    except RuntimeError as exc:
+        reason = str(exc)
+    if reason is None:
+        return True
+    if not warn:
+        raise RuntimeError(f"backend='cupy' cannot run on {device}: {reason}")
+    key = ("fallback", str(device), reason)
+    if key not in _announced:
+        _announced.add(key)
+        warnings.warn(f"lp_dist: backend 'auto' uses the PyTorch path for {device} tensors, much slower there than "
+                      f"the CUDA kernels: {reason}", UserWarning, stacklevel=4)
+    return False
 
 
 @contextlib.contextmanager
