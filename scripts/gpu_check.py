@@ -82,7 +82,8 @@ KERNEL_REGEX = "_Z[0-9]+(linf|lp|interval)_"
 class Step:
     """One step: ``argv`` run in the checkout within ``limit`` seconds; ``files`` it leaves under OUT;
     ``post`` = (a result in the scratch folder, its place under OUT); ``tool_log``: a log of its own,
-    appended to the main log."""
+    appended to the main log; ``embed``: a JSON result in the scratch folder that goes into the step's
+    record in the summary (no file of its own under OUT, which holds at most :data:`MAX_FILES`)."""
 
     name: str
     argv: list
@@ -90,6 +91,7 @@ class Step:
     files: tuple = ()
     post: tuple | None = None
     tool_log: Path | None = None
+    embed: Path | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -130,6 +132,9 @@ def plan(out: Path, python: str, seed_repo: Path | None, scratch: Path, sanitize
     steps += [
         Step("pytest-gpu", [python, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-q", "-rfE",
                             f"--junitxml={out / 'pytest-gpu.xml'}"], 150, ("pytest-gpu.xml",)),
+        # 2 torchrun ranks against 1 on the GPU (NCCL with 2 GPUs, else gloo on the one), bit for bit
+        Step("sharded", [python, "scripts/sharded_check.py", "--device", "cuda", "--out",
+                         str(scratch / "sharded-cuda.json")], 90, embed=scratch / "sharded-cuda.json"),
         Step("lp_dist", [python, "benchmarks/lp_dist.py", "--device", "cuda", "--repeat", "3",
                          "--out", str(out / "lp_dist-cuda.json")], 60, ("lp_dist-cuda.json",)),
         Step("certify", [python, "benchmarks/certify.py", "--device", "cuda", "--n-cifar", "2000", "--budget", "10",
@@ -237,6 +242,12 @@ def run_step(step: Step, env: dict, log, remaining: float) -> dict:
         else:
             log.write(f"(expected {step.post[0]}, not written)\n")
             rc = 1
+    if step.embed is not None:
+        try:
+            record["result"] = json.loads(step.embed.read_text())
+        except (OSError, ValueError) as exc:
+            log.write(f"(expected a JSON result in {step.embed}: {exc})\n")
+            rc = 1 if rc == 0 else rc
     if step.tool_log is not None:
         text = step.tool_log.read_text(errors="replace") if step.tool_log.exists() else "(no log written)\n"
         log.write(f"----- {step.tool_log.name}\n{text}\n")

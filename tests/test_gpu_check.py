@@ -23,7 +23,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ["env", "sanitizer-memcheck", "sanitizer-racecheck", "sanitizer-synccheck", "sanitizer-initcheck",
-         "pytest-gpu", "lp_dist", "certify", "crown_memory", "comparisons"]
+         "pytest-gpu", "sharded", "lp_dist", "certify", "crown_memory", "comparisons"]
 
 
 def _script():
@@ -204,6 +204,23 @@ def test_a_spent_budget_skips_the_remaining_steps(tmp_path, monkeypatch):
     assert gc.main(["--out", str(tmp_path), "--budget", "6"]) == 1
     steps = json.loads((tmp_path / "summary.json").read_text())["steps"]
     assert [s["status"] for s in steps] == ["ok", "skipped"] and steps[1]["reason"] == "no time left in the budget"
+
+
+def test_an_embedded_result_goes_into_the_summary_not_under_out(tmp_path, monkeypatch):
+    gc = _script()
+
+    def fake_plan(out_dir, python, seed_repo, scratch, sanitizer="compute-sanitizer"):
+        made, lost = scratch / "made.json", scratch / "lost.json"
+        write = f"import json; json.dump({{'same': True}}, open({str(made)!r}, 'w'))"
+        return [gc.Step("writes", [python, "-c", write], 20, embed=made),
+                gc.Step("forgets", [python, "-c", "print(1)"], 20, embed=lost)]
+
+    monkeypatch.setattr(gc, "plan", fake_plan)
+    assert gc.main(["--out", str(tmp_path), "--budget", "60"]) == 1
+    steps = json.loads((tmp_path / "summary.json").read_text())["steps"]
+    assert steps[0]["status"] == "ok" and steps[0]["result"] == {"same": True}
+    assert steps[1]["status"] == "failed" and "result" not in steps[1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu-check.log", "summary.json"]
 
 
 def test_bad_arguments_are_named(tmp_path):
