@@ -21,9 +21,13 @@ for ``grad_w`` and the neurons for ``grad_x`` backward), whatever the thread
 count: results are bit-identical with 1 or 2 threads and between runs.
 Threads: ``torch.get_num_threads()``, through torch's own OpenMP runtime.
 
-The interval op, :func:`linf_box_argmax` and the margin certificate's fused
-p = inf stack (``linf_stack_fixed``) are served by the torch backend (the
-p = inf values agree bit for bit, so mixing the two is invisible).
+The interval op (:func:`~.lp_dist.lp_dist_interval`) has kernels of the
+same kinds (p = inf: the torch backend's values bit for bit; finite p:
+raw or max-normalised sums; a fused backward routing both ends' factors);
+boxes or weights holding inf go to the torch backend.
+:func:`linf_box_argmax` and the margin certificate's fused p = inf stack
+(``linf_stack_fixed``) are served by the torch backend (the p = inf values
+agree bit for bit, so mixing the two is invisible).
 """
 from __future__ import annotations
 
@@ -43,6 +47,11 @@ _SIGNATURES = {
     "lp_linf_backward": [_P, _P, _P, _P, _L, _L, _L, _P, _P, ctypes.c_int],
     "lp_forward": [_P, _P, _L, _L, _L, _L, ctypes.c_double, ctypes.c_int, _P, ctypes.c_int],
     "lp_backward": [_P, _P, _P, _P, _L, _L, _L, ctypes.c_double, ctypes.c_int, _P, _P, ctypes.c_int],
+    "lp_ival_inf_forward": [_P, _P, _P, _L, _L, _L, _L, _P, _P, _P, ctypes.c_int],
+    "lp_ival_inf_backward": [_P, _P, _P, _P, _P, _P, _P, _P, _L, _L, _L, _P, _P, _P, ctypes.c_int],
+    "lp_ival_forward": [_P, _P, _P, _L, _L, _L, _L, ctypes.c_double, ctypes.c_int, _P, _P, ctypes.c_int],
+    "lp_ival_backward": [_P, _P, _P, _P, _P, _P, _P, _L, _L, _L, ctypes.c_double, ctypes.c_int, _P, _P, _P,
+                         ctypes.c_int],
 }
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 # Below this many triples one thread is faster than waking the others (results are the same either way).
@@ -172,18 +181,68 @@ class NativeBackend:
             gw = gw[:, :D].contiguous() if gw is not None else None
         return gx, gw
 
-    # -- served by the torch backend ----------------------------------------
+    # -- interval ----------------------------------------------------------
+    # The kernels take finite boxes and weights (no NaN can then arise in w - lower or upper - w); anything
+    # else goes to the torch backend, forward and backward alike (its aux is an int64 tensor).
+    @staticmethod
+    def _finite(*tensors) -> bool:
+        return all(bool(torch.isfinite(t).all()) for t in tensors)
+
     def interval(self, lower, upper, w, p):
-        return self.fallback.interval(lower, upper, w, p)
+        lo, hi, _ = self.interval_forward(lower, upper, w, p, need_aux=False)
+        return lo, hi
 
     def interval_forward(self, lower, upper, w, p, need_aux=True):
-        return self.fallback.interval_forward(lower, upper, w, p, need_aux=need_aux)
+        self._check(lower, upper, w)
+        lower, upper, w = lower.contiguous(), upper.contiguous(), w.contiguous()
+        B, D, N = lower.shape[0], lower.shape[1], w.shape[0]
+        if B == 0 or N == 0 or not self._finite(lower, upper, w):
+            return self.fallback.interval_forward(lower, upper, w, p, need_aux=need_aux)
+        lo, hi = lower.new_empty(B, N), lower.new_empty(B, N)
+        wt, Np = self._transposed(w)
+        nt = self._threads(B * N * D)
+        ptrs = (lower.data_ptr(), upper.data_ptr(), wt.data_ptr(), B, N, Np, D)
+        if math.isinf(p):
+            aux = torch.empty(2, B, N, dtype=torch.int32) if need_aux else None
+            self._fn("lp_ival_inf_forward", w)(*ptrs, lo.data_ptr(), hi.data_ptr(), _ptr(aux), nt)
+            return lo, hi, aux
+        self._fn("lp_ival_forward", w)(*ptrs, float(p), p_variant(p), lo.data_ptr(), hi.data_ptr(), nt)
+        return lo, hi, None
 
     def interval_backward(self, grad_lo, grad_hi, lower, upper, w, lo, hi, aux, p, need_lower=True, need_upper=True,
                           need_w=True):
-        return self.fallback.interval_backward(grad_lo, grad_hi, lower, upper, w, lo, hi, aux, p, need_lower,
-                                               need_upper, need_w)
+        self._check(lower, upper, w)
+        B, D, N = lower.shape[0], lower.shape[1], w.shape[0]
+        native_aux = aux is None or aux.dtype == torch.int32
+        if B == 0 or N == 0 or not native_aux or not self._finite(lower, upper, w):
+            return self.fallback.interval_backward(grad_lo, grad_hi, lower, upper, w, lo, hi, aux, p, need_lower,
+                                                   need_upper, need_w)
+        lower, upper, w = lower.contiguous(), upper.contiguous(), w.contiguous()
+        zeros = lo.new_zeros(B, N)
+        grad_lo = zeros if grad_lo is None else grad_lo.contiguous()
+        grad_hi = zeros if grad_hi is None else grad_hi.contiguous()
+        nt = self._threads(B * N * D)
+        if math.isinf(p):
+            outs = [torch.zeros_like(t) if need else None for t, need in ((lower, need_lower), (upper, need_upper),
+                                                                           (w, need_w))]
+            self._fn("lp_ival_inf_backward", w)(grad_lo.data_ptr(), grad_hi.data_ptr(), lower.data_ptr(),
+                                                upper.data_ptr(), w.data_ptr(), lo.contiguous().data_ptr(),
+                                                hi.contiguous().data_ptr(), aux.contiguous().data_ptr(), B, N, D,
+                                                *(_ptr(t) for t in outs), nt)
+            return tuple(outs)
+        lp, up, wp = self._padded(lower), self._padded(upper), self._padded(w)
+        Dp = lp.shape[1]
+        r_lo = torch.where(lo > 0, 1.0 / lo, torch.zeros_like(lo)).contiguous()
+        r_hi = torch.where(hi > 0, 1.0 / hi, torch.zeros_like(hi)).contiguous()
+        g_l = lower.new_empty(B, Dp) if need_lower else None
+        g_u = upper.new_empty(B, Dp) if need_upper else None
+        g_w = w.new_zeros(N, Dp) if need_w else None
+        self._fn("lp_ival_backward", w)(lp.data_ptr(), up.data_ptr(), wp.data_ptr(), grad_lo.data_ptr(),
+                                        grad_hi.data_ptr(), r_lo.data_ptr(), r_hi.data_ptr(), B, N, Dp, float(p),
+                                        p_variant(p), _ptr(g_l), _ptr(g_u), _ptr(g_w), nt)
+        return tuple(t[:, :D].contiguous() if t is not None and Dp != D else t for t in (g_l, g_u, g_w))
 
+    # -- served by the torch backend ----------------------------------------
     def linf_box_argmax(self, lower, upper, w):
         return self.fallback.linf_box_argmax(lower, upper, w)
 

@@ -19,8 +19,8 @@ loaded (found in ``/proc/self/maps``), so they share torch's thread pool
 instead of starting a second one; without one the library is built
 single-threaded.  ``lp_exact.cpp`` (p = inf) is compiled with
 ``-ffp-contract=off`` (every value rounds exactly as the torch backend's
-do), ``lp_power.cpp`` (finite p) with ``-ffp-contract=fast``; neither with
-``-ffast-math``.
+do), ``lp_power.cpp`` and ``lp_interval.cpp`` (finite p) with
+``-ffp-contract=fast``; none with ``-ffast-math``.
 
 The compiler is ``$CXX`` when set, else the first of ``c++``, ``g++``,
 ``clang++`` on the ``PATH``.  ``$LINF_LP_DIST_MARCH`` (default ``native``)
@@ -51,8 +51,9 @@ log = logging.getLogger(__name__)
 CACHE_ENV = "LINF_LP_DIST_CACHE"
 ARCH_ENV = "LINF_LP_DIST_MARCH"
 SOURCE_DIR = Path(__file__).resolve().parent / "cpu_kernels"
-_SOURCES = {"lp_exact.cpp": ["-ffp-contract=off"], "lp_power.cpp": ["-ffp-contract=fast"]}
-_HEADERS = ("simd.h", "tiles.h")
+_SOURCES = {"lp_exact.cpp": ["-ffp-contract=off"], "lp_power.cpp": ["-ffp-contract=fast"],
+            "lp_interval.cpp": ["-ffp-contract=fast"]}
+_HEADERS = ("simd.h", "tiles.h", "powers.h")
 _COMMON = ["-O3", "-std=c++17", "-fPIC", "-fno-math-errno", "-Wno-unknown-pragmas"]
 _OMP_NAME = re.compile(r"lib(g|i|)omp[\w.+-]*\.(so|dylib)[\d.]*$")
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .lp_accuracy import check_accuracy, lp_outputs, rel_err, rel_tol
+from .lp_accuracy import check_accuracy, interval_outputs, lp_outputs, rel_err, rel_tol
 
 from linf_plugin.ops import BACKEND_ENV, get_backend, lp_dist, resolve_backend
 from linf_plugin.ops.native_build import ARCH_ENV, CACHE_ENV, NativeBuildError, compiler, load_library
@@ -106,6 +106,48 @@ def test_linf_is_bit_exact_with_the_torch_backend_and_ties_take_the_lowest_index
     assert ws.grad.tolist() == [[0.0, -1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]]
 
 
+# -- the interval ----------------------------------------------------------------------------
+def _box(B, N, D, dtype, seed=0, ties=False):
+    g = torch.Generator().manual_seed(seed)
+    if ties:
+        c = torch.randint(-2, 3, (B, D), generator=g).to(dtype)
+        r = torch.randint(0, 2, (B, D), generator=g).to(dtype)
+        w = torch.randint(-3, 4, (N, D), generator=g).to(dtype)
+    else:
+        c = torch.randn(B, D, generator=g, dtype=dtype)
+        r = 0.3 * torch.rand(B, D, generator=g, dtype=dtype)
+        w = torch.randn(N, D, generator=g, dtype=dtype)
+        w[: N // 3] = c[0] + 0.1 * w[: N // 3]        # neurons near (some inside) box 0: the near end is 0 there
+    return c - r, c + r, w
+
+
+@pytest.mark.parametrize("p", PS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_interval_values_and_gradients_match_the_float64_reference(native, torch_eager, p, dtype):
+    for B, N, D in SHAPES[:5]:
+        lower, upper, w = _box(B, N, D, dtype, seed=B + 2 * N + D)
+        check_accuracy(interval_outputs, (lower, upper, w), p, max(B, N, D), "native")
+    if math.isinf(p):
+        lower, upper, w = _box(9, 70, 37, dtype, seed=3, ties=True)
+        lo, hi, aux = native.interval_forward(lower, upper, w, p)
+        want = torch_eager.interval_forward(lower, upper, w, p)
+        assert torch.equal(lo, want[0]) and torch.equal(hi, want[1]) and torch.equal(aux.long(), want[2])
+
+
+def test_interval_with_an_unbounded_box_is_the_torch_backends(native, torch_eager):
+    lower, upper, w = _box(5, 9, 12, torch.float64, seed=8)
+    lower[1, 2], upper[3, 0] = -INF, INF
+    for p in (INF, 8.0, 8.5):
+        lo, hi, aux = native.interval_forward(lower, upper, w, p)
+        want = torch_eager.interval_forward(lower, upper, w, p)
+        g = torch.ones_like(lo)
+        got_grads = native.interval_backward(g, g, lower, upper, w, lo, hi, aux, p)
+        want_grads = torch_eager.interval_backward(g, g, lower, upper, w, *want, p)
+        for a, b in zip((lo, hi, *got_grads), (*want[:2], *want_grads)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+        assert not torch.isfinite(hi[[1, 3]]).any()
+
+
 # -- special values ---------------------------------------------------------------------------
 @pytest.mark.parametrize("p", (1.0, 2.0, 8.0, 8.5, INF))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -134,14 +176,17 @@ def test_inf_and_nan_follow_the_torch_backend(native, torch_eager, p, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_a_zero_output_passes_no_gradient(native, dtype):
     x, w, g = _xwg(4, 6, 9, dtype)
-    w[2] = x[1]                                   # y[1, 2] == 0
+    w[2] = x[1]                                   # y[1, 2] == 0, and lo[1, 2] == 0 for a box around x[1]
+    only = torch.zeros_like(g)
+    only[1, 2] = g[1, 2]
     for p in PS:
         y, aux = native.forward(x, w, p)
         assert y[1, 2] == 0
-        only = torch.zeros_like(g)
-        only[1, 2] = g[1, 2]
         gx, gw = native.backward(only, x, w, y, aux, p)
         assert not gx.any() and not gw.any()
+        lo, hi, aux = native.interval_forward(x - 0.5, x + 0.5, w, p)
+        assert lo[1, 2] == 0
+        assert not any(t.any() for t in native.interval_backward(only, None, x - 0.5, x + 0.5, w, lo, hi, aux, p))
 
 
 @pytest.mark.parametrize("dtype, scales", [(torch.float32, (1e-42, 1e-30, 1e-7, 1e7, 1e30)),
@@ -195,7 +240,7 @@ def test_gradcheck(p):
 # -- determinism ------------------------------------------------------------------------------
 def test_results_are_bit_identical_across_runs_and_thread_counts(native):
     """Every output is a fixed-order reduction whatever the partition: the same bits with 1 and 2 threads,
-    under torch.use_deterministic_algorithms."""
+    under torch.use_deterministic_algorithms (the distance and the interval, forward and backward)."""
     x, w, g = _xwg(37, 50, 40, torch.float32, seed=9)        # 74,000 triples: above the serial threshold
     threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     results = []
@@ -207,6 +252,8 @@ def test_results_are_bit_identical_across_runs_and_thread_counts(native):
             for p in (INF, 8.0, 8.5):
                 y, aux = native.forward(x, w, p)
                 out += [y, *native.backward(g, x, w, y, aux, p)]
+                lo, hi, aux = native.interval_forward(x - 0.1, x + 0.1, w, p)
+                out += [lo, hi, *native.interval_backward(g, g.flip(0), x - 0.1, x + 0.1, w, lo, hi, aux, p)]
             results.append(out)
     finally:
         torch.set_num_threads(threads)
@@ -237,6 +284,14 @@ def test_avx2_and_sse2_builds_compute_the_same(native, monkeypatch, march, lanes
                 assert torch.equal(y, native.forward(x, w, p)[0]) and torch.equal(aux.long(), aux_r)
             for got, want in ((y, y_r), (gx, gx_r), (gw, gw_r)):
                 assert rel_err(got, want) <= rel_tol(dtype, p, 45), (dtype, p)
+            lower, upper, wb = _box(7, 45, 21, dtype, seed=7)
+            lo, hi, aux = narrow.interval_forward(lower, upper, wb, p)
+            grads = narrow.interval_backward(g, g, lower, upper, wb, lo, hi, aux, p)
+            want = REF.interval_forward(lower.double(), upper.double(), wb.double(), p)
+            want_grads = REF.interval_backward(g.double(), g.double(), lower.double(), upper.double(), wb.double(),
+                                               *want, p)
+            for got, ref in zip((lo, hi, *grads), (*want[:2], *want_grads)):
+                assert rel_err(got, ref) <= rel_tol(dtype, p, 45), (dtype, p)
 
 
 # -- dispatch and the build -------------------------------------------------------------------

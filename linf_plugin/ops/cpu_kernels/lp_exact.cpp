@@ -124,6 +124,150 @@ static void linf_backward(const T* x, const T* w, const T* g, const int32_t* idx
     }
 }
 
+// ---- the interval, p = inf ------------------------------------------------------
+//
+// Per coordinate a = w - lower, c = upper - w (one rounding each, as the
+// torch backend), far = max(a, c), near = max(-min(a, c), 0), and the
+// lowest argmax of each over i; the caller passes finite inputs only.  Then
+// a and c are never NaN and both ends are >= 0 (a + c = upper - lower >= 0
+// exactly, so one of a, c is): their bits order like their values, except
+// that an end of -0 orders below everything.  That changes nothing: the
+// running max starts at +0 with index 0 and moves only for a strictly
+// larger key, so an end that is zero everywhere gives +0 at index 0, as the
+// reference's max does.
+template <typename T, int RB, int NV, bool ARG> struct IvalInfTile {
+    const T* lower;
+    const T* upper;
+    const T* wt;
+    i64 B, N, Np, D;
+    T* lo;
+    T* hi;
+    int32_t* idx;   // (2, B, N): near's argmax, then far's
+    i64 b0;
+
+    template <int NVV> void run(i64 n0) const {
+        typedef typename S<T>::V V;
+        typedef typename S<T>::I I;
+        typedef typename S<T>::Int Int;
+        constexpr int W = S<T>::W;
+        const Rows<T, RB> rl(lower, D, B, b0), ru(upper, D, B, b0);
+        I mn[RB][NVV], mf[RB][NVV], in_[RB][NVV], if_[RB][NVV];
+        for (int i = 0; i < RB; ++i)
+            for (int j = 0; j < NVV; ++j) mn[i][j] = mf[i][j] = in_[i][j] = if_[i][j] = I{};
+        const T* wp = wt + n0;
+        for (i64 d = 0; d < D; ++d, wp += Np) {
+            V wv[NVV];
+            for (int j = 0; j < NVV; ++j) wv[j] = loadu<V>(wp + j * W);
+            const I dv = splat<I>((Int)d);
+            for (int i = 0; i < RB; ++i) {
+                const T ls = rl.p[i][d], us = ru.p[i][d];
+                for (int j = 0; j < NVV; ++j) {
+                    const V a = wv[j] - ls, c = us - wv[j];
+                    const V mx = a > c ? a : c, mi = a < c ? a : c;
+                    const V neg = -mi;
+                    const I kf = bits<T>(mx);
+                    const I kn = bits<T>(neg > T(0) ? neg : V{});
+                    if constexpr (ARG) {
+                        const I gf = kf > mf[i][j], gn = kn > mn[i][j];
+                        mf[i][j] = gf ? kf : mf[i][j];
+                        if_[i][j] = gf ? dv : if_[i][j];
+                        mn[i][j] = gn ? kn : mn[i][j];
+                        in_[i][j] = gn ? dv : in_[i][j];
+                    } else {
+                        mf[i][j] = kf > mf[i][j] ? kf : mf[i][j];
+                        mn[i][j] = kn > mn[i][j] ? kn : mn[i][j];
+                    }
+                }
+            }
+        }
+        for (int i = 0; i < rl.valid; ++i) {
+            const i64 row = (b0 + i) * N;
+            for (int j = 0; j < NVV; ++j) {
+                const i64 n = n0 + j * W;
+                store_cols(lo + row, n, N, from_bits<T>(mn[i][j]));
+                store_cols(hi + row, n, N, from_bits<T>(mf[i][j]));
+                if constexpr (ARG) {
+                    for (int l = 0; l < W && n + l < N; ++l) {
+                        idx[row + n + l] = (int32_t)in_[i][j][l];
+                        idx[B * N + row + n + l] = (int32_t)if_[i][j][l];
+                    }
+                }
+            }
+        }
+    }
+};
+
+#if LP_NREG >= 32
+constexpr int IVAL_RB = 3, IVAL_NV = 4, IVAL_ARG_RB = 2, IVAL_ARG_NV = 3;
+#else
+constexpr int IVAL_RB = 2, IVAL_NV = 2, IVAL_ARG_RB = 1, IVAL_ARG_NV = 2;
+#endif
+
+template <typename T, int RB, int NV, bool ARG>
+static void ival_inf_forward(const T* lower, const T* upper, const T* wt, i64 B, i64 N, i64 Np, i64 D, T* lo, T* hi,
+                             int32_t* idx, int nthreads) {
+    forward_tasks<RB, NV, S<T>::W>(B, N, nthreads, [&](i64 b0, i64 n0, int nv) {
+        IvalInfTile<T, RB, NV, ARG> tile{lower, upper, wt, B, N, Np, D, lo, hi, idx, b0};
+        with_width<NV, S<T>::W>(nv, n0, tile);
+    });
+}
+
+// The sparse p = inf interval backward (the reference's subgradient conventions): the far end's
+// argmax k sends g_hi to upper[b, k] (and -g_hi to w[n, k]) when upper - w >= w - lower there (ties
+// to upper), else -g_hi to lower[b, k] (and g_hi to w[n, k]); the near end's argmax sends g_lo to
+// lower[b, k] (-g_lo to w) when lower > w there, else -g_lo to upper (g_lo to w).  An end that is
+// 0 sends nothing.  Outputs arrive zeroed; rows and neuron ranges split over threads, each summing
+// in index order, so the result does not depend on the thread count.
+template <typename T>
+static void ival_inf_backward(const T* glo, const T* ghi, const T* lower, const T* upper, const T* w, const T* lo,
+                              const T* hi, const int32_t* idx, i64 B, i64 N, i64 D, T* gl, T* gu, T* gw,
+                              int nthreads) {
+    const int32_t* k_lo = idx;
+    const int32_t* k_hi = idx + B * N;
+    auto far_up = [&](i64 b, i64 n, i64 k) { return upper[b * D + k] - w[n * D + k] >= w[n * D + k] - lower[b * D + k]; };
+    auto near_below = [&](i64 b, i64 n, i64 k) { return -(w[n * D + k] - lower[b * D + k]) > T(0); };
+    if (gl != nullptr || gu != nullptr) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && B > 1)
+        for (i64 b = 0; b < B; ++b) {
+            for (i64 n = 0; n < N; ++n) {
+                const i64 o = b * N + n;
+                const T vh = (ghi != nullptr && hi[o] > T(0)) ? ghi[o] : T(0);
+                const i64 kh = k_hi[o];
+                if (far_up(b, n, kh)) {
+                    if (gu) gu[b * D + kh] += vh;
+                } else if (gl) {
+                    gl[b * D + kh] += -vh;
+                }
+                const T vl = (glo != nullptr && lo[o] > T(0)) ? glo[o] : T(0);
+                const i64 kl = k_lo[o];
+                if (near_below(b, n, kl)) {
+                    if (gl) gl[b * D + kl] += vl;
+                } else if (gu) {
+                    gu[b * D + kl] += -vl;
+                }
+            }
+        }
+    }
+    if (gw != nullptr) {
+        const int parts = (int)std::min<i64>(nthreads, N);
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (parts > 1)
+        for (int part = 0; part < parts; ++part) {
+            const i64 n_lo = N * part / parts, n_hi = N * (part + 1) / parts;
+            for (i64 b = 0; b < B; ++b) {
+                for (i64 n = n_lo; n < n_hi; ++n) {
+                    const i64 o = b * N + n;
+                    const T vh = (ghi != nullptr && hi[o] > T(0)) ? ghi[o] : T(0);
+                    const i64 kh = k_hi[o];
+                    gw[n * D + kh] += far_up(b, n, kh) ? -vh : vh;
+                    const T vl = (glo != nullptr && lo[o] > T(0)) ? glo[o] : T(0);
+                    const i64 kl = k_lo[o];
+                    gw[n * D + kl] += near_below(b, n, kl) ? -vl : vl;
+                }
+            }
+        }
+    }
+}
+
 }  // namespace lp
 
 extern "C" {
@@ -146,5 +290,23 @@ void lp_linf_backward_f64(const double* x, const double* w, const double* g, con
                           int64_t D, double* gx, double* gw, int nthreads) {
     lp::linf_backward<double>(x, w, g, idx, B, N, D, gx, gw, nthreads);
 }
+
+#define LP_IVAL_INF(SUF, T)                                                                                           \
+    void lp_ival_inf_forward_##SUF(const T* lower, const T* upper, const T* wt, int64_t B, int64_t N, int64_t Np,     \
+                                   int64_t D, T* lo, T* hi, int32_t* idx, int nthreads) {                             \
+        if (idx != nullptr)                                                                                           \
+            lp::ival_inf_forward<T, lp::IVAL_ARG_RB, lp::IVAL_ARG_NV, true>(lower, upper, wt, B, N, Np, D, lo, hi,    \
+                                                                           idx, nthreads);                           \
+        else                                                                                                          \
+            lp::ival_inf_forward<T, lp::IVAL_RB, lp::IVAL_NV, false>(lower, upper, wt, B, N, Np, D, lo, hi, idx,      \
+                                                                    nthreads);                                       \
+    }                                                                                                                 \
+    void lp_ival_inf_backward_##SUF(const T* glo, const T* ghi, const T* lower, const T* upper, const T* w,            \
+                                    const T* lo, const T* hi, const int32_t* idx, int64_t B, int64_t N, int64_t D,    \
+                                    T* gl, T* gu, T* gw, int nthreads) {                                             \
+        lp::ival_inf_backward<T>(glo, ghi, lower, upper, w, lo, hi, idx, B, N, D, gl, gu, gw, nthreads);              \
+    }
+LP_IVAL_INF(f32, float)
+LP_IVAL_INF(f64, double)
 
 }  // extern "C"

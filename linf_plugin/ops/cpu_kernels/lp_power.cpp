@@ -35,51 +35,11 @@
 // subtracted from gw[n, i].  Threads split the coordinates (vectors of W);
 // within one, gx[b, i] sums n = 0, 1, ... and gw[n, i] sums b = 0, 1, ...
 // in order, so the result does not depend on the tiling or thread count.
-#include <cmath>
 #include <vector>
 
-#include "tiles.h"
+#include "powers.h"
 
 namespace lp {
-
-template <typename T> struct Lim {
-    static constexpr T MIN = std::numeric_limits<T>::min();
-    static constexpr T MAX = std::numeric_limits<T>::max();
-    static constexpr int PREC = std::numeric_limits<T>::digits;
-};
-
-template <int PV, typename V> static inline V pow_chain(V t) {
-    if constexpr (PV == 1) {
-        return t;
-    } else if constexpr (PV == 2) {
-        return t * t;
-    } else {
-        static_assert(PV == 8, "exact chains for p = 1, 2 and 8");
-        const V t2 = t * t;
-        const V t4 = t2 * t2;
-        return t4 * t4;
-    }
-}
-
-template <typename T> static inline T root_of(int pv, T s, T p) {
-    if (pv == 2) return std::sqrt(s);
-    if (pv == 8) return std::sqrt(std::sqrt(std::sqrt(s)));
-    return std::pow(s, T(1) / p);
-}
-
-// The reference backend's formula for one output (divisions, no vectors).
-template <typename T> static T reference_output(const T* xr, const T* w, i64 Np, i64 n, i64 D, T p, int pv) {
-    T m = T(0);
-    for (i64 d = 0; d < D; ++d) {
-        const T a = std::fabs(xr[d] - w[d * Np + n]);
-        if (a != a) return a;
-        m = a > m ? a : m;
-    }
-    const T safe = m > T(0) ? m : T(1);
-    T s = T(0);
-    for (i64 d = 0; d < D; ++d) s += std::pow(std::fabs(xr[d] - w[d * Np + n]) / safe, p);
-    return m * root_of<T>(pv, s, p);
-}
 
 template <typename T, int PV> struct Forward {
     typedef typename S<T>::V V;
@@ -245,24 +205,6 @@ static void lp_forward(const T* x, const T* wt, i64 B, i64 N, i64 Np, i64 D, T p
 }
 
 // ---- backward -------------------------------------------------------------------
-
-// sign(t) |t|^(p - 1); for p = 1, torch.sign(t) (0 for zeros and NaN, as torch has it).
-template <typename T, int PV> static inline typename S<T>::V grad_factor(typename S<T>::V t, T pm1) {
-    typedef typename S<T>::V V;
-    if constexpr (PV == 1) {
-        const V one = splat<V>(T(1));
-        return t > T(0) ? one : (t < T(0) ? -one : V{});
-    } else if constexpr (PV == 2) {
-        return t;
-    } else if constexpr (PV == 8) {
-        const V t2 = t * t;
-        const V t3 = t2 * t;
-        return t3 * t3 * t;
-    } else {
-        const V mag = exp2_of<T, true>(log2_abs<T, true>(t) * pm1);
-        return from_bits<T>(bits<T>(mag) | (bits<T>(t) & S<T>::SIGN));
-    }
-}
 
 #if LP_NREG >= 32
 constexpr int BWD_RB = 4, BWD_RN = 4;
