@@ -73,8 +73,9 @@ class NativeBackend:
 
     Args:
         library: a loaded kernel library (default: build or load the cached one).
-        fallback: the backend serving the interval op, ``linf_box_argmax`` and
-            ``linf_stack_fixed`` (default: a :class:`~.torch_backend.TorchBackend`).
+        fallback: the backend serving ``linf_box_argmax``, ``linf_stack_fixed`` and
+            intervals with inf in the box or the weights (default: a new
+            :class:`~.torch_backend.TorchBackend`; ``get_backend`` passes the shared one).
 
     Raises:
         linf_plugin.ops.native_build.NativeBuildError: no C++ compiler, or the
@@ -105,13 +106,27 @@ class NativeBackend:
         return self.vector_bytes // t.element_size()
 
     @staticmethod
-    def _check(*tensors) -> None:
-        for t in tensors:
+    def _check(rows, w, **others) -> None:
+        """The kernels read raw pointers: a tensor of another device, dtype or shape is refused here, not read.
+
+        ``rows`` ``(B, D)`` and ``w`` ``(N, D)``; ``others`` maps names to ``(tensor or None, shape, dtype or None)``
+        (None: the dtype of ``w``).
+        """
+        if w.dtype not in _SUFFIX:
+            raise TypeError(f"the native backend needs float32 or float64 tensors, got {w.dtype}")
+        want = {"rows": (rows, (rows.shape[0], w.shape[1]) if rows.dim() == 2 else None, None),
+                "w": (w, tuple(w.shape) if w.dim() == 2 else None, None), **others}
+        for name, (t, shape, dtype) in want.items():
+            if t is None:
+                continue
             if t.device.type != "cpu":
-                raise ValueError(f"the native backend runs on CPU tensors, got a {t.device.type} tensor; "
+                raise ValueError(f"the native backend runs on CPU tensors, got {name} on {t.device.type}; "
                                  "use backend='cupy' or 'torch' for other devices")
-            if t.dtype not in _SUFFIX:
-                raise TypeError(f"the native backend needs float32 or float64 tensors, got {t.dtype}")
+            if t.dtype != (dtype or w.dtype):
+                raise TypeError(f"the native backend needs {name} as {dtype or w.dtype}, got {t.dtype}")
+            if shape is None or tuple(t.shape) != tuple(shape):
+                raise ValueError(f"the native backend got {name} of shape {tuple(t.shape)}, expected "
+                                 f"{'a 2-D tensor' if shape is None else tuple(shape)}")
 
     @staticmethod
     def _threads(work: int) -> int:
@@ -155,11 +170,15 @@ class NativeBackend:
         return y, None
 
     def backward(self, grad_y, x, w, y, aux, p, need_x=True, need_w=True):
-        self._check(grad_y, x, w, y)
+        B, N = x.shape[0], w.shape[0]
+        self._check(x, w, grad_y=(grad_y, (B, N), None), y=(y, (B, N), None),
+                    aux=(aux if math.isinf(p) else None, (B, N), torch.int32))
         grad_y, x, w = grad_y.contiguous(), x.contiguous(), w.contiguous()
-        B, D, N = x.shape[0], x.shape[1], w.shape[0]
+        D = x.shape[1]
         nt = self._threads(B * N * D)
         if math.isinf(p):
+            if aux is None and B and N and (need_x or need_w):
+                raise ValueError("the p = inf backward needs the argmax its forward made (need_aux=True)")
             gx = torch.zeros_like(x) if need_x else None
             gw = torch.zeros_like(w) if need_w else None
             if B and N and (need_x or need_w):
@@ -193,7 +212,7 @@ class NativeBackend:
         return lo, hi
 
     def interval_forward(self, lower, upper, w, p, need_aux=True):
-        self._check(lower, upper, w)
+        self._check(lower, w, upper=(upper, tuple(lower.shape), None))
         lower, upper, w = lower.contiguous(), upper.contiguous(), w.contiguous()
         B, D, N = lower.shape[0], lower.shape[1], w.shape[0]
         if B == 0 or N == 0 or not self._finite(lower, upper, w):
@@ -211,9 +230,11 @@ class NativeBackend:
 
     def interval_backward(self, grad_lo, grad_hi, lower, upper, w, lo, hi, aux, p, need_lower=True, need_upper=True,
                           need_w=True):
-        self._check(lower, upper, w)
         B, D, N = lower.shape[0], lower.shape[1], w.shape[0]
         native_aux = aux is None or aux.dtype == torch.int32
+        self._check(lower, w, upper=(upper, tuple(lower.shape), None), grad_lo=(grad_lo, (B, N), None),
+                    grad_hi=(grad_hi, (B, N), None), lo=(lo, (B, N), None), hi=(hi, (B, N), None),
+                    aux=(aux if math.isinf(p) and native_aux else None, (2, B, N), torch.int32))
         if B == 0 or N == 0 or not native_aux or not self._finite(lower, upper, w):
             return self.fallback.interval_backward(grad_lo, grad_hi, lower, upper, w, lo, hi, aux, p, need_lower,
                                                    need_upper, need_w)

@@ -216,6 +216,23 @@ def test_p8_mixes_raw_and_fixed_up_outputs_in_one_tile(native):
     assert rel_err(y, REF.forward(x.double(), w.double(), 8.0)[0]) <= rel_tol(torch.float32, 8.0, 40)
 
 
+def test_mismatched_tensors_are_refused_before_any_pointer_is_read(native):
+    x, w, g = _xwg(3, 4, 5, torch.float32)
+    with pytest.raises(TypeError, match="needs rows as torch.float64"):
+        native.forward(x, w.double(), 8.0)
+    with pytest.raises(ValueError, match=r"got rows of shape \(3, 4\), expected \(3, 5\)"):
+        native.forward(x[:, :4], w, INF)
+    y, aux = native.forward(x, w, INF)
+    with pytest.raises(ValueError, match=r"got grad_y of shape \(4, 3\)"):
+        native.backward(g.t(), x, w, y, aux, INF)
+    with pytest.raises(TypeError, match="needs aux as torch.int32"):
+        native.backward(g, x, w, y, aux.long(), INF)
+    with pytest.raises(ValueError, match="needs the argmax"):
+        native.backward(g, x, w, y, None, INF)
+    with pytest.raises(ValueError, match="got upper of shape"):
+        native.interval_forward(x, x[:2], w, 8.0)
+
+
 def test_empty_inputs(native):
     x, w, g = _xwg(3, 4, 5, torch.float32)
     for xx, ww in ((x[:0], w), (x, w[:0])):
