@@ -101,6 +101,8 @@ template <typename T> static inline typename S<T>::V vmin_keep(typename S<T>::V 
 
 // ---- log2 and exp2 ------------------------------------------------------------
 //
+// The portable versions (any vector width; AVX-512 builds use the table
+// versions further down).
 // log2(t) for t >= 0 (the kernels pass |d| / y and the like):
 //   t = 2^k m with m in [sqrt(1/2), sqrt(2)) from the IEEE bits (k from the
 //   exponent field after subtracting the bits of sqrt(1/2)), f = m - 1, and
@@ -109,9 +111,10 @@ template <typename T> static inline typename S<T>::V vmin_keep(typename S<T>::V 
 //   log2 t = k + ln(1 + f) log2(e).  The result is relatively accurate near
 //   t = 1 (k = 0), which is where large p needs it.
 //   Special values, by select: t below the smallest normal (0 and the
-//   subnormals) gives -inf (t^q for q >= 1 - 1/2^... is then 0, the l_p
-//   terms and gradient factors of such t are below 2^-126 of the largest
-//   one); inf gives inf, NaN gives NaN.
+//   subnormals) gives -inf, so t^q = 2^(q log2 t) is exactly 0 there (for
+//   t = 0 it must be: an output of 0 passes no gradient; a subnormal t has
+//   t^q below 2^-126, and the largest term or factor is about 1); with
+//   SPECIALS, inf gives inf and NaN gives NaN.
 template <typename T> struct Poly;
 template <> struct Poly<float> {
     static inline vf ln1p(vf f) {
@@ -183,11 +186,12 @@ template <typename T, bool SPECIALS> static inline typename S<T>::V vlog2(typena
 
 // 2^x: k = round(x) by the 1.5 * 2^mant trick, f = x - k exact, 2^k from
 // the exponent bits.  x is clamped below to -BIAS, where 2^k's bits are 0:
-// results below the smallest normal number are 0 (-inf included), never
-// subnormal (subnormal arithmetic costs ~100 cycles per operation on x86,
-// and an l_p term or gradient factor below 2^-126 of the largest one
-// changes nothing); with SPECIALS, x is clamped above to BIAS + 1, where the
-// bits are those of inf (+inf stays inf; NaN stays NaN).
+// results below half the smallest normal number are 0 (-inf included), and
+// only x in [-BIAS + 1/2, -BIAS + 3/2) can give a subnormal (subnormal
+// arithmetic costs ~100 cycles per operation on x86; an l_p term or
+// gradient factor below 2^-126 of the largest one changes nothing); with
+// SPECIALS, x is clamped above to BIAS + 1, where the bits are those of inf
+// (+inf stays inf; NaN stays NaN).
 template <typename T, bool SPECIALS> static inline typename S<T>::V vexp2(typename S<T>::V x) {
     typedef typename S<T>::V V;
     typedef typename S<T>::I I;
