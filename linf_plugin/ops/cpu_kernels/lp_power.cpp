@@ -32,9 +32,10 @@
 // both gradients, vectorised over the coordinates: per triple the factor
 // f = g[b, n] sign(t) |t|^(p - 1), t = (x[b, i] - w[n, i]) r[b, n],
 // r = 1 / y (0 where y = 0), is computed once and added to gx[b, i] and
-// subtracted from gw[n, i].  Threads split the coordinates (vectors of W);
-// within one, gx[b, i] sums n = 0, 1, ... and gw[n, i] sums b = 0, 1, ...
-// in order, so the result does not depend on the tiling or thread count.
+// subtracted from gw[n, i].  Threads split the coordinates (vectors of W;
+// rows in blocks, tiles.h); gx[b, i] sums n = 0, 1, ... and gw[n, i] sums
+// b = 0, 1, ... in order, so the result does not depend on the tiling or
+// the thread count.
 #include <vector>
 
 #include "powers.h"
@@ -255,18 +256,21 @@ template <typename T, int PV> struct Backward {
     }
 
     void run(int nthreads) const {
-        const i64 chunks = Dp / W;
+        const i64 chunks = Dp / W, block = row_block(2 * N * (i64)sizeof(T), BWD_RB);
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1 && chunks > 1)
         {
             // without gw wanted, each thread accumulates into a scratch column block of its own
             std::vector<T> scratch(gw == nullptr ? (size_t)(N * Dp) : 0);
-#pragma omp for schedule(static)
-            for (i64 ch = 0; ch < chunks; ++ch) {
-                const i64 c = ch * W;
-                T* gwc = (gw != nullptr ? gw : scratch.data()) + c;
-                i64 b0 = 0;
-                for (; b0 + BWD_RB <= B; b0 += BWD_RB) rows<BWD_RB>(b0, c, gwc);
-                for (; b0 < B; ++b0) rows<1>(b0, c, gwc);
+            for (i64 r0 = 0; r0 < B; r0 += block) {
+                const i64 r1 = std::min(B, r0 + block);
+#pragma omp for schedule(static) nowait
+                for (i64 ch = 0; ch < chunks; ++ch) {
+                    const i64 c = ch * W;
+                    T* gwc = (gw != nullptr ? gw : scratch.data()) + c;
+                    i64 b0 = r0;
+                    for (; b0 + BWD_RB <= r1; b0 += BWD_RB) rows<BWD_RB>(b0, c, gwc);
+                    for (; b0 < r1; ++b0) rows<1>(b0, c, gwc);
+                }
             }
         }
     }

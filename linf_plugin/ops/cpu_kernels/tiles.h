@@ -68,4 +68,15 @@ static void forward_tasks(i64 B, i64 N, int nthreads, const Tile& tile) {
     }
 }
 
+// Backward passes split the coordinates (vectors of W, "chunks") statically
+// over threads and walk the rows in blocks of row_block(): a block's
+// per-pair inputs (g and 1 / y, row_bytes per row) stay in L2 while each of
+// the thread's chunks passes over them.  Every block's loop has the same
+// bounds and a static schedule, so a thread keeps the same chunks from
+// block to block and needs no barrier between them (nowait).
+static inline i64 row_block(i64 row_bytes, int rb) {
+    const i64 budget = 256 * 1024;
+    return std::max<i64>(rb, budget / std::max<i64>(row_bytes, 1) / rb * rb);
+}
+
 }  // namespace lp
