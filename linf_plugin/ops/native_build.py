@@ -54,7 +54,7 @@ SOURCE_DIR = Path(__file__).resolve().parent / "cpu_kernels"
 _SOURCES = {"lp_exact.cpp": ["-ffp-contract=off"], "lp_power.cpp": ["-ffp-contract=fast"],
             "lp_interval.cpp": ["-ffp-contract=fast"]}
 _HEADERS = ("simd.h", "tiles.h", "powers.h")
-_COMMON = ["-O2", "-std=c++17", "-fPIC", "-fno-math-errno", "-Wno-unknown-pragmas"]
+_COMMON = ["-O3", "-std=c++17", "-fPIC", "-fno-math-errno", "-Wno-unknown-pragmas"]
 _OMP_NAME = re.compile(r"lib(g|i|)omp[\w.+-]*\.(so|dylib)[\d.]*$")
 
 
