@@ -70,12 +70,10 @@ def data_fingerprint(*tensors: torch.Tensor) -> str:
 
 def library_versions() -> dict:
     """The versions a result depends on: torch, auto_LiRPA, linf_plugin."""
-    import auto_LiRPA
-
     from .. import __version__
+    from ..lirpa.compat import auto_lirpa_version
 
-    return {"torch": torch.__version__, "auto_LiRPA": getattr(auto_LiRPA, "__version__", "unknown"),
-            "linf_plugin": __version__}
+    return {"torch": torch.__version__, "auto_LiRPA": auto_lirpa_version(), "linf_plugin": __version__}
 
 
 def describe_job(kind: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
