@@ -135,9 +135,9 @@ def test_an_alpha_layout_that_does_not_match_falls_back_to_optimizing(monkeypatc
     assert cert._float64().lower_given_alpha(x.double(), y, lower.double(), upper.double(), 10, renamed,
                                              rows) is None
     # and certify still certifies through the fallback, optimizing in float64 for the re-check
-    from linf_plugin.certification.bound_prop import _Bounder
+    from linf_plugin.certification.bounders import Bounder
 
-    monkeypatch.setattr(_Bounder, "lower_given_alpha", lambda *a, **k: None)
+    monkeypatch.setattr(Bounder, "lower_given_alpha", lambda *a, **k: None)
     calls = _count_optimizations(monkeypatch)
     res = certify(model, _points(model), 1e-3, "alpha-crown", alpha_iterations=2, batch_size=6)
     assert res.float_rigorous and res.certified.sum() >= 2
