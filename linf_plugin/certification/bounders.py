@@ -257,8 +257,13 @@ class Bounder:
         bm = self.bounded
         inputs = self._input(x, lower, upper)
         with default_dtype(self.dtype), torch.no_grad(), exact_float(), quiet_identity():
-            self._init(inputs, method="backward", c=c, bound_upper=False)
-            fixed = self._intermediate() if self.lp_dist else None
+            fixed = None
+            if self.lp_dist:  # as in the optimisation: CROWN's intermediate bounds, the margins the only start node
+                bm.compute_bounds(x=inputs, C=c, method="CROWN", bound_upper=False)
+                fixed = self._intermediate()
+                self._init(inputs, method="backward", c=c, bound_upper=False, **{self._init_kw: fixed})
+            else:
+                self._init(inputs, method="backward", c=c, bound_upper=False)
             nodes = _alpha_nodes(bm)
             if nodes is None or {n.name for n in nodes} != set(alphas):
                 return None
