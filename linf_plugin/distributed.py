@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import importlib
 import os
 import threading
 import time
@@ -185,7 +186,7 @@ def init_distributed(device: str = "auto", backend: Optional[str] = None) -> Dis
         # that group alive past destroy_process_group (seen with torch 2.14): its gloo threads then
         # run on into interpreter exit, where a rank now and then aborts ("terminate called without
         # an active exception") after its work is done.  Imported before the group, it holds nothing.
-        import torch._dynamo  # noqa: F401
+        importlib.import_module("torch._dynamo")  # a plain import would make "torch" local to this function
 
         dist.init_process_group(backend=backend or _default_backend(dev), timeout=collective_timeout())
         owns = True

@@ -160,8 +160,8 @@ def test_runner_installs_wheels_limits_steps_logs_and_summarises(tmp_path, monke
 
     def fake_plan(out_dir, python, seed_repo, scratch, sanitizer="compute-sanitizer"):
         result, tool_log = scratch / "r.json", scratch / "tool.log"
-        slow = f"import time, subprocess, sys; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); " \
-               f"time.sleep(60)"
+        slow = "import time, subprocess, sys; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); " \
+               "time.sleep(60)"
         return [gc.Step("child", [python, "-c", probe], 20),
                 gc.Step("copy", [python, "-c", f"open({str(result)!r}, 'w').write('{{}}')"], 20, ("r.json",),
                         (result, out_dir / "r.json")),

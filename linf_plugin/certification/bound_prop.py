@@ -20,18 +20,17 @@ first).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import os
-import warnings
 from typing import Optional
 
 import torch
 
 from ..data.box import linf_box
 from ..names import Method
-from .float_safety import exact_float, rounding_slack, unit_roundoff_of, widen_box
+from .bounders import LIRPA_METHODS, Bounder, all_margins_positive, bounder_for, margin_spec
+from .float_safety import rounding_slack, unit_roundoff_of, widen_box
 
 __all__ = ["LIRPA_METHODS", "margin_spec", "conv_mode_for", "MATRIX_MODE_MAX_NEURONS", "BoundPropCertifier",
            "alpha_crown_batch_limit", "bound_batch_limit", "ALPHA_MEMORY_ENV", "BOUND_MEMORY_ENV"]
@@ -147,40 +146,6 @@ def _is_03() -> bool:
 
 _AUTO_LIRPA_03 = _is_03()
 
-# our name -> auto_LiRPA's method name
-LIRPA_METHODS = {Method.IBP: "IBP", Method.CROWN_IBP: "CROWN-IBP", Method.CROWN: "CROWN",
-                 Method.ALPHA_CROWN: "CROWN-Optimized"}
-
-
-def margin_spec(y: torch.Tensor, num_classes: int, dtype=torch.float32) -> torch.Tensor:
-    """auto_LiRPA's specification matrix of the margins ``z_y − z_j``, ``j ≠ y``.
-
-    Args:
-        y: ``(B,)`` int64 labels.
-        num_classes: ``K``.
-
-    Returns:
-        ``C`` of shape ``(B, K−1, K)`` with rows ``e_y − e_j`` for every ``j ≠ y``
-        in increasing order; ``C @ logits`` are the margins.
-    """
-    eye = torch.eye(num_classes, dtype=dtype, device=y.device)
-    c = eye[y].unsqueeze(1) - eye.unsqueeze(0)  # (B, K, K): row j = e_y - e_j
-    keep = torch.arange(num_classes, device=y.device).unsqueeze(0) != y.unsqueeze(1)
-    return c[keep].view(y.shape[0], num_classes - 1, num_classes)
-
-
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
-    """auto_LiRPA creates some constants with the default dtype; a float64 model
-    needs float64 there too (both 0.3 and 0.7)."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
-
 # auto_LiRPA's patches mode saves memory on large images, but on small ones unfolding the patches
 # dominates alpha-CROWN: digits cnn_7layer (8x8), 2 points, 20 iterations: 89 s in patches mode, 31 s
 # in matrix mode, the same bounds.  Matrix mode holds an identity of each layer's width per sample
@@ -197,102 +162,8 @@ def conv_mode_for(model: torch.nn.Module, example: torch.Tensor) -> str:
     return "matrix" if max(sizes) <= MATRIX_MODE_MAX_NEURONS else "patches"
 
 
-def _alpha_nodes(bounded) -> Optional[list]:
-    """The optimizable nodes of ``bounded`` that hold alpha, or None when one is not a ReLU
-    (only the ReLU's alpha domain [0, 1] is clipped here; other relaxations fall back)."""
-    nodes = [n for n in bounded.optimizable_activations if getattr(n, "alpha", None)]
-    if any(type(n).__name__ != "BoundRelu" for n in nodes):
-        return None
-    return nodes
-
-
-@contextlib.contextmanager
-def _quiet_identity():
-    """auto_LiRPA warns "Creating an identity matrix ... poor performance" whenever CROWN starts
-    from a layer in matrix mode, which is what CROWN does (and what matrix mode is chosen for)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Creating an identity matrix", category=UserWarning)
-        yield
-
-
-class _Bounder:
-    """One ``BoundedModule`` of one model in one dtype."""
-
-    def __init__(self, model, example, opts):
-        from ..lirpa import bounded_module
-
-        self.model, self.example, self.dtype = model, example, example.dtype
-        self.alphas = None  # the last alpha-CROWN run's optimized alphas, {node: {start: (2, spec, B, ...)}}
-        with _default_dtype(self.dtype):
-            self.bounded = bounded_module(model, example, bound_opts=opts)
-
-    def lower(self, x, y, lower, upper, method, num_classes):
-        from auto_LiRPA import BoundedTensor, PerturbationLpNorm
-
-        ptb = PerturbationLpNorm(norm=math.inf, eps=None, x_L=lower, x_U=upper)
-        c = margin_spec(y, num_classes, x.dtype)
-        name = LIRPA_METHODS[method]
-        if method == Method.ALPHA_CROWN and not self.bounded.optimizable_activations:
-            # nothing to optimise (a pure l_inf-dist net): every alpha-CROWN iteration would
-            # recompute the same CROWN bound, so compute it once
-            name = "CROWN"
-        # Only alpha-CROWN differentiates (through its own enable_grad); a
-        # graph through the bounds of a wide net would cost gigabytes.
-        grad = torch.enable_grad() if name == "CROWN-Optimized" else torch.no_grad()
-        with _default_dtype(self.dtype), grad, exact_float(), _quiet_identity():
-            lb, _ = self.bounded.compute_bounds(x=(BoundedTensor(x, ptb),), C=c, method=name, bound_upper=False)
-        self.alphas = None
-        if method == Method.ALPHA_CROWN:
-            nodes = _alpha_nodes(self.bounded)
-            if nodes is not None:
-                self.alphas = {n.name: {k: (v.detach().clone(), getattr(n, "alpha_lookup_idx", {}).get(k))
-                                        for k, v in n.alpha.items()} for n in nodes}
-        return lb.detach()
-
-    def lower_given_alpha(self, x, y, lower, upper, num_classes, alphas, idx) -> Optional[torch.Tensor]:
-        """CROWN lower bounds with alpha fixed to ``alphas`` (another bounder's optimized
-        alphas, rows ``idx`` of its batch): one backward pass instead of an optimization.
-
-        Sound for any alpha in the ReLU's domain [0, 1], which is enforced here by the
-        node's own clip.  Returns None (the caller optimizes instead) when the alpha
-        layout differs (other node names, sparse alpha over other neurons, shapes).
-        """
-        from auto_LiRPA import BoundedTensor, PerturbationLpNorm
-
-        ptb = PerturbationLpNorm(norm=math.inf, eps=None, x_L=lower, x_U=upper)
-        c = margin_spec(y, num_classes, x.dtype)
-        bm = self.bounded
-        init = getattr(bm, "init_slope", None) or getattr(bm, "init_alpha")  # 0.3 / 0.7
-        with _default_dtype(self.dtype), torch.no_grad(), exact_float(), _quiet_identity():
-            init((BoundedTensor(x, ptb),), method="backward", c=c, bound_upper=False)
-            nodes = _alpha_nodes(bm)
-            if nodes is None or {n.name for n in nodes} != set(alphas):
-                return None
-            for n in nodes:
-                src = alphas[n.name]
-                lookup = getattr(n, "alpha_lookup_idx", {}) or {}
-                # the start nodes depend on which layers have unstable neurons: a subset of the
-                # batch (or the widened float64 box) may need alphas for fewer of them, never more
-                if not set(n.alpha) <= set(src):
-                    return None
-                for k, dst in n.alpha.items():
-                    a, src_lookup = src[k]
-                    a = a[:, :, idx]  # (2, spec, batch, ...): batch is dim 2
-                    mine = lookup.get(k)
-                    if a.shape != dst.shape or (mine is None) != (src_lookup is None) or (
-                            mine is not None and not torch.equal(mine, src_lookup)):
-                        return None
-            for n in nodes:
-                for k, dst in n.alpha.items():
-                    dst.data.copy_(alphas[n.name][k][0][:, :, idx])
-                (getattr(n, "clip_alpha_", None) or getattr(n, "clip_alpha"))()
-                n.opt_reuse()
-            try:
-                lb, _ = bm.compute_bounds(x=(BoundedTensor(x, ptb),), C=c, method="CROWN", bound_upper=False)
-            finally:
-                for n in nodes:
-                    n.opt_no_reuse()
-        return lb.detach()
+# relative tolerance below zero of a float32 margin bound that still sends the point to the float64 re-check
+CANDIDATE_TOLERANCE = 2.0 ** -12
 
 
 class BoundPropCertifier:
@@ -320,8 +191,10 @@ class BoundPropCertifier:
                  method: Optional[str] = None):
         self.model = model
         self.num_classes = num_classes
-        opts = {"optimize_bound_args": {"iteration": int(alpha_iterations), "lr_alpha": float(alpha_lr)}}
-        if method == Method.ALPHA_CROWN:
+        # alpha-CROWN stops once every margin of every point is positive (those points certify either way)
+        opts = {"optimize_bound_args": {"iteration": int(alpha_iterations), "lr_alpha": float(alpha_lr),
+                                        "stop_criterion_func": all_margins_positive}}
+        if method == "alpha-crown":
             opts["conv_mode"] = conv_mode_for(model, example)
         if _AUTO_LIRPA_03:
             # 0.3's sparse alpha (its default) breaks alpha-CROWN when the set of
@@ -334,7 +207,7 @@ class BoundPropCertifier:
         self.rigorous = rigorous
         self.float_rigorous = rigorous
         self.reason = "" if rigorous else "not float-rigorous: rigorous=False (float32 bounds, relative slack)"
-        self._main = _Bounder(model, example, opts)
+        self._main = bounder_for(model, example, opts)
         self._double = self._main if self.dtype == torch.float64 else None
 
     def batch_size(self, method: str, requested: int) -> int:
@@ -343,17 +216,20 @@ class BoundPropCertifier:
         return requested if limit is None else max(1, min(requested, limit))
 
     def lower_margins(self, x: torch.Tensor, y: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
-                      method: str) -> torch.Tensor:
-        """Lower bounds ``(B, K-1)`` on ``logit_y - logit_j`` over ``[lower, upper]``, in the model's dtype."""
-        return self._main.lower(x, y, lower, upper, method, self.num_classes)
+                      method: str, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Lower bounds ``(B, K-1)`` on ``logit_y - logit_j`` over ``[lower, upper]``, in the model's dtype.
 
-    def _float64(self) -> _Bounder:
+        ``rows``: alpha-CROWN on models with l_p-dist layers optimises only
+        these rows (a ``(B,)`` bool mask; the others keep the CROWN bound)."""
+        return self._main.lower(x, y, lower, upper, method, self.num_classes, rows=rows)
+
+    def _float64(self) -> Bounder:
         if self._double is None:
-            model64 = copy.deepcopy(self.model).double()
-            self._double = _Bounder(model64, self.example.double(), self.opts)
+            self._double = bounder_for(self.model, self.example.double(), self.opts,
+                                       build=lambda: copy.deepcopy(self.model).double())
         return self._double
 
-    def _above_slack(self, bounder: _Bounder, lb, lower, upper):
+    def _above_slack(self, bounder: Bounder, lb, lower, upper):
         slack, info = rounding_slack(bounder.bounded, lower, upper)
         if slack is None:
             self.float_rigorous, self.reason = False, info.reason
@@ -362,28 +238,47 @@ class BoundPropCertifier:
             slack = slack.unsqueeze(1)
         return (torch.isfinite(lb) & (lb > slack)).all(dim=1)
 
-    def _rigorous_ok(self, bounder: _Bounder, x64, y, eps, method, data_range, alpha_rows=None):
+    def _rigorous_ok(self, bounder: Bounder, x64, y, eps, method, data_range, alpha_rows=None):
         """Certified flags from float64 bounds over the widened box and the rounding slack.
 
-        alpha-CROWN with ``alpha_rows`` (rows of the float32 batch): the float32 run's
-        optimized alphas are evaluated once in float64 first; only the points that
-        fail there are optimized again in float64.
+        alpha-CROWN: on models with l_p-dist layers the float64 CROWN bound
+        (alpha-CROWN's first iteration) comes first; then, for the points
+        still open and with ``alpha_rows`` (their rows in the float32 batch),
+        the float32 run's optimised alphas are evaluated once in float64;
+        only the points that fail both are optimised again in float64.
         """
         lower, upper = widen_box(*linf_box(x64, eps, data_range, outward=True))
-        ok = None
-        if method == Method.ALPHA_CROWN and alpha_rows is not None and self._main.alphas is not None:
-            lb = bounder.lower_given_alpha(x64, y, lower, upper, self.num_classes, self._main.alphas, alpha_rows)
-            if lb is not None:
-                ok = self._above_slack(bounder, lb, lower, upper)
-                if ok.all():
-                    return ok
-        if ok is None:
+        if method != "alpha-crown":
             lb = bounder.lower(x64, y, lower, upper, method, self.num_classes)
             return self._above_slack(bounder, lb, lower, upper)
-        redo = torch.nonzero(~ok).flatten()
-        lo, hi = lower[redo], upper[redo]
-        lb = bounder.lower(x64[redo], y[redo], lo, hi, method, self.num_classes)
-        ok[redo] = self._above_slack(bounder, lb, lo, hi)
+        n = x64.shape[0]
+        ok = torch.zeros(n, dtype=torch.bool, device=x64.device)
+        if bounder.lp_dist:
+            ok = self._above_slack(bounder, bounder.lower(x64, y, lower, upper, "crown", self.num_classes),
+                                   lower, upper)
+        open_ = torch.nonzero(~ok).flatten()
+        main = self._main
+        if open_.numel() and alpha_rows is not None and main.alphas is not None:
+            rows = alpha_rows[open_]
+            if main.alpha_rows is None:  # the alphas cover the whole float32 batch
+                pos = rows
+            else:
+                lookup = torch.full((int(max(rows.max(), main.alpha_rows.max())) + 1,), -1, dtype=torch.long,
+                                    device=rows.device)
+                lookup[main.alpha_rows.to(rows.device)] = torch.arange(main.alpha_rows.numel(), device=rows.device)
+                pos = lookup[rows]
+            have = pos >= 0
+            sel, pos = open_[have], pos[have]
+            if sel.numel():
+                lb = bounder.lower_given_alpha(x64[sel], y[sel], lower[sel], upper[sel], self.num_classes,
+                                               main.alphas, pos)
+                if lb is not None:
+                    ok[sel] = self._above_slack(bounder, lb, lower[sel], upper[sel])
+            open_ = torch.nonzero(~ok).flatten()
+        if open_.numel():
+            lo, hi = lower[open_], upper[open_]
+            lb = bounder.lower(x64[open_], y[open_], lo, hi, method, self.num_classes)
+            ok[open_] = self._above_slack(bounder, lb, lo, hi)
         return ok
 
     def _recheck(self, x, y, eps, method, data_range, idx):
@@ -404,12 +299,16 @@ class BoundPropCertifier:
             ok = self._rigorous_ok(self._main, x, y, eps, method, data_range)
             return ok if correct is None else ok & correct
         lower, upper = widen_box(*linf_box(x, eps, data_range, outward=True))
-        lb = self.lower_margins(x, y, lower, upper, method)
+        lb = self.lower_margins(x, y, lower, upper, method, rows=correct)
         if not self.rigorous:
             tol = 64 * unit_roundoff_of(lb.dtype) * (1 + lb.abs())
             ok = (torch.isfinite(lb) & (lb > tol)).all(dim=1)
             return ok if correct is None else ok & correct
-        cand = (torch.isfinite(lb) & (lb > 0)).all(dim=1)
+        # The float32 pass only picks the candidates the float64 re-check decides on.  Relaxations move
+        # their planes outward by a float32 rounding slack (l_p-dist planes: a few ulps of the terms per
+        # layer), so a point whose exact bound is barely positive can get a float32 bound a little below
+        # zero; such points are re-checked too.
+        cand = (torch.isfinite(lb) & (lb > -CANDIDATE_TOLERANCE * (1 + lb.abs()))).all(dim=1)
         if correct is not None:
             cand &= correct
         ok = torch.zeros_like(cand)

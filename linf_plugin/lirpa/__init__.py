@@ -15,6 +15,10 @@ from .operator_fixes import applied_operator_fixes, apply_operator_fixes  # noqa
 
 apply_operator_fixes()
 
+from . import interval_guard  # noqa: E402
+
+interval_guard.apply()
+
 from .bound import BoundLpDist  # noqa: E402  (after the compat layer)
 from .module import bounded_module, default_bound_opts  # noqa: E402
 from .op import OP_NAME, custom_ops, is_registered, register, unregister  # noqa: E402
@@ -22,5 +26,5 @@ from .relaxation import LOWER_POINTS, Plane, lower_plane, upper_plane  # noqa: E
 
 register()
 
-__all__ = ["compat", "default_bound_opts", "apply_operator_fixes", "applied_operator_fixes", "BoundLpDist", "bounded_module", "register", "unregister", "is_registered", "custom_ops",
+__all__ = ["compat", "interval_guard", "default_bound_opts", "apply_operator_fixes", "applied_operator_fixes", "BoundLpDist", "bounded_module", "register", "unregister", "is_registered", "custom_ops",
            "OP_NAME", "Plane", "lower_plane", "upper_plane", "LOWER_POINTS"]

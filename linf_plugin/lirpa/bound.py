@@ -24,13 +24,15 @@ Options (``BoundedModule(..., bound_opts={"lp_dist": {...}})``):
   :data:`~linf_plugin.lirpa.relaxation.LOWER_POINTS` (default
   ``"projection"``, which reproduces the exact IBP lower bound).
 
-alpha-CROWN: the node has no optimisable parameters of its own (it subclasses
-plain ``Bound``; the two versions' alpha APIs differ), so alpha-CROWN runs on
-every model and optimises the other nodes (the ReLU / tanh slopes of hybrids
-and baselines); our planes stay fixed.  Measured headroom for optimising them
-is small: on a digits-trained 3-layer l_inf-dist net (``benchmarks/bounds.py``,
-eps 0.02 to 0.1) CROWN's bound on the smallest margin is within about 0.002 to
-0.02 of the margin PGD attains (IBP: 0.004 to 0.024), with margins of order 1.
+alpha-CROWN (``method="CROWN-Optimized"``): the node is one of auto_LiRPA's
+optimisable activations (it subclasses the version's
+``BoundOptimizableActivation``).  For ``p = inf`` every start node whose
+bounds go backward through the node gets parameters of the planes of
+:mod:`linf_plugin.lirpa.alpha_planes` (shape ``(2, spec, batch, N, 2 K + 5)``,
+initialised to the default planes; with intermediate bounds passed in,
+only the final specification is a start node).  Every parameter value gives
+sound planes.  Finite p keeps its fixed planes.  Option
+``"alpha_coordinates"``: ``K`` (default 3).
 
 Both auto_LiRPA 0.3 (PyPI, through :mod:`linf_plugin.lirpa.compat`) and
 upstream 0.7.x are supported: 0.7 passes keyword arguments to
@@ -41,12 +43,18 @@ box of ``x`` before calling us.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import torch
-from auto_LiRPA.operators import Bound
 
 from ..ops import linf_box_argmax, lp_dist, lp_dist_interval
+from .alpha_planes import DEFAULT_COORDINATES, clip_params, default_params, plane_support, planes_from_params
 from .relaxation import LOWER_POINTS, Plane, lower_plane, sanitize_box, upper_plane
+
+try:  # 0.3 and 0.7.x both export it from auto_LiRPA.operators
+    from auto_LiRPA.operators import BoundOptimizableActivation as _OptimizableBase
+except ImportError:  # pragma: no cover
+    from auto_LiRPA.operators.activation_base import BoundOptimizableActivation as _OptimizableBase
 
 try:  # identity spec objects used by some auto_LiRPA versions
     from auto_LiRPA.utils import eyeC
@@ -98,11 +106,11 @@ def _dense_spec(last_A, n_out: int, dtype):
     raise NotImplementedError(f"BoundLpDist cannot propagate an A matrix of type {type(last_A).__name__}")
 
 
-class BoundLpDist(Bound):
+class BoundLpDist(_OptimizableBase):
     """Bounds for ``custom::LpDist`` (see the module docstring)."""
 
     def __init__(self, attr=None, inputs=None, output_index=0, options=None):
-        super().__init__(attr, inputs, output_index, options)
+        super().__init__(attr, inputs, output_index, options if options is not None else {})
         attr = attr or {}
         if "p" not in attr:
             raise ValueError("custom::LpDist node without the attribute 'p'")
@@ -116,9 +124,15 @@ class BoundLpDist(Bound):
         if self.lower_point not in LOWER_POINTS:
             raise ValueError(f"bound_opts['{OPTION_KEY}']['lower'] = {self.lower_point!r}; "
                              f"choose from {LOWER_POINTS}")
+        self.coordinates = int(opts.get("alpha_coordinates", DEFAULT_COORDINATES))
+        if self.coordinates < 1:
+            raise ValueError(f"bound_opts['{OPTION_KEY}']['alpha_coordinates'] = {self.coordinates}; must be >= 1")
         # Only the first input is ever perturbed; 0.7 uses this flag.
         self.ibp_intermediate = False
+        self.alpha_batch_dim = 2  # 0.3 reads it; 0.7 assumes 2
+        self.alpha = OrderedDict()
         self._relaxation_cache = None
+        self._support_cache = None
 
     # ------------------------------------------------------------------ forward
     def forward(self, x, w):
@@ -175,10 +189,74 @@ class BoundLpDist(Bound):
         return planes
 
     def clear(self):
+        # auto_LiRPA clears every node before each pass; the support cache outlives passes (its key
+        # checks the storage)
         self._relaxation_cache = None
 
+    # ------------------------------------------------------------------ alpha-CROWN
+    def _support(self, lower, upper, w):
+        """:func:`~.alpha_planes.plane_support` of the box (no gradient), reused while the box is the same.
+
+        auto_LiRPA hands the node a new tensor object for the same fixed
+        intermediate bounds in every alpha-CROWN iteration, so the key is the
+        storage (pointer, offset, strides, shape, version) of ``lower``,
+        ``upper`` and ``w``; the cache keeps those tensors alive, so a key
+        cannot be reused by other data.  The optimisation treats the box as
+        a constant."""
+        key = tuple(_storage_key(t) for t in (lower, upper, w)) + (self.coordinates,)
+        cache = self._support_cache
+        if cache is not None and cache[0] == key:
+            return cache[2]
+        with torch.no_grad():
+            projection = linf_box_argmax(*sanitize_box(lower, upper), w)[0]
+            support = plane_support(lower, upper, w, projection, self.coordinates)
+        self._support_cache = (key, (lower, upper, w), support)
+        return support
+
+    def init_opt_parameters(self, start_nodes):
+        """Create the parameters (the default planes) for each start node (``(name, size, ...)`` tuples)."""
+        self.alpha = OrderedDict()
+        if not math.isinf(self.p):
+            return
+        lower, upper, w = self._box_and_weight()
+        base = default_params(self._support(lower, upper, w)).detach()
+        for entry in start_nodes:
+            name, size = entry[0], entry[1]
+            if name == "_forward":  # forward-mode LiRPA keeps the fixed planes
+                continue
+            size = int(math.prod(size)) if isinstance(size, (torch.Size, tuple, list)) else int(size)
+            self.alpha[name] = base.expand(2, size, *base.shape).clone()
+
+    def clip_alpha(self):
+        """Project every parameter onto its domain (0.7's name)."""
+        for v in self.alpha.values():
+            clip_params(v.data, (v.shape[-1] - 3) // 2)
+
+    def clip_alpha_(self):
+        """0.3's name for :meth:`clip_alpha`."""
+        self.clip_alpha()
+
+    def dump_optimized_params(self):
+        return self.alpha
+
+    def restore_optimized_params(self, alpha):
+        self.alpha = alpha
+
+    def _optimised_params(self, start_node, unstable_idx, spec: int):
+        """This start node's parameters ``(2, spec, B, N, 2 K + 5)``, or None (default planes)."""
+        if self.opt_stage not in ("opt", "reuse") or start_node is None or not math.isinf(self.p):
+            return None
+        params = self.alpha.get(start_node.name)
+        if params is None:
+            return None
+        if isinstance(unstable_idx, torch.Tensor) and unstable_idx.dim() == 1:
+            params = params[:, unstable_idx]
+        elif unstable_idx is not None:
+            return None
+        return params if params.shape[1] == spec else None
+
     # ------------------------------------------------------------------ CROWN
-    def bound_backward(self, last_lA, last_uA, *x, **kwargs):
+    def bound_backward(self, last_lA, last_uA, *x, start_node=None, unstable_idx=None, **kwargs):
         """Backward (CROWN) step.
 
         Args:
@@ -196,6 +274,13 @@ class BoundLpDist(Bound):
         lower, upper, w = self._box_and_weight(*x[:2])
         last_lA = _dense_spec(last_lA, w.shape[0], w.dtype)
         last_uA = _dense_spec(last_uA, w.shape[0], w.dtype)
+        some = last_lA if last_lA is not None else last_uA
+        params = None if some is None else self._optimised_params(start_node, unstable_idx, some.shape[0])
+        if params is not None:
+            support = self._support(lower, upper, w)
+            lA, lbias = _optimised_side(last_lA, support, params[0], lower_side=True, dim=lower.shape[-1])
+            uA, ubias = _optimised_side(last_uA, support, params[1], lower_side=False, dim=lower.shape[-1])
+            return [(lA, uA), (None, None)], lbias, ubias
         low, up = self._planes(lower, upper, w)
         lA, lbias = _backward_side(last_lA, low, up, lower.shape[-1])
         uA, ubias = _backward_side(last_uA, up, low, lower.shape[-1])
@@ -224,6 +309,10 @@ class BoundLpDist(Bound):
         return LinearBound(lw, lb, uw, ub)
 
 
+def _storage_key(t: torch.Tensor):
+    return (t.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t._version, t.dtype, t.device)
+
+
 def _backward_side(last_A, plane_pos: Plane, plane_neg: Plane, dim: int):
     """Push ``last_A`` (``(S, B, N)``) through the node: ``plane_pos`` where the
     coefficient is >= 0, ``plane_neg`` where it is < 0."""
@@ -239,6 +328,24 @@ def _backward_side(last_A, plane_pos: Plane, plane_neg: Plane, dim: int):
         else:
             out = out + torch.einsum("sbn,bnd->sbd", coef_A, plane.coef)
         bias = bias + torch.einsum("sbn,bn->sb", coef_A, plane.bias)
+    return out, bias
+
+
+def _optimised_side(last_A, support, params, lower_side: bool, dim: int):
+    """Push ``last_A`` (``(S, B, N)``) through the planes of ``params`` (``(S, B, N, 2 K + 5)``): for a
+    lower bound (``lower_side``) the lower plane where the coefficient is >= 0 and the upper plane where
+    it is < 0, for an upper bound the converse."""
+    if last_A is None:
+        return None, 0
+    lcoef, lbias, ucoef, ubias = planes_from_params(support, params)
+    a_pos, a_neg = last_A.clamp(min=0).unsqueeze(-1), last_A.clamp(max=0).unsqueeze(-1)
+    if not lower_side:
+        lcoef, lbias, ucoef, ubias = ucoef, ubias, lcoef, lbias
+    coef = a_pos * lcoef + a_neg * ucoef
+    bias = (a_pos.squeeze(-1) * lbias + a_neg.squeeze(-1) * ubias).sum(-1)
+    S, B, N, slots = coef.shape
+    index = support.index.reshape(1, B, N * slots).expand(S, -1, -1)
+    out = last_A.new_zeros(S, B, dim).scatter_add(2, index, coef.reshape(S, B, N * slots))
     return out, bias
 
 

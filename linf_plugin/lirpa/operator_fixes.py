@@ -58,6 +58,14 @@ them by sampling, on shapes chosen to trip it.
     missing key: ``KeyError`` (0.3 in ``_backward_relaxation``, 0.7.1 in
     ``select_alpha_by_idx``).  Fix: for such a start node the ReLU uses the
     CROWN relaxation (sound; it just is not optimised).  Both versions.
+13. ``BoundTanh`` and ``BoundSigmoid`` precompute a table of tangent points
+    (50,000 entries, found by bisection) in every node's constructor: 2.2 s
+    of a 2.6 s ``BoundedModule`` build of the digits hybrid on 0.3, paid
+    again by every certification call.  The table depends only on the
+    function, its range, the device and the default dtype, so it is computed
+    once per such key and the attributes it sets are shared (read-only) by
+    later nodes.  Not a wrong bound, a cost; both versions (0.7 computes the
+    same kind of table).
 """
 from __future__ import annotations
 
@@ -380,11 +388,49 @@ def _fix_relu_alpha_missing_start_node() -> None:
     _APPLIED.append("BoundRelu.bound_backward: CROWN relaxation for a start node without alpha")
 
 
+def _table_key(node, args, kwargs):
+    def name(v):
+        return getattr(v, "__name__", None) if callable(v) else v
+
+    named = tuple(name(v) for v in args) + tuple(sorted((k, name(v)) for k, v in kwargs.items()))
+    if not all(isinstance(v, (str, int, float, type(None))) or isinstance(v, tuple) for v in named):
+        return None
+    return (type(node).__name__, named, str(getattr(node, "device", None)), torch.get_default_dtype())
+
+
+def _fix_s_shaped_table_cache() -> None:
+    from auto_LiRPA import operators
+
+    cache: dict = {}
+    for cls_name in ("BoundTanh", "BoundSigmoid"):
+        cls = getattr(operators, cls_name, None)
+        owner = next((c for c in getattr(cls, "__mro__", ()) if "precompute_relaxation" in c.__dict__), None)
+        if owner is None or getattr(owner.__dict__["precompute_relaxation"], "_linf_plugin_fix", False):
+            continue
+        original = owner.__dict__["precompute_relaxation"]
+
+        @functools.wraps(original)
+        def precompute_relaxation(self, *args, _original=original, **kwargs):
+            key = _table_key(self, args, kwargs)
+            if key is not None and key in cache:
+                self.__dict__.update(cache[key])
+                return None
+            before = dict(self.__dict__)
+            result = _original(self, *args, **kwargs)
+            if key is not None:
+                cache[key] = {k: v for k, v in self.__dict__.items() if k not in before or before[k] is not v}
+            return result
+
+        precompute_relaxation._linf_plugin_fix = True
+        owner.precompute_relaxation = precompute_relaxation
+        _APPLIED.append(f"{owner.__name__}.precompute_relaxation: the tangent table computed once per function")
+
+
 def apply_operator_fixes() -> list[str]:
     """Apply the operator fixes that this auto_LiRPA needs (idempotent).
 
     Returns:
-        The fixes applied in this process (on upstream 0.7.x fixes 10 and 12).
+        The fixes applied in this process (on upstream 0.7.x fixes 10, 12 and 13).
     """
     global _DONE
     from .compat import needs_legacy_fixes
@@ -398,6 +444,7 @@ def apply_operator_fixes() -> list[str]:
             _fix_batchnorm_forward()
         _fix_patches_times_constant()  # probe-gated: 0.7.x needs it as well
         _fix_relu_alpha_missing_start_node()  # source-gated: 0.7.1 too
+        _fix_s_shaped_table_cache()  # both versions
         if needs_legacy_fixes():
             _fix_full_rank_constant_broadcast()
         _DONE = True

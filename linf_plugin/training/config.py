@@ -7,7 +7,7 @@ import math
 import re
 from dataclasses import dataclass, field, fields
 from enum import Enum
-from typing import Any, Optional, Tuple
+from typing import Optional, Tuple
 
 from ..names import FAMILIES
 

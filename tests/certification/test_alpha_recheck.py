@@ -1,6 +1,7 @@
-"""alpha-CROWN's float64 re-check evaluates the float32 run's optimized alphas once (#16: the
-re-check used to optimize again, doubling alpha-CROWN's cost); conv layers of small inputs are
-bounded in auto_LiRPA's matrix mode."""
+"""alpha-CROWN's float64 re-check evaluates the float32 run's optimized alphas once (the re-check
+used to optimize again, doubling alpha-CROWN's cost); conv layers of small inputs are bounded in
+auto_LiRPA's matrix mode; on models with l_p-dist layers alpha-CROWN optimises only the points CROWN
+leaves open, and stops on stalls."""
 from __future__ import annotations
 
 import math
@@ -135,24 +136,67 @@ def test_an_alpha_layout_that_does_not_match_falls_back_to_optimizing(monkeypatc
     assert cert._float64().lower_given_alpha(x.double(), y, lower.double(), upper.double(), 10, renamed,
                                              rows) is None
     # and certify still certifies through the fallback, optimizing in float64 for the re-check
-    from linf_plugin.certification.bound_prop import _Bounder
+    from linf_plugin.certification.bounders import Bounder
 
-    monkeypatch.setattr(_Bounder, "lower_given_alpha", lambda *a, **k: None)
+    monkeypatch.setattr(Bounder, "lower_given_alpha", lambda *a, **k: None)
     calls = _count_optimizations(monkeypatch)
     res = certify(model, _points(model), 1e-3, "alpha-crown", alpha_iterations=2, batch_size=6)
     assert res.float_rigorous and res.certified.sum() >= 2
     assert calls[0] == torch.float32 and len(calls) >= 2 and set(calls[1:]) == {torch.float64}  # per chunk
 
 
-def test_alpha_crown_without_anything_to_optimize_is_one_crown_pass(monkeypatch):
-    """A pure l_inf-dist net has no alpha: alpha-CROWN gives CROWN's certificates without iterating."""
+def test_alpha_crown_does_not_optimize_points_crown_certifies(monkeypatch):
+    """On models with l_p-dist layers alpha-CROWN's first iteration is CROWN: points it certifies are
+    not optimised (here all of them: no optimisation at all), with CROWN's certificates."""
     torch.manual_seed(0)
     net = create_model("linf_dist_mlp", input_shape=(1, 8, 8), num_classes=10, depth=3, width=16).eval()
     x, y = _points(net, n=8)
     calls = _count_optimizations(monkeypatch)
     alpha = certify(net, (x, y), 2e-3, "alpha-crown", alpha_iterations=5)
     crown = certify(net, (x, y), 2e-3, "crown")
-    # upstream 0.7.1 counts the input normalisation's constant 1/std (a BoundReciprocal) as optimizable,
-    # so there alpha-CROWN still iterates (same certificates, no speed-up)
-    assert calls == [] if DENSE_ALPHA else len(calls) == 1
-    assert alpha.certified.tolist() == crown.certified.tolist() and alpha.certified.any()
+    assert calls == []
+    assert alpha.certified.tolist() == crown.certified.tolist() and alpha.certified.all()
+
+
+def test_lp_dist_alphas_are_reused_in_float64_soundly():
+    """alpha-CROWN on an l_inf-dist net optimises only the points CROWN leaves open, with the
+    intermediate bounds fixed; the float64 re-check evaluates those points' float32 parameters once."""
+    torch.manual_seed(3)
+    net = create_model("linf_dist_mlp", input_shape=(1, 8, 8), num_classes=10, depth=3, width=16).eval()
+    x, y = _points(net, n=6, seed=4)
+    cert = BoundPropCertifier(net, x[:1], 10, alpha_iterations=4)
+    eps = 0.05
+    lower, upper = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
+    crown = cert.lower_margins(x, y, lower, upper, "crown")
+    lb32 = cert.lower_margins(x, y, lower, upper, "alpha-crown")
+    main = cert._main
+    opened = (crown.min(1).values <= 0).nonzero().flatten()
+    assert opened.numel() >= 2 and torch.equal(main.alpha_rows, opened)
+    kinds = {type(n).__name__ for n in main.bounded.optimizable_activations if n.name in main.alphas}
+    assert "BoundLpDist" in kinds
+    assert (lb32 >= crown - 1e-4 * (1 + crown.abs())).all()
+    rows = opened[:2]
+    lb64 = cert._float64().lower_given_alpha(x[rows].double(), y[rows], lower[rows].double(),
+                                             upper[rows].double(), 10, main.alphas, torch.arange(2))
+    assert lb64 is not None and lb64.dtype == torch.float64
+    torch.testing.assert_close(lb64.float(), lb32[rows], rtol=1e-4, atol=1e-4)
+    torch.manual_seed(5)
+    t = torch.rand(1024, *x.shape[1:])
+    for k, i in enumerate(rows.tolist()):
+        with torch.no_grad():
+            logits = net(lower[i] + t * (upper[i] - lower[i]))
+        margins = logits[:, y[i]].unsqueeze(1) - logits
+        keep = torch.arange(10) != y[i]
+        assert (lb64[k].float() <= margins[:, keep].min(0).values + 1e-5).all()
+
+
+def test_stall_stop_stops_certified_and_stalled_points():
+    from linf_plugin.certification.bounders import StallStop
+
+    stop = StallStop(patience=2, progress=1e-3)
+    rising = [torch.tensor([[-1.0, 2.0], [-3.0, 1.0], [0.5, 0.7]]) + 0.1 * i * torch.tensor([[1.0], [0.0], [0.0]])
+              for i in range(4)]
+    flags = [stop(lb).squeeze(1).tolist() for lb in rising]
+    assert flags[0] == [False, False, True]  # every margin of the last point is positive
+    assert flags[1] == [False, False, True] and flags[2] == [False, True, True]  # the second one stalled twice
+    assert flags[3] == [False, True, True]  # the first keeps rising by more than 1e-3 (1 + |bound|)

@@ -180,3 +180,30 @@ def test_a_union_saves_each_member_in_its_own_folder(models, data, tmp_path):
     _same(res, ref)
     assert sorted(p.name for p in (tmp_path / "job").iterdir()) == ["interval", "margin"]
     assert all(len(_log(tmp_path / "job" / m)) == 5 for m in ("interval", "margin"))
+
+
+def test_more_ranks_than_gpus_share_them(monkeypatch):
+    """A rank whose LOCAL_RANK has no GPU of its own takes GPU ``LOCAL_RANK mod count`` (a CPU stand-in
+    for the device calls): init_distributed once failed here with an UnboundLocalError on ``torch``."""
+    import torch
+
+    import linf_plugin.distributed as D
+
+    chosen = []
+
+    class Stop(Exception):
+        pass
+
+    def init_group(**kw):
+        raise Stop
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(D, "resolve_device", lambda device, local_rank: torch.device("cuda", local_rank))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(D.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(D.dist, "init_process_group", init_group)
+    with pytest.raises(Stop):
+        D.init_distributed("cuda")
+    assert chosen == [torch.device("cuda:0")]

@@ -1,7 +1,6 @@
 """The margin certificate keeps its promise under floating point."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

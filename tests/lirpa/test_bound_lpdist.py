@@ -10,7 +10,6 @@ import textwrap
 import pytest
 import torch
 
-import linf_plugin
 from linf_plugin import lirpa
 from linf_plugin.lirpa import BoundLpDist, bounded_module, custom_ops, is_registered, register, unregister
 from linf_plugin.lirpa.bound import _dense_spec
@@ -19,7 +18,6 @@ from linf_plugin.ops import lp_dist_interval
 
 from .lirpa_check import METHODS, box, build, compute, default_dtype, extremes, margin_spec, violations
 
-import auto_LiRPA  # noqa: E402  (after linf_plugin)
 from auto_LiRPA import BoundedModule  # noqa: E402
 
 IS_03 = lirpa.compat.needs_legacy_fixes()
