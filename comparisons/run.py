@@ -18,6 +18,7 @@ the results (and listed in the summary); the run goes on with the rest.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -48,7 +49,7 @@ class RunSettings:
     """Everything ``python -m comparisons run`` takes (see ``--help``).
 
     Attributes:
-        preset: suite name (``digits``, ``mnist-0.3``, ``cifar10-8/255``).
+        suite: suite name (``digits``, ``fashion-mnist``, ``mnist-0.3``, ``cifar10-8/255``).
         models: model keys or training presets (None = the suite's).
         methods: certification methods (None = every one that applies).
         eps: ε grid in pixel units (None = the suite's).
@@ -65,14 +66,17 @@ class RunSettings:
             The suite's budgets apply unless ``full``; the user's win.
         full: everything as in the first runs: the suite's full training presets, no time budgets.
         pgd_steps, pgd_restarts: the attack (100 steps = PGD-100).
+        pgd_points: attack the first n test points (None = the suite's choice: all for digits, the first
+            1,000 for fashion-mnist; ``full`` attacks all).
         bisect, bisect_steps: per-sample radius bisection for bound propagation.
         batch_size, alpha_iterations: certification settings.
         seed: training seed and attack generator seed.
         num_threads: CPU threads (None = torch's default).
         progress: progress bars (None = when stderr is a terminal).
+        preset: deprecated alias of ``suite`` (warns; removed in the next release).
     """
 
-    preset: str = "digits"
+    suite: str = "digits"
     models: Optional[List[str]] = None
     methods: Optional[List[str]] = None
     eps: Optional[List[float]] = None
@@ -90,6 +94,7 @@ class RunSettings:
     full: bool = False
     pgd_steps: int = 100
     pgd_restarts: int = 1
+    pgd_points: Optional[int] = None
     bisect: bool = False
     bisect_steps: int = 12
     batch_size: int = 256
@@ -97,6 +102,15 @@ class RunSettings:
     seed: int = 0
     num_threads: Optional[int] = None
     progress: Optional[bool] = None
+    preset: Optional[str] = None
+
+    def __post_init__(self):
+        if self.preset is not None:
+            warnings.warn("RunSettings(preset=...) is deprecated and will be removed in the next release: use "
+                          "suite=... (training presets are chosen with models=...)", FutureWarning, stacklevel=3)
+            if self.suite not in ("digits", self.preset):
+                raise ValueError(f"suite={self.suite!r} and its deprecated alias preset={self.preset!r} disagree")
+            self.suite, self.preset = self.preset, None
 
 
 def _check_methods(methods: Optional[List[str]]) -> Optional[List[str]]:
@@ -121,9 +135,9 @@ def _pgd(model, x, y, eps_grid, steps, restarts, batch_size, data_range, seed, d
                 broken.append(res.success.cpu())
         broken = torch.cat(broken)
         acc = float((~broken).sum().item()) / broken.numel()
-        out.append({"eps": eps, "accuracy": acc, "time": t.seconds})
+        out.append({"eps": eps, "accuracy": acc, "time": t.seconds, "_broken": broken.numpy()})
         bar.update(1)
-    return {"status": "ok", "steps": steps, "restarts": restarts, "results": out}
+    return {"status": "ok", "steps": steps, "restarts": restarts, "n": int(x.shape[0]), "results": out}
 
 
 def _dense_curve(radius: np.ndarray, eps_max: float, points: int = DENSE_POINTS) -> dict:
@@ -226,7 +240,7 @@ def _timed_method(model, data, method, eps_grid, eps_max, *, batch_size, device,
         with Timer(device) as t:
             curve = certified_accuracy_curve(model, data, eps_grid, "margin", batch_size=margin_batch, device=device)
         bar.update(len(eps_grid))
-        results = [{"eps": e, "certified_accuracy": a, "time": t.seconds}
+        results = [{"eps": e, "certified_accuracy": a, "time": t.seconds, "_certified": curve.radius > e}
                    for e, a in zip(eps_grid, curve.certified_accuracy)]
         return {"status": "ok", "one_pass": True, "n": len(data), "time": t.seconds, "results": results,
                 "curve": _dense_curve(curve.radius, eps_max), "extra": nan_to_none(dict(curve.extra))}
@@ -236,15 +250,16 @@ def _timed_method(model, data, method, eps_grid, eps_max, *, batch_size, device,
                                              batch_size=batch_size, device=device, alpha_iterations=alpha_iterations)
         bar.update(len(eps_grid))
         radius = np.asarray(curve.radius)
-        results = [{"eps": e, "certified_accuracy": float(np.mean(radius > e)), "time": t.seconds}
-                   for e in eps_grid]
+        results = [{"eps": e, "certified_accuracy": float(np.mean(radius > e)), "time": t.seconds,
+                    "_certified": radius > e} for e in eps_grid]
         return {"status": "ok", "one_pass": False, "bisect": True, "n": len(data), "time": t.seconds,
                 "results": results, "curve": _dense_curve(radius, eps_max),
                 "extra": nan_to_none(dict(curve.extra))}
     results, total = [], 0.0
     for e in eps_grid:
         res = certify(model, data, e, method, batch_size=batch_size, device=device, alpha_iterations=alpha_iterations)
-        results.append({"eps": e, "certified_accuracy": res.certified_accuracy, "time": res.wall_time})
+        results.append({"eps": e, "certified_accuracy": res.certified_accuracy, "time": res.wall_time,
+                        "_certified": res.certified})
         total += res.wall_time
         bar.update(1)
     return {"status": "ok", "one_pass": False, "n": len(data), "time": total, "results": results, "curve": None,
@@ -252,8 +267,8 @@ def _timed_method(model, data, method, eps_grid, eps_max, *, batch_size, device,
 
 
 def evaluate_model(model, data, eps_grid, methods, *, device, batch_size=256, alpha_iterations=20, bisect=False,
-                   bisect_steps=12, pgd_steps=100, pgd_restarts=1, seed=0, method_points=None, budgets=None,
-                   stage_bar=None) -> dict:
+                   bisect_steps=12, pgd_steps=100, pgd_restarts=1, pgd_points=None, seed=0, method_points=None,
+                   budgets=None, stage_bar=None) -> dict:
     """Clean, PGD and certified accuracy of one trained model (the ``evaluation`` part of a model record).
 
     Args:
@@ -262,6 +277,7 @@ def evaluate_model(model, data, eps_grid, methods, *, device, batch_size=256, al
         eps_grid: sorted ε values (pixel units).
         methods: methods to try (None = all of ``METHODS``); those that do not
             apply are recorded as ``n/a``.
+        pgd_points: attack the first n points only (None: all).
         method_points: ``{method: n}`` restricts a method to the first n points.
         budgets: ``{method: seconds}``: a method not in ``method_points`` runs on
             the leading points that fit in its budget (recorded under ``budget``).
@@ -269,7 +285,9 @@ def evaluate_model(model, data, eps_grid, methods, *, device, batch_size=256, al
             method), ticked once per ε; None for no bars.
 
     Returns:
-        ``{"n", "clean_accuracy", "pgd", "methods": {method: record}}``.
+        ``{"n", "clean_accuracy", "pgd", "methods": {method: record}, "pgd_vs_certified"}``: the last one
+        counts, per method and ε, the points a method certified that PGD broke (on the points both saw);
+        anything but 0 is a wrong certificate.
     """
     from tqdm.auto import tqdm
 
@@ -284,10 +302,11 @@ def evaluate_model(model, data, eps_grid, methods, *, device, batch_size=256, al
     correct = torch.cat(correct)
     clean = float(correct.sum().item()) / correct.numel()
     out = {"n": len(data), "clean_accuracy": clean}
-    bar = stage_bar(f"PGD-{pgd_steps}", len(eps_grid))
+    n_pgd = len(data) if pgd_points is None else min(int(pgd_points), len(data))
+    bar = stage_bar(f"PGD-{pgd_steps}" + (f" (first {n_pgd} points)" if n_pgd < len(data) else ""), len(eps_grid))
     try:
-        out["pgd"] = _pgd(model, x, y, eps_grid, pgd_steps, pgd_restarts, batch_size, tuple(data.data_range), seed,
-                          device, bar)
+        out["pgd"] = _pgd(model, x[:n_pgd], y[:n_pgd], eps_grid, pgd_steps, pgd_restarts, batch_size,
+                          tuple(data.data_range), seed, device, bar)
     except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
         out["pgd"] = error_record(exc)
         log(f"  PGD failed: {out['pgd']['error']}")
@@ -314,7 +333,45 @@ def evaluate_model(model, data, eps_grid, methods, *, device, batch_size=256, al
             log(f"  {m} failed on {getattr(model, 'model_name', type(model).__name__)}: {records[m]['error']}")
         finally:
             bar.close()
+    out["pgd_vs_certified"] = pgd_breaks_certified(out["pgd"], records, model)
+    for rec in [out["pgd"], *records.values()]:
+        for r in rec.get("results", []):
+            r.pop("_broken", None)
+            r.pop("_certified", None)
     out["methods"] = records
+    return out
+
+
+def pgd_breaks_certified(pgd: dict, records: Dict[str, dict], model=None) -> dict:
+    """Per method and ε: how many points the method certified that PGD broke (must be 0), on the points both saw.
+
+    Args:
+        pgd: the PGD record of :func:`evaluate_model` (with its per-point ``_broken`` masks).
+        records: method name -> record (with per-point ``_certified`` masks in its results).
+
+    Returns:
+        ``{"checked": bool, "broken_certified": total, "methods": {method: [{"eps", "points", "broken"}]}}``.
+    """
+    out = {"checked": False, "broken_certified": 0, "methods": {}}
+    if pgd.get("status") != "ok":
+        return out
+    for meth, rec in records.items():
+        if rec.get("status") != "ok":
+            continue
+        rows = []
+        for pr, mr in zip(pgd["results"], rec["results"]):
+            broken, cert = pr.get("_broken"), mr.get("_certified")
+            if broken is None or cert is None:
+                continue
+            k = min(len(broken), len(cert))
+            bad = int(np.sum(np.asarray(cert[:k], dtype=bool) & np.asarray(broken[:k], dtype=bool)))
+            rows.append({"eps": mr["eps"], "points": k, "broken": bad})
+            out["broken_certified"] += bad
+            if bad:
+                log(f"  PGD broke {bad} point(s) that {meth} certified at eps={mr['eps']:g} on "
+                    f"{getattr(model, 'model_name', 'the model')}: a wrong certificate")
+        out["methods"][meth] = rows
+        out["checked"] = out["checked"] or bool(rows)
     return out
 
 
@@ -438,7 +495,7 @@ def run_comparison(settings: RunSettings):
 
     from .report import render_report
 
-    suite = get_suite(settings.preset)
+    suite = get_suite(settings.suite)
     specs = select_models(suite, settings.models, full=settings.full)
     methods = _check_methods(settings.methods)
     eps_grid = eps_label_list(settings.eps if settings.eps else suite.eps)
@@ -456,6 +513,9 @@ def run_comparison(settings: RunSettings):
     budgets = {m: float(b) for m, b in {**suite.budgets_for(settings.full), **settings.budgets}.items()
                if m not in settings.method_points}
     method_points = {m: n for m, n in method_points.items() if m not in settings.budgets}
+    if settings.pgd_points is not None and int(settings.pgd_points) < 1:
+        raise ValueError(f"--pgd-points {settings.pgd_points}: need n >= 1 (leave it out to use the suite's)")
+    pgd_points = settings.pgd_points if settings.pgd_points is not None else suite.pgd_points_for(settings.full)
 
     def stage_bar(desc, total):
         return tqdm(total=total, desc=desc, disable=not progress, dynamic_ncols=True, leave=True)
@@ -469,7 +529,7 @@ def run_comparison(settings: RunSettings):
         results = {"schema": "comparisons.run", "schema_version": SCHEMA_VERSION, "command": "run",
                    "environment": environment(device),
                    "settings": nan_to_none({**asdict(settings), "method_points": method_points, "budgets": budgets,
-                                            "eps": eps_grid, "suite": suite.name,
+                                            "eps": eps_grid, "suite": suite.name, "pgd_points": pgd_points,
                                             "dataset": suite.dataset, "test_points": len(test),
                                             "methods": methods or list(METHODS)}),
                    "models": []}
@@ -496,7 +556,7 @@ def run_comparison(settings: RunSettings):
                         model, test, eps_grid, methods, device=device, batch_size=settings.batch_size,
                         alpha_iterations=settings.alpha_iterations, bisect=settings.bisect,
                         bisect_steps=settings.bisect_steps, pgd_steps=settings.pgd_steps,
-                        pgd_restarts=settings.pgd_restarts, seed=settings.seed,
+                        pgd_restarts=settings.pgd_restarts, pgd_points=pgd_points, seed=settings.seed,
                         method_points=method_points, budgets=budgets,
                         stage_bar=lambda desc, total, key=spec.key: stage_bar(f"{key}: {desc}", total))
                 rec["evaluation"]["time"] = t_eval.seconds
