@@ -13,8 +13,9 @@ wall time by instrumenting the run from outside:
   optimizer step; grad-norm clipping included) minus the ℓp-dist part;
 * ``loss``: the training objective's forward minus the model's (loss and
   batch statistics) plus the backward from the loss to the logits; for the
-  auto_LiRPA objectives (ReLU baselines) the bound computation cannot be
-  split from the loss and all of it is counted as the model's;
+  bound-based objectives (hybrids: interval bounds of the head; ReLU
+  baselines: auto_LiRPA's IBP / CROWN-IBP) logits, bounds and loss come out
+  of one computation, all of it counted as the model's;
 * ``optimizer``: ``Optimizer.step`` (global step hooks);
 * ``data``: the epoch's batching, augmentation and indexing, replayed with
   the trainer's own calls (the trainer's loop cannot be hooked there);
@@ -248,11 +249,13 @@ def time_epoch(cfg: TrainConfig, train_x, train_y) -> dict:
     t = probe.t
     lp_f, lp_b = timed.seconds["lp_forward"], timed.seconds["lp_backward"]
     data_s = _data_time(cfg, train_x, train_y)
-    has_model_hooks = t["model_forward"] > 0
+    # the ℓ∞-dist objective calls the model, then the loss; the bound-based ones (hybrid: interval bounds of the
+    # head; ReLU: auto_LiRPA) compute logits, bounds and loss together, all counted as the model's
+    has_model_hooks = cfg.family == "linf_dist" and t["model_forward"] > 0
     if has_model_hooks:
         rest_f = t["model_forward"] - lp_f
         loss = (t["objective_forward"] - t["model_forward"]) + t["backward_to_logits"]
-    else:  # auto_LiRPA's BoundedModule runs the model: bounds and loss are one
+    else:
         rest_f = t["objective_forward"] - lp_f
         loss = 0.0
     rest_b = (t["model_backward"] if has_model_hooks else t["backward"]) - lp_b
@@ -347,7 +350,7 @@ def main(argv=None) -> int:
         "benchmark": "train_epoch", "label": args.label, "python": platform.python_version(),
         "torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor(),
         "cpu_count": os.cpu_count(), "threads": args.threads, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "phases": list(PHASES), "rows": rows,
+        "phases": list(PHASES), "train_subset": args.train_subset, "argv": sys.argv[1:], "rows": rows,
         "note": "one epoch of the real trainer per row; load_before/load_after are the 1/5/15-minute load "
                 "averages (other jobs sharing the cores slow every number)"}, indent=1)
     print(f"wrote {out}")
