@@ -11,12 +11,12 @@ from typing import Optional
 
 from .base import DatasetInfo, DatasetSplit
 from .box import linf_box
-from .digits import DIGITS, load_digits
-from .r_separated import linf_separation, three_point_set
 from .cifar10 import CIFAR10, load_cifar10
+from .digits import DIGITS, load_digits
 from .files import DATA_ROOT_ENV, DataNotFoundError
 from .idx import IDXFormatError, read_idx
 from .mnist import FASHION_MNIST, MNIST, load_fashion_mnist, load_mnist
+from .r_separated import linf_separation, three_point_set
 
 __all__ = ["load_dataset", "list_datasets", "dataset_info", "DatasetSplit", "DatasetInfo",
            "DataNotFoundError", "IDXFormatError", "read_idx", "DATA_ROOT_ENV", "three_point_set",
