@@ -1,6 +1,9 @@
 # The two commands of the README:
 #   make run    set up the environment, then run the main job on digits
 #   make test   set up the environment, then run the test suite
+# and for real data:
+#   make data   install Fashion-MNIST (Debian's dataset-fashion-mnist; needs root) for
+#               `python -m comparisons run --suite fashion-mnist` and the tests that read the real files
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
@@ -19,7 +22,7 @@ TEST_JOBS ?= auto
 #   and pass WHEELS=.whl)
 PYTHON ?= python3
 
-.PHONY: env run test report bench clean-env gpu-check gpu-wheels
+.PHONY: env run test data report bench clean-env gpu-check gpu-wheels
 
 env:
 	@VENV=$(VENV) bash scripts/setup_env.sh
@@ -29,6 +32,9 @@ run: env
 
 test: env
 	$(PY) -m pytest -n $(TEST_JOBS) --dist loadfile $(PYTEST_ARGS)
+
+data:
+	@bash scripts/install_data.sh
 
 report: env
 	$(PY) -m linf_plugin.env

@@ -9,17 +9,24 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import warnings
 from typing import List, Optional
 
 from .common import UsageError
 
 __all__ = ["main", "build_parser"]
 
-EPILOG_RUN = """examples:
+EPILOG_RUN = """A suite (--suite) is a data set, an eps grid and the models compared on it; each model is
+trained with a training preset (a recipe: model, loss, schedules), which python -m linf_plugin.training
+takes as --preset and --models accepts here.
+
+examples:
   python -m comparisons run                                  # digits, eps 0.05/0.1/0.2, four models
+  python -m comparisons run --suite fashion-mnist            # real data (`make data` first), ~30 min on 2 cores
   python -m comparisons run --models linf,ibp --methods margin,ibp,crown
   python -m comparisons run --epochs 20 --set linf.model_kwargs='{"width": 64}'
-  python -m comparisons run --preset mnist-0.3 --data-root ~/data --device cuda
+  python -m comparisons run --suite fashion-mnist --models fashion-mnist-0.1 --device cuda   # the paper's recipe
+  python -m comparisons run --suite mnist-0.3 --data-root ~/data --device cuda
   python -m comparisons report runs/run-20260101-120000     # re-render tables and plots from results.json
 """
 
@@ -70,7 +77,9 @@ def _cache(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default="cache", help="checkpoint cache folder (default ./cache)")
     p.add_argument("--no-cache", dest="use_cache", action="store_false",
                    help="retrain every model; keep its checkpoint in the run folder, not the cache")
-    p.add_argument("--data-root", default=None, help="folder holding MNIST / CIFAR-10 (nothing is downloaded)")
+    p.add_argument("--data-root", default=None,
+                   help="data root holding FashionMNIST/raw, MNIST/raw or cifar-10-batches-py (else $LINF_DATA_ROOT; "
+                        "Fashion-MNIST also where `make data` installs it); nothing is downloaded")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,10 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="train/reuse each model, certify with every method, attack with PGD, report",
                        epilog=EPILOG_RUN, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="digits", choices=sorted(SUITES),
-                   help="setting: digits (default, CPU) or the paper's mnist-0.3 / cifar10-8/255 (GPU, --data-root)")
+    p.add_argument("--suite", default=None, choices=sorted(SUITES),
+                   help="the data set and its models: digits (default, CPU, embedded), fashion-mnist (CPU, real "
+                        "data: `make data`), or the paper's mnist-0.3 / cifar10-8/255 (GPU, --data-root)")
+    p.add_argument("--preset", dest="suite_alias", default=None, choices=sorted(SUITES), help=argparse.SUPPRESS)
     p.add_argument("--models", type=_csv, default=None,
-                   help="comma list of model keys (linf, hybrid, ibp, crown-ibp) or training presets")
+                   help="comma list of the suite's model keys (linf, hybrid, ibp, crown-ibp) or training presets "
+                        "(python -m linf_plugin.training --list-presets)")
     p.add_argument("--methods", type=_csv, default=None,
                    help=f"comma list of certification methods (default: every one that applies): {', '.join(METHODS)}")
     p.add_argument("--eps", type=_floats, default=None, help="comma list of eps in pixel units (a/b allowed: 8/255)")
@@ -105,11 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="certify METHOD on the first N test points only (marked † in the table), e.g. alpha-crown=100")
     p.add_argument("--budget", dest="budgets", action="append", default=None, metavar="METHOD=SECONDS",
                    help="per model, certify METHOD on the leading test points that fit in SECONDS for the whole "
-                        "eps grid (marked † in the table); the digits default: crown=20, alpha-crown=20")
+                        "eps grid (marked † in the table); the default: crown=20, alpha-crown=20 on digits, 30 and 30 on "
+                        "fashion-mnist")
     p.add_argument("--full", action="store_true",
-                   help="everything, as the first runs: the full training presets (digits: digits-*, about 40 "
-                        "minutes on 2 cores), no time budgets, alpha-crown on 10 points")
+                   help="everything, as the first runs: digits: the full training presets (digits-*, about 40 "
+                        "minutes on 2 cores), no time budgets, alpha-crown on 10 points; fashion-mnist: PGD on "
+                        "all 10,000 points, crown on the first 1,000 and alpha-crown on the first 10, no budgets")
     p.add_argument("--pgd-steps", type=int, default=100)
+    p.add_argument("--pgd-points", type=int, default=None, metavar="N",
+                   help="attack the first N test points (default: the suite's: fashion-mnist 1,000; --full: all)")
     p.add_argument("--pgd-restarts", type=int, default=1)
     p.add_argument("--bisect", action="store_true",
                    help="bound propagation: bisect each sample's radius (dense curves) instead of one pass per eps")
@@ -140,6 +156,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _suite_word(suite: Optional[str], alias: Optional[str]) -> str:
+    """``--suite``, or the deprecated ``--preset`` it replaces (a warning), or the default ``digits``."""
+    if alias is not None:
+        warnings.warn("`python -m comparisons run --preset NAME` is deprecated and will be removed in the next "
+                      "release: use --suite NAME (a suite is a data set and its models; --preset now names "
+                      "training presets only, as in python -m linf_plugin.training)", FutureWarning, stacklevel=2)
+        if suite is not None and suite != alias:
+            raise ValueError(f"--suite {suite} and its deprecated alias --preset {alias} disagree; "
+                             f"pass --suite only")
+        return alias
+    return suite or "digits"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), run the subcommand, print its summary; returns the exit code.
 
@@ -162,7 +191,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .run import RunSettings, run_comparison
             from .summary import summarize_run
 
-            kw = {k: v for k, v in vars(args).items() if k != "command"}
+            kw = {k: v for k, v in vars(args).items() if k not in ("command", "suite_alias")}
+            kw["suite"] = _suite_word(args.suite, args.suite_alias)
             kw["method_points"] = _points(kw.get("method_points"))
             kw["budgets"] = _points(kw.get("budgets"), "--budget", float)
             run_dir, res = run_comparison(RunSettings(**kw))

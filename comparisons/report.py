@@ -84,8 +84,15 @@ def _run_markdown(res: dict, figures: List[dict]) -> str:
             continue
         ev = m["evaluation"]
         pgd = ev.get("pgd", {})
-        pgd_cell = (fmt_shares([r["accuracy"] for r in pgd["results"]], ev["n"]) if pgd.get("status") == "ok"
-                    else "error")
+        pgd_n = pgd.get("n", ev["n"])
+        pgd_cell = (fmt_shares([r["accuracy"] for r in pgd["results"]], pgd_n) + ("†" if pgd_n != ev["n"] else "")
+                    if pgd.get("status") == "ok" else "error")
+        if pgd.get("status") == "ok" and pgd_n != ev["n"]:
+            notes.append(f"- † **{m['label']}**, PGD-{s['pgd_steps']}: first {pgd_n} test points only")
+        check = ev.get("pgd_vs_certified") or {}
+        if check.get("checked") and check["broken_certified"]:
+            notes.append(f"- **{m['label']}**: PGD broke {check['broken_certified']} point(s) that a method "
+                         "certified: a WRONG CERTIFICATE (see results.json, pgd_vs_certified)")
         cells = [method_cell(ev["methods"][k], ev["n"]) for k in METHOD_TITLES]
         hit = " (cached)" if m["train"]["cache"]["hit"] else ""
         rows.append([m["label"], m["family"], m["training"], f"{m['n_params']:,}",
@@ -103,7 +110,8 @@ def _run_markdown(res: dict, figures: List[dict]) -> str:
            f"Certified accuracy (%) at ε = {eps_txt} (pixel units) per method, with the method's certification "
            "time for the whole grid in brackets (margin: ONE pass certifies every ε; the other methods: one pass "
            "per ε). `n/a`: the method does not apply to the model; `—`: not requested. "
-           f"PGD-{s['pgd_steps']} accuracy is an upper bound on robust accuracy. A cell measured on fewer than "
+           f"PGD-{s['pgd_steps']} accuracy is an upper bound on robust accuracy; on every point both saw, no "
+           "point a method certified was broken by PGD unless a note below says so. A cell measured on fewer than "
            f"{MIN_POINTS} points shows counts, not percentages: `1 / 1 / 0 of 1 pt` = certified at the first two "
            "ε on the one point tried.", "", md_table(header, rows), ""]
     if notes:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -54,7 +55,7 @@ class RunSettings:
     """Everything ``python -m comparisons run`` takes (see ``--help``).
 
     Attributes:
-        preset: suite name (``digits``, ``mnist-0.3``, ``cifar10-8/255``).
+        suite: suite name (``digits``, ``fashion-mnist``, ``mnist-0.3``, ``cifar10-8/255``).
         models: model keys or training presets (None = the suite's).
         methods: certification methods (None = every one that applies).
         eps: ε grid in pixel units (None = the suite's).
@@ -71,6 +72,8 @@ class RunSettings:
             The suite's budgets apply unless ``full``; the user's win.
         full: everything as in the first runs: the suite's full training presets, no time budgets.
         pgd_steps, pgd_restarts: the attack (100 steps = PGD-100).
+        pgd_points: attack the first n test points (None = the suite's choice: all for digits, the first
+            1,000 for fashion-mnist; ``full`` attacks all).
         bisect, bisect_steps: per-sample radius bisection for bound propagation.
         batch_size, alpha_iterations: certification settings.
         seed: training seed and attack generator seed.
@@ -78,9 +81,10 @@ class RunSettings:
         progress: progress bars (None = when stderr is a terminal; rank 0 only under torchrun).
         resume: continue the run saved in ``out`` (``--resume``): finished batches of certification, bisection
             and PGD are read back, not computed again (see :mod:`comparisons.jobs`).
+        preset: deprecated alias of ``suite`` (warns; removed in the next release).
     """
 
-    preset: str = "digits"
+    suite: str = "digits"
     models: Optional[List[str]] = None
     methods: Optional[List[str]] = None
     eps: Optional[List[float]] = None
@@ -98,6 +102,7 @@ class RunSettings:
     full: bool = False
     pgd_steps: int = 100
     pgd_restarts: int = 1
+    pgd_points: Optional[int] = None
     bisect: bool = False
     bisect_steps: int = 12
     batch_size: int = 256
@@ -106,6 +111,15 @@ class RunSettings:
     num_threads: Optional[int] = None
     progress: Optional[bool] = None
     resume: bool = False
+    preset: Optional[str] = None
+
+    def __post_init__(self):
+        if self.preset is not None:
+            warnings.warn("RunSettings(preset=...) is deprecated and will be removed in the next release: use "
+                          "suite=... (training presets are chosen with models=...)", FutureWarning, stacklevel=3)
+            if self.suite not in ("digits", self.preset):
+                raise ValueError(f"suite={self.suite!r} and its deprecated alias preset={self.preset!r} disagree")
+            self.suite, self.preset = self.preset, None
 
 
 def _check_methods(methods: Optional[List[str]]) -> Optional[List[Method]]:
@@ -120,12 +134,13 @@ def _check_methods(methods: Optional[List[str]]) -> Optional[List[Method]]:
 def _pgd(model, x, y, eps_grid, steps, restarts, batch_size, data_range, seed, device, bar, saving: Saving) -> dict:
     out = []
     for k, eps in enumerate(eps_grid):
-        acc, seconds, retries = pgd_accuracy(model, x, y, eps, saving=saving.sub(f"eps-{k}"), steps=steps,
-                                             restarts=restarts, batch_size=batch_size, data_range=data_range,
-                                             seed=seed, device=device)
-        out.append({"eps": eps, "accuracy": acc, "time": seconds, **({"oom_retries": retries} if retries else {})})
+        acc, seconds, retries, broken = pgd_accuracy(model, x, y, eps, saving=saving.sub(f"eps-{k}"), steps=steps,
+                                                     restarts=restarts, batch_size=batch_size, data_range=data_range,
+                                                     seed=seed, device=device)
+        out.append({"eps": eps, "accuracy": acc, "time": seconds, **({"oom_retries": retries} if retries else {}),
+                    "_broken": broken})
         bar.update(1)
-    return {"status": "ok", "steps": steps, "restarts": restarts, "results": out}
+    return {"status": "ok", "steps": steps, "restarts": restarts, "n": int(x.shape[0]), "results": out}
 
 
 def _dense_curve(radius: torch.Tensor, eps_max: float, points: int = DENSE_POINTS) -> dict:
@@ -237,7 +252,8 @@ def _timed_method(model, data, method, eps_grid, eps_max, *, batch_size, device,
         # under torchrun the pass runs on one rank and the call also hashes and gathers: time the pass itself
         seconds = curve.extra["chunks"]["compute_time"] if "chunks" in curve.extra else t.seconds
         bar.update(len(eps_grid))
-        results = [{"eps": e, "certified_accuracy": a, "time": seconds}
+        results = [{"eps": e, "certified_accuracy": a, "time": seconds,
+                    "_certified": curve.radius > e}
                    for e, a in zip(eps_grid, curve.certified_accuracy.tolist())]
         return {"status": "ok", "one_pass": True, "n": len(data), "time": seconds, "results": results,
                 "curve": _dense_curve(curve.radius, eps_max), "extra": nan_to_none(dict(curve.extra))}
@@ -246,7 +262,8 @@ def _timed_method(model, data, method, eps_grid, eps_max, *, batch_size, device,
                                               batch_size=batch_size, device=device,
                                               alpha_iterations=alpha_iterations, bisect_steps=bisect_steps)
         bar.update(len(eps_grid))
-        results = [{"eps": e, "certified_accuracy": float((radius > e).double().mean()), "time": seconds}
+        results = [{"eps": e, "certified_accuracy": float((radius > e).double().mean()), "time": seconds,
+                    "_certified": radius > e}
                    for e in eps_grid]
         return {"status": "ok", "one_pass": False, "bisect": True, "n": len(data), "time": seconds,
                 "results": results, "curve": _dense_curve(radius, eps_max), "extra": nan_to_none(extra)}
@@ -254,7 +271,8 @@ def _timed_method(model, data, method, eps_grid, eps_max, *, batch_size, device,
     for k, e in enumerate(eps_grid):
         res, seconds = certify_at(model, data, e, method, saving=saving.sub(f"eps-{k}"), batch_size=batch_size,
                                   device=device, alpha_iterations=alpha_iterations)
-        results.append({"eps": e, "certified_accuracy": res.certified_accuracy, "time": seconds})
+        results.append({"eps": e, "certified_accuracy": res.certified_accuracy, "time": seconds,
+                        "_certified": res.certified})
         if res.extra.get("chunks", {}).get("oom_retries"):  # batches retried at half the size (see jobs.py)
             results[-1]["oom_retries"] = res.extra["chunks"]["oom_retries"]
         total += seconds
@@ -264,8 +282,8 @@ def _timed_method(model, data, method, eps_grid, eps_max, *, batch_size, device,
 
 
 def evaluate_model(model, data, eps_grid, methods, *, device, batch_size=256, alpha_iterations=20, bisect=False,
-                   bisect_steps=12, pgd_steps=100, pgd_restarts=1, seed=0, method_points=None, budgets=None,
-                   stage_bar=None, saving: Optional[Saving] = None) -> dict:
+                   bisect_steps=12, pgd_steps=100, pgd_restarts=1, pgd_points=None, seed=0, method_points=None,
+                   budgets=None, stage_bar=None, saving: Optional[Saving] = None) -> dict:
     """Clean, PGD and certified accuracy of one trained model (the ``evaluation`` part of a model record).
 
     Args:
@@ -274,6 +292,7 @@ def evaluate_model(model, data, eps_grid, methods, *, device, batch_size=256, al
         eps_grid: sorted ε values (pixel units).
         methods: methods to try (None = all of ``METHODS``); those that do not
             apply are recorded as ``n/a``.
+        pgd_points: attack the first n points only (None: all).
         method_points: ``{method: n}`` restricts a method to the first n points.
         budgets: ``{method: seconds}``: a method not in ``method_points`` runs on
             the leading points that fit in its budget (recorded under ``budget``).
@@ -283,7 +302,9 @@ def evaluate_model(model, data, eps_grid, methods, *, device, batch_size=256, al
             resume (:class:`comparisons.jobs.Saving`); None: nowhere.
 
     Returns:
-        ``{"n", "clean_accuracy", "pgd", "methods": {method: record}}``.
+        ``{"n", "clean_accuracy", "pgd", "methods": {method: record}, "pgd_vs_certified"}``: the last one
+        counts, per method and ε, the points a method certified that PGD broke (on the points both saw);
+        anything but 0 is a wrong certificate.
 
     Raises:
         ResumeError, RankFailure: a refused resume, a dead or hung rank (other
@@ -303,10 +324,11 @@ def evaluate_model(model, data, eps_grid, methods, *, device, batch_size=256, al
     correct = torch.cat(correct)
     clean = float(correct.sum().item()) / correct.numel()
     out = {"n": len(data), "clean_accuracy": clean}
-    bar = stage_bar(f"PGD-{pgd_steps}", len(eps_grid))
+    n_pgd = len(data) if pgd_points is None else min(int(pgd_points), len(data))
+    bar = stage_bar(f"PGD-{pgd_steps}" + (f" (first {n_pgd} points)" if n_pgd < len(data) else ""), len(eps_grid))
     try:
-        out["pgd"] = _pgd(model, x, y, eps_grid, pgd_steps, pgd_restarts, batch_size, tuple(data.data_range), seed,
-                          device, bar, saving.sub("pgd"))
+        out["pgd"] = _pgd(model, x[:n_pgd], y[:n_pgd], eps_grid, pgd_steps, pgd_restarts, batch_size,
+                          tuple(data.data_range), seed, device, bar, saving.sub("pgd"))
     except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
         if is_fatal(exc):
             raise
@@ -337,7 +359,45 @@ def evaluate_model(model, data, eps_grid, methods, *, device, batch_size=256, al
             log(f"  {m} failed on {getattr(model, 'model_name', type(model).__name__)}: {records[m]['error']}")
         finally:
             bar.close()
+    out["pgd_vs_certified"] = pgd_breaks_certified(out["pgd"], records, model)
+    for rec in [out["pgd"], *records.values()]:
+        for r in rec.get("results", []):
+            r.pop("_broken", None)
+            r.pop("_certified", None)
     out["methods"] = records
+    return out
+
+
+def pgd_breaks_certified(pgd: dict, records: Dict[str, dict], model=None) -> dict:
+    """Per method and ε: how many points the method certified that PGD broke (must be 0), on the points both saw.
+
+    Args:
+        pgd: the PGD record of :func:`evaluate_model` (with its per-point ``_broken`` masks).
+        records: method name -> record (with per-point ``_certified`` masks in its results).
+
+    Returns:
+        ``{"checked": bool, "broken_certified": total, "methods": {method: [{"eps", "points", "broken"}]}}``.
+    """
+    out = {"checked": False, "broken_certified": 0, "methods": {}}
+    if pgd.get("status") != "ok":
+        return out
+    for meth, rec in records.items():
+        if rec.get("status") != "ok":
+            continue
+        rows = []
+        for pr, mr in zip(pgd["results"], rec["results"]):
+            broken, cert = pr.get("_broken"), mr.get("_certified")
+            if broken is None or cert is None:
+                continue
+            k = min(len(broken), len(cert))
+            bad = int(np.sum(np.asarray(cert[:k], dtype=bool) & np.asarray(broken[:k], dtype=bool)))
+            rows.append({"eps": mr["eps"], "points": k, "broken": bad})
+            out["broken_certified"] += bad
+            if bad:
+                log(f"  PGD broke {bad} point(s) that {meth} certified at eps={mr['eps']:g} on "
+                    f"{getattr(model, 'model_name', 'the model')}: a wrong certificate")
+        out["methods"][meth] = rows
+        out["checked"] = out["checked"] or bool(rows)
     return out
 
 
@@ -445,8 +505,8 @@ def run_comparison(settings: RunSettings):
 
     from .report import render_report
 
-    with usage_errors():  # the suite's checks of --preset, --models, --eps, --set
-        suite = get_suite(settings.preset)
+    with usage_errors():  # the suite's checks of --suite, --models, --eps, --set
+        suite = get_suite(settings.suite)
         specs = select_models(suite, settings.models, full=settings.full)
         eps_grid = eps_label_list(settings.eps if settings.eps else suite.eps)
         overrides = parse_overrides(settings.overrides)
@@ -468,6 +528,9 @@ def run_comparison(settings: RunSettings):
     budgets = {m: float(b) for m, b in {**suite.budgets_for(settings.full), **settings.budgets}.items()
                if m not in settings.method_points}
     method_points = {m: n for m, n in method_points.items() if m not in settings.budgets}
+    if settings.pgd_points is not None and int(settings.pgd_points) < 1:
+        raise ValueError(f"--pgd-points {settings.pgd_points}: need n >= 1 (leave it out to use the suite's)")
+    pgd_points = settings.pgd_points if settings.pgd_points is not None else suite.pgd_points_for(settings.full)
 
     def stage_bar(desc, total):
         return tqdm(total=total, desc=desc, disable=not progress, dynamic_ncols=True, leave=True)
@@ -479,7 +542,8 @@ def run_comparison(settings: RunSettings):
         if settings.test_subset:
             test = test.subset(int(settings.test_subset))
         recorded = nan_to_none({**asdict(settings), "method_points": method_points, "budgets": budgets,
-                                "eps": eps_grid, "suite": suite.name, "dataset": suite.dataset,
+                                "eps": eps_grid, "suite": suite.name, "pgd_points": pgd_points,
+                                "dataset": suite.dataset,
                                 "test_points": len(test), "methods": methods or list(METHODS)})
         check_run_state(run_dir / "chunks", {k: v for k, v in recorded.items() if k not in _RUNTIME_SETTINGS},
                         settings.resume)
@@ -512,7 +576,7 @@ def run_comparison(settings: RunSettings):
                         model, test, eps_grid, methods, device=device, batch_size=settings.batch_size,
                         alpha_iterations=settings.alpha_iterations, bisect=settings.bisect,
                         bisect_steps=settings.bisect_steps, pgd_steps=settings.pgd_steps,
-                        pgd_restarts=settings.pgd_restarts, seed=settings.seed,
+                        pgd_restarts=settings.pgd_restarts, pgd_points=pgd_points, seed=settings.seed,
                         method_points=method_points, budgets=budgets, saving=saving.sub(spec.key),
                         stage_bar=lambda desc, total, key=spec.key: stage_bar(f"{key}: {desc}", total))
                 rec["evaluation"]["time"] = t_eval.seconds

@@ -1,10 +1,12 @@
-"""What ``python -m comparisons run`` trains: one suite per setting, one spec per model.
+"""What ``python -m comparisons run --suite NAME`` trains: one suite per data set, one spec per model.
 
-A suite names a data set, an ε grid and its models; each model is a
-training preset of :mod:`linf_plugin.training` (the harness only picks presets
-and applies the user's overrides).  ``digits`` is the default; ``mnist-0.3``
-and ``cifar10-8/255`` are the paper's settings (a GPU and a local
-``--data-root`` are expected).
+A *suite* (``--suite``) names a data set, an ε grid and its models; each
+model is a training *preset* of :mod:`linf_plugin.training` (``--preset``
+there: a recipe of model, loss and schedules), and the harness only picks
+presets and applies the user's overrides.  ``digits`` is the default and
+``fashion-mnist`` the real-data suite, both sized for a CPU; ``mnist-0.3`` and
+``cifar10-8/255`` are the paper's settings (a GPU and a local ``--data-root``
+are expected).
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ class Suite:
     budgets: tuple = ()  # ((method, seconds), ...): per model, that method runs on the points that fit (not --full)
     full_models: tuple = ()  # the models of --full (default: models)
     full_points: tuple = ()  # the --points of --full (default: points)
+    pgd_points: Optional[int] = None  # PGD on the first n test points (None: all); --full attacks all of them
 
     def models_for(self, full: bool) -> tuple:
         return self.full_models if full and self.full_models else self.models
@@ -57,6 +60,9 @@ class Suite:
 
     def budgets_for(self, full: bool) -> dict:
         return {} if full else dict(self.budgets)
+
+    def pgd_points_for(self, full: bool) -> Optional[int]:
+        return None if full else self.pgd_points
 
     def spec(self, key: str) -> ModelSpec:
         for m in self.models:
@@ -70,6 +76,9 @@ DIGITS_MODELS = (("linf", "ℓ∞-dist net"), ("hybrid", "ℓ∞-dist + MLP hybr
                  ("crown-ibp", "ReLU CNN (CROWN-IBP)"))
 # seconds per model for the whole ε grid (docs/harness.md, "Time budget")
 DIGITS_BUDGETS = (("crown", 20.0), ("alpha-crown", 20.0))
+FASHION_MODELS = (("linf", "ℓ∞-dist net"), ("hybrid", "ℓ∞-dist + MLP hybrid"), ("ibp", "ReLU CNN (IBP)"),
+                  ("crown-ibp", "ReLU CNN (CROWN-IBP)"))
+FASHION_BUDGETS = (("crown", 30.0), ("alpha-crown", 30.0))
 
 SUITES: Dict[str, Suite] = {
     "digits": Suite(
@@ -83,6 +92,17 @@ SUITES: Dict[str, Suite] = {
         budgets=DIGITS_BUDGETS,
         full_models=tuple(ModelSpec(k, f"digits-{k}", label) for k, label in DIGITS_MODELS),
         full_points=(("alpha-crown", ALPHA_CROWN_CPU_POINTS),)),
+    "fashion-mnist": Suite(
+        "fashion-mnist", "fashion-mnist", (0.05, 0.1, 0.2),
+        tuple(ModelSpec(k, f"fashion-mnist-{k}-cpu", label) for k, label in FASHION_MODELS),
+        goal_eps=(0.1,),
+        note="Fashion-MNIST (28x28, `make data`), CPU-sized presets; margin, interval, IBP and CROWN-IBP on all "
+             "10,000 test points",
+        # CROWN and α-CROWN on the leading points that fit their per-model budget, PGD-100 on the first 1,000
+        # points (the rest of the half hour goes to training); --full: PGD on all points, CROWN on the first
+        # 1,000 and α-CROWN on the first 10, no budgets
+        budgets=FASHION_BUDGETS, pgd_points=1000,
+        full_points=(("crown", 1000), ("alpha-crown", ALPHA_CROWN_CPU_POINTS))),
     "mnist-0.3": Suite(
         "mnist-0.3", "mnist", (0.1, 0.2, 0.3),
         (ModelSpec("linf", "mnist-0.3", "ℓ∞-dist net 5×5120"),
@@ -101,8 +121,14 @@ SUITES: Dict[str, Suite] = {
 
 
 def get_suite(name: str) -> Suite:
+    """The suite called ``name``.
+
+    Raises:
+        ValueError: an unknown name (the suites are listed).
+    """
     if name not in SUITES:
-        raise ValueError(f"unknown preset {name!r}; choose from {sorted(SUITES)}")
+        raise ValueError(f"unknown suite {name!r}; choose from {sorted(SUITES)} (a suite is a data set and its "
+                         f"models; training presets are chosen with --models)")
     return SUITES[name]
 
 
@@ -125,7 +151,7 @@ def select_models(suite: Suite, names: Optional[Sequence[str]], full: bool = Fal
         elif n in presets:
             out.append(ModelSpec(n, n, n))
         else:
-            raise ValueError(f"unknown model {n!r} for preset {suite.name}: use one of "
+            raise ValueError(f"unknown model {n!r} for suite {suite.name}: use one of "
                              f"{[m.key for m in models]} or a training preset from {sorted(presets)}")
     keys = [m.key for m in out]
     if len(set(keys)) != len(keys):
@@ -187,6 +213,8 @@ def build_config(spec: ModelSpec, *, epochs: Optional[int] = None, overrides: Op
         cfg = scale_epochs(cfg, epochs)
     cfg = apply_overrides(cfg, spec.key, overrides or {})
     runtime = {k: v for k, v in runtime.items() if v is not None}
+    if cfg.dataset == "digits":  # the data root is for data sets read from files; digits is embedded
+        runtime.pop("data_root", None)
     return cfg.replace(**runtime).validate() if runtime else cfg.validate()
 
 

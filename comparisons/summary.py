@@ -41,6 +41,11 @@ def summarize_run(run_dir: Path, res: dict) -> str:
         clean = fmt_share(ev["clean_accuracy"], ev["n"], percent_sign=True)
         lines.append(f"  {m['key']:<10} clean {clean}  certified: " + "; ".join(best)
                      + (f"  [errors: {', '.join(errs)}]" if errs else ""))
+        check = ev.get("pgd_vs_certified") or {}
+        if check.get("checked"):
+            pts = max((r["points"] for rows in check["methods"].values() for r in rows), default=0)
+            lines.append(f"  {'':<10} PGD broke {check['broken_certified']} certified point(s) (checked on up to "
+                         f"{pts} points" + (": a WRONG CERTIFICATE)" if check["broken_certified"] else ")"))
     goal = (res.get("speed_accuracy") or {}).get("goal")
     comps = (res.get("speed_accuracy") or {}).get("comparisons") or []
     n = s["test_points"]  # the comparisons ran on the full test set

@@ -113,7 +113,7 @@ def _baseline(key: str, suite_name: str, s: TheoremSettings, cache: CheckpointCa
         return spec, cfg, hit
     if not may_train:
         raise LookupError(f"no cached checkpoint for preset {spec.preset} and training it needs a GPU "
-                          f"(pass --train-baselines to train anyway, or run `python -m comparisons run --preset "
+                          f"(pass --train-baselines to train anyway, or run `python -m comparisons run --suite "
                           f"{suite_name}` on a GPU first)")
     log(f"training baseline {spec.preset} ...")
     return spec, cfg, cache.get_or_train(cfg, device=device)

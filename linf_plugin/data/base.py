@@ -16,7 +16,7 @@ class DatasetInfo:
     """Static facts about a named data set (no data is loaded).
 
     Attributes:
-        name: registry name (``digits``, ``mnist``, ``cifar10``).
+        name: registry name (``digits``, ``fashion-mnist``, ``mnist``, ``cifar10``).
         input_shape: shape of one input, e.g. ``(1, 8, 8)``.
         num_classes: number of labels.
         mean: per-channel mean used for input normalisation.

@@ -94,10 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m linf_plugin.training",
         description="Train an ℓ∞-dist net, a hybrid or a ReLU baseline (IBP / CROWN-IBP) with checkpoints, "
                     "resume and DDP (launch with torchrun for several processes).")
-    p.add_argument("--preset", help="start from this preset (see --list-presets)")
+    p.add_argument("--preset", help="start from this training preset (a recipe: model, loss, schedules); see "
+                                    "--list-presets. python -m comparisons run --suite NAME names a data set and "
+                                    "its models, each trained with one of these presets")
     p.add_argument("--out", dest="out_dir", default=None,
                    help="output folder (default: runs/<preset name, sanitised>)")
-    p.add_argument("--list-presets", action="store_true", help="print the preset names and exit")
+    p.add_argument("--list-presets", action="store_true", help="print the training preset names and exit")
     p.add_argument("--list-models", action="store_true", help="print the registered models and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no per-epoch lines")
     hints = typing.get_type_hints(TrainConfig)

@@ -46,7 +46,8 @@ class TrainConfig:
         name: run / preset name (free text; sanitised before use in paths).
         model: registry name (``linf_plugin.models.list_models()``).
         model_kwargs: extra keyword arguments of ``create_model``.
-        dataset: ``digits`` | ``mnist`` | ``cifar10``; ``data_root`` its folder.
+        dataset: ``digits`` | ``fashion-mnist`` | ``mnist`` | ``cifar10``; ``data_root`` its folder
+            (files only: digits is embedded).
         train_subset, test_subset: use only the first n samples (tests, quick runs).
         family: ``linf_dist`` | ``hybrid`` | ``relu``; None = the model's family.
         eps: the ε at which certified accuracy is evaluated.
@@ -221,6 +222,9 @@ class TrainConfig:
 
         if self.dataset not in list_datasets():
             raise ConfigError(f"unknown dataset {self.dataset!r}; choose from {list_datasets()}")
+        if self.dataset == "digits" and self.data_root is not None:
+            raise ConfigError("data_root is for data sets read from files (fashion-mnist, mnist, cifar10); "
+                              "digits is embedded: drop data_root (--data-root)")
         if self.model not in list_models():
             raise ConfigError(f"unknown model {self.model!r}; choose from {list_models()}")
         fam = model_family(self.model)

@@ -132,7 +132,8 @@ def test_overrides_and_model_selection():
         select_models(suite, ["resnet"])
     with pytest.raises(ValueError, match="twice"):
         select_models(suite, ["ibp", "digits-ibp-fast"])
-    with pytest.raises(ValueError, match="unknown preset"):
+    with pytest.raises(ValueError, match=r"unknown suite 'imagenet'; choose from \['cifar10-8/255', 'digits', "
+                                         r"'fashion-mnist', 'mnist-0.3'\]"):
         get_suite("imagenet")
     for suite in SUITES.values():  # every suite names real presets
         for spec in suite.models + suite.full_models:

@@ -15,6 +15,7 @@ import torch
 
 from linf_plugin.models import create_model, load_checkpoint
 from linf_plugin.training import ConfigError, TrainingDivergedError, get_preset, train
+from linf_plugin.training.trainer import FINITE_CHECK_STEPS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -157,9 +158,11 @@ def test_resume_refuses_a_changed_config(tmp_path):
         train(cfg.replace(resume=True, lr=0.5, epochs=1))
 
 
-def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path):
-    cfg = _tiny_config("linf_dist", tmp_path, epochs=3)
-    steps_per_epoch = math.ceil(256 / 64)
+@pytest.mark.parametrize("batch, bad_step", [(64, 2), (4, FINITE_CHECK_STEPS + 3)])
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path, batch, bad_step):
+    # batch 4: 64 steps an epoch, so the bad step lies past the first finiteness check window
+    cfg = _tiny_config("linf_dist", tmp_path, epochs=3, batch_size=batch)
+    steps_per_epoch = math.ceil(256 / batch)
     model = create_model("linf_dist_mlp", input_shape=(1, 8, 8), num_classes=10, depth=3, width=32,
                          mean=(0.3054,), std=0.3761)
     seen = {"calls": 0, "digest": None}
@@ -167,7 +170,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_p
     def poison(module, inputs, output):
         if module.training:
             seen["calls"] += 1
-            if seen["calls"] == steps_per_epoch + 2:  # second step of epoch 2
+            if seen["calls"] == steps_per_epoch + bad_step:  # step `bad_step` of epoch 2
                 seen["digest"] = hashlib.sha256((tmp_path / "checkpoint.pt").read_bytes()).hexdigest()
                 return output * float("nan")
         return output
@@ -176,7 +179,8 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_p
     with pytest.raises(TrainingDivergedError) as e:
         train(cfg, model=model)
     msg = str(e.value)
-    assert "epoch 2, step 2/4" in msg and "nan" in msg.lower() and "epoch 1" in msg and "untouched" in msg
+    assert f"epoch 2, step {bad_step}/{steps_per_epoch}" in msg and "the loss is nan" in msg, msg
+    assert "epoch 1" in msg and "untouched" in msg
     assert hashlib.sha256((tmp_path / "checkpoint.pt").read_bytes()).hexdigest() == seen["digest"]
     assert load_checkpoint(tmp_path / "checkpoint.pt").epoch == 1
     assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 1
@@ -199,6 +203,36 @@ def test_a_callback_that_raises_stops_the_run_and_resume_goes_on(tmp_path):
         train(cfg, callbacks=[object()])
     with pytest.raises(TypeError, match="sequence of callbacks"):
         train(cfg, callbacks=recorder)
+
+
+def test_the_step_loop_reads_nothing_back_per_step(tmp_path, monkeypatch):
+    """The finiteness check and the statistics need one host read per FINITE_CHECK_STEPS steps, not per step
+    (a read is a device sync on a GPU)."""
+    cfg = _tiny_config("linf_dist", tmp_path, epochs=1, batch_size=4, eval_every=0, crop_padding=0)
+    steps = 256 // 4
+    reads = {"n": 0}
+    # reads made by linf_plugin's code (torch's Adam reads its CPU step counters, which is no device sync;
+    # __bool__ is left out: the ℓp-dist op scans CPU inputs for NaN, and does not on CUDA)
+    for name in ("item", "tolist", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *a, _original=original, **kw):
+            if sys._getframe(1).f_globals.get("__name__", "").startswith("linf_plugin."):
+                reads["n"] += 1
+            return _original(self, *a, **kw)
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    model = create_model("linf_dist_mlp", input_shape=(1, 8, 8), num_classes=10, depth=3, width=32,
+                         mean=(0.3054,), std=0.3761)
+
+    def count_steps(module, inputs, output):
+        if module.training:
+            reads["train_steps"] = reads.get("train_steps", 0) + 1
+            reads["at_last_step"] = reads["n"]
+    model.register_forward_hook(count_steps)
+    train(cfg.replace(out_dir=None), model=model)
+    assert reads["train_steps"] == steps
+    # the reads up to the last step's forward (the evaluation comes after it)
+    assert reads["at_last_step"] <= math.ceil(steps / FINITE_CHECK_STEPS), reads
 
 
 def test_stop_after_epoch_is_deprecated_and_needs_an_out_dir(tmp_path, monkeypatch):
