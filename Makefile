@@ -10,11 +10,16 @@ PYTEST_ARGS ?=
 TEST_JOBS ?= auto
 
 # make gpu-check OUT=dir [WHEELS=dir] [SEED_REPO=path] [PYTHON=python3] [DRY_RUN=1]
-#   every GPU check (pytest -m gpu, the CUDA benchmarks, a short comparisons run) with the
+#   every GPU check (compute-sanitizer over every kernel family, pytest -m gpu, the CUDA
+#   benchmarks, a short comparisons run), each time-limited, in under 10 minutes, with the
 #   machine's own Python (torch + CuPy), not the venv; see scripts/gpu_check.py
+# make gpu-wheels
+#   the wheels that Python lacks (auto_LiRPA, appdirs, graphviz, compute-sanitizer), for
+#   CPython 3.12 on manylinux x86_64, into .whl/ (ignored by git; carry it to the GPU machine
+#   and pass WHEELS=.whl)
 PYTHON ?= python3
 
-.PHONY: env run test report bench clean-env gpu-check
+.PHONY: env run test report bench clean-env gpu-check gpu-wheels
 
 env:
 	@VENV=$(VENV) bash scripts/setup_env.sh
@@ -41,3 +46,6 @@ gpu-check:
 	@test -n "$(OUT)" || { echo "usage: make gpu-check OUT=dir [WHEELS=dir] [SEED_REPO=path] [PYTHON=python3]"; exit 2; }
 	$(PYTHON) scripts/gpu_check.py --out "$(OUT)" --python "$(PYTHON)" $(if $(WHEELS),--wheels "$(WHEELS)") \
 		$(if $(SEED_REPO),--seed-repo "$(SEED_REPO)") $(if $(DRY_RUN),--dry-run)
+
+gpu-wheels:
+	$(or $(wildcard $(PY)),$(PYTHON)) scripts/gpu_check.py --download-wheels .whl $(if $(DRY_RUN),--dry-run)

@@ -33,6 +33,7 @@ Compiles are cached by source hash (``--cache``, default
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import glob
 import hashlib
@@ -54,7 +55,7 @@ from linf_plugin.io import atomic_write_json  # noqa: E402
 from linf_plugin.ops.kernel_specs import BK, module_spec  # noqa: E402
 
 __all__ = ["find_tool", "lowered_names", "nvrtc_cubin", "nvcc_cubin", "disassemble", "parse_ptxas_log", "loops", "hot_loop_cost",
-           "KernelCost", "MODES", "module_costs", "our_costs", "seed_plan", "seed_costs", "totals", "report", "VARIANTS",
+           "scan_loop_cost", "KernelCost", "MODES", "DET_MODES", "module_costs", "our_costs", "seed_plan", "seed_costs", "totals", "report", "VARIANTS",
            "main"]
 
 ARCH = "sm_90"
@@ -98,18 +99,28 @@ def _libnvrtc() -> ctypes.CDLL:
 
 
 def _cached(cache: Path, key: str, build):
-    """``build() -> (cubin bytes, log str)``, memoised on disk under ``cache`` by ``key``."""
+    """``build() -> (cubin bytes, log str)``, memoised on disk under ``cache`` by ``key``.
+
+    Processes sharing ``cache`` (pytest-xdist workers: the NVRTC tests and the cost model compile the same
+    modules) wait for each other's build of one key when ``filelock`` is installed, instead of repeating it.
+    """
     digest = hashlib.sha256(key.encode()).hexdigest()[:24]
     cubin, log = cache / f"{digest}.cubin", cache / f"{digest}.log"
-    if cubin.exists() and log.exists():
-        return cubin.read_bytes(), log.read_text()
-    data, text = build()
     cache.mkdir(parents=True, exist_ok=True)
-    for path, content, mode in ((log, text, "w"), (cubin, data, "wb")):   # cubin last: it marks completion
-        fd, tmp = tempfile.mkstemp(dir=cache)
-        with os.fdopen(fd, mode) as fh:
-            fh.write(content)
-        os.replace(tmp, path)
+    try:
+        from filelock import FileLock  # noqa: PLC0415  (optional: a test dependency)
+        lock = FileLock(str(cache / f"{digest}.lock"))
+    except ImportError:
+        lock = contextlib.nullcontext()
+    with lock:
+        if cubin.exists() and log.exists():
+            return cubin.read_bytes(), log.read_text()
+        data, text = build()
+        for path, content, mode in ((log, text, "w"), (cubin, data, "wb")):   # cubin last: it marks completion
+            fd, tmp = tempfile.mkstemp(dir=cache)
+            with os.fdopen(fd, mode) as fh:
+                fh.write(content)
+            os.replace(tmp, path)
     return data, text
 
 
@@ -312,6 +323,41 @@ def hot_loop_cost(code: list, triples: int, inner_trips: int = 1) -> dict:
     return per
 
 
+def scan_loop_cost(code: list, columns: int, loads_per_entry: int) -> dict:
+    """Counts per triple of lp_scatter_rows: its loop over entries (the longest loop that reads global memory
+    and holds no barrier), where each entry (r, c) is tested against ``columns`` (KC) coordinates and costs
+    ``loads_per_entry`` global loads, which give the loop's unrolling.  Same keys as :func:`hot_loop_cost`."""
+    found = loops(code)
+    scans = [(s, e) for s, e in found
+             if not any(_opcode(code[j]).startswith("BAR") for j in range(s, e + 1))
+             and any(_opcode(code[j]).startswith("LDG") for j in range(s, e + 1))]
+    if not scans:
+        raise ValueError("no loop that reads global memory without a barrier")
+    start, end = max(scans, key=lambda r: r[1] - r[0])
+    counts = {"instructions": 0.0, "mufu": 0.0, "lds_words": 0.0, "half_rate": 0.0}
+    static = 0
+    for j in range(start, end + 1):
+        if code[j].endswith(":"):
+            continue
+        static += 1
+        op = _opcode(code[j])
+        counts["instructions"] += 1
+        counts["mufu"] += op.startswith("MUFU")
+        if op.startswith("LDS"):
+            counts["lds_words"] += {"64": 2, "128": 4}.get(op.rsplit(".", 1)[-1], 1)
+        if op.startswith(("IMAD", "IMUL")) and op not in ("IMAD.MOV", "IMAD.MOV.U32", "IMAD.IADD", "IMAD.SHL.U32"):
+            counts["half_rate"] += 1
+    loads = sum(_opcode(code[j]).startswith("LDG") for j in range(start, end + 1))
+    if loads % loads_per_entry:
+        raise ValueError(f"{loads} global loads in the loop: not a whole number of {loads_per_entry}-load entries")
+    triples = columns * loads // loads_per_entry
+    per = {k: v / triples for k, v in counts.items()}
+    per["cycles"] = max(per["instructions"], MUFU_CYCLES * per["mufu"], HALF_RATE_CYCLES * per["half_rate"],
+                        LDS_CYCLES_PER_WORD * per["lds_words"])
+    per["loop_instructions"] = static
+    return per
+
+
 # -- our kernels ---------------------------------------------------------------
 @dataclass
 class KernelCost:
@@ -363,12 +409,19 @@ def module_costs(spec, cache: Path | None = None, arch: str = ARCH) -> dict:
     out = {}
     for role, k in spec.kernels.items():
         mangled = lowered[k.name]
-        per = hot_loop_cost(code[mangled], k.tile[0] * k.tile[1] // 256 * BK, trips) if k.tile else None
+        if k.tile:
+            per = hot_loop_cost(code[mangled], k.tile[0] * k.tile[1] // 256 * BK, trips)
+        elif k.template == "lp_scatter_rows":      # the fixed-order p = inf gradient sums: KC coordinates per entry
+            per = scan_loop_cost(code[mangled], k.targs[0], 2 * k.targs[1])
+        else:
+            per = None                             # per output (resolve, atomic scatter): O(B N), not O(B N D)
         out[role] = KernelCost(k.name, mangled, per_triple=per, **_resources(res, mangled))
     return out
 
 
 MODES = ("fwd", "bwd", "fwd+bwd")
+# under torch.use_deterministic_algorithms(True): no atomics (CupyBackend.kernel_plan(deterministic=True))
+DET_MODES = ("bwd det", "fwd+bwd det")
 
 
 def our_costs(cache: Path | None = None, ps=VARIANTS) -> dict:
@@ -386,9 +439,11 @@ def our_costs(cache: Path | None = None, ps=VARIANTS) -> dict:
     modules, result = {}, {}
     for p in ps:
         plan = CupyBackend.kernel_plan(p)
+        det = CupyBackend.kernel_plan(p, deterministic=True)
         fixups = set(plan.get("fixup", ()))
         rows = {}
-        for mode, steps in (("fwd", plan["fwd"]), ("bwd", plan["bwd"]), ("fwd+bwd", plan["fwd_grad"] + plan["bwd"])):
+        for mode, steps in (("fwd", plan["fwd"]), ("bwd", plan["bwd"]), ("fwd+bwd", plan["fwd_grad"] + plan["bwd"]),
+                            ("bwd det", det["bwd"]), ("fwd+bwd det", det["fwd_grad"] + det["bwd"])):
             rows[mode] = []
             for family, pv, role in steps:
                 if (family, pv) not in modules:
@@ -480,10 +535,10 @@ def _label(p: float) -> str:
 def report(ours: dict, seed: dict | None) -> dict:
     rows = []
     for p in ours:
-        for mode in MODES:
+        for mode in MODES + DET_MODES:
             row = {"p": _label(p), "mode": mode, "ours": totals(ours[p][mode]),
                    "ours_kernels": [c.as_dict() for c in ours[p][mode]]}
-            if seed is not None:
+            if seed is not None and mode in MODES:
                 row["seed"] = totals(seed[p][mode])
                 row["seed_kernels"] = [c.as_dict() for c in seed[p][mode]]
                 ours_cycles = row["ours"]["cycles"]     # 0 for p = inf "bwd": scatters, no per-triple work
@@ -494,13 +549,13 @@ def report(ours: dict, seed: dict | None) -> dict:
 
 def print_table(result: dict) -> None:
     seed = any("seed" in r for r in result["rows"])
-    head = f"{'p':>5} {'mode':>8} | {'ours instr':>10} {'mufu':>5} {'cycles':>6}"
+    head = f"{'p':>5} {'mode':>11} | {'ours instr':>10} {'mufu':>5} {'cycles':>6}"
     if seed:
         head += f" | {'seed instr':>10} {'mufu':>5} {'cycles':>6} | {'seed/ours':>9}"
     print(head)
     for r in result["rows"]:
         o = r["ours"]
-        line = f"{r['p']:>5} {r['mode']:>8} | {o['instructions']:10.2f} {o['mufu']:5.2f} {o['cycles']:6.2f}"
+        line = f"{r['p']:>5} {r['mode']:>11} | {o['instructions']:10.2f} {o['mufu']:5.2f} {o['cycles']:6.2f}"
         if "seed" in r:
             s = r["seed"]
             ratio = r["cycles_seed_over_ours"]
@@ -526,7 +581,11 @@ def main(argv=None) -> int:
                         "note": "per (b, n, i) triple, per warp on one sm_90 sub-partition; hot loop only; "
                                 "p = 2, 8 count the raw-sum forward (lp_forward_raw): its fixup launch "
                                 "(lp_forward, marked fixup) exits before its hot loop in every block the "
-                                "raw sum did not flag, i.e. everywhere on ordinary data"},
+                                "raw sum did not flag, i.e. everywhere on ordinary data; 'bwd det' and 'fwd+bwd det': "
+                                "the kernels under torch.use_deterministic_algorithms(True) (finite p: the two "
+                                "single-gradient kernels; p = inf: lp_scatter_rows twice, its scan loop counted per "
+                                "entry and coordinate of its column chunk, the tree reduction not counted), "
+                                "where the default p = inf backward (atomics, per output) counts 0"},
            "tools": {"nvdisasm": find_tool("nvdisasm"), "nvcc": find_tool("nvcc") if args.seed_repo else None},
            **report(ours, seed)}
     print_table(result)

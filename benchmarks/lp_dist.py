@@ -1,11 +1,22 @@
-"""Benchmark of the l_p-distance op against torch.cdist and the naive broadcast.
+"""Benchmark of the l_p-distance op: against torch.cdist and the naive broadcast, or against the machine's floor.
 
 Prints a table and writes JSON (machine, CPU model, torch version, device
-name, timestamp, every row, and the goals of issue #3 as measured ratios).
+name, timestamp, load averages, every row, and the goals as measured ratios).
 
     python benchmarks/lp_dist.py                    # CPU rows (and GPU rows when CUDA is present)
     python benchmarks/lp_dist.py --device cpu --sizes cpu --repeat 5
     python benchmarks/lp_dist.py --threads 1 --out benchmarks/results/lp_dist-cpu-1thread.json
+    python benchmarks/lp_dist.py --suite floor      # CPU backends against the matmul FMA rate
+
+``--suite floor`` (CPU only) times the
+CPU backends side by side (``--backends torch,native``) at 512x1024 -> 1024,
+per thread count (``--thread-counts 1,2``), dtype and p in {inf, 8, 8.5},
+forward and forward+backward, in triples per second, against the matmul
+FMA rate of the same dtype and thread count measured in the same run, and
+checks the ratios against the goals (p = inf: forward >= 0.25, fwd+bwd >=
+0.08; p = 8: 0.15 / 0.06; general p: 0.03 / 0.012).
+
+The default suite ("compare"):
 
 Rows: forward and forward+backward, p = inf and p = 8, for our op
 (``lp_dist`` with the default backend: the compiled torch path on CPU, the
@@ -256,6 +267,121 @@ def goals(rows, gpu):
     return out
 
 
+# -- the floor suite: CPU backends against the matmul FMA rate -----------------------
+FLOOR_GOALS = {"inf": (0.25, 0.08), "8": (0.15, 0.06), "general": (0.03, 0.012)}   # (forward, fwd+bwd)
+
+
+def _p_key(p: float) -> str:
+    return "inf" if math.isinf(p) else ("8" if p == 8.0 else "general")
+
+
+def _timed_cpu(fn, repeat: int):
+    """(first call, median wall, min wall, median process CPU time) over ``repeat`` warm runs.
+
+    The CPU time counts every thread of the process; divided by the matmul's CPU time
+    for the same work it gives a ratio that other processes' load hardly moves.
+    """
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    wall, cpu = [], []
+    for _ in range(repeat):
+        c0, t0 = time.process_time(), time.perf_counter()
+        fn()
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return first, statistics.median(wall), min(wall), statistics.median(cpu)
+
+
+def bench_floor(backends, thread_counts, dtypes, ps, shape, repeat, log):
+    B, D, N = shape
+    triples = B * N * D
+    rows = []
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        for dtype in dtypes:
+            g = torch.Generator().manual_seed(0)
+            x0 = torch.rand(B, D, generator=g, dtype=dtype)
+            w0 = torch.rand(N, D, generator=g, dtype=dtype)
+            gy = torch.randn(B, N, generator=g, dtype=dtype)
+            _, mm, mm_min, mm_cpu = _timed_cpu(lambda: x0 @ w0.T, max(repeat, 5))
+            fma, fma_cpu = triples / mm, triples / mm_cpu
+            base = dict(threads=threads, dtype=str(dtype).replace("torch.", ""), B=B, D=D, N=N,
+                        matmul_fma_per_s=fma, matmul_seconds=mm, load_average=_loadavg())
+            log(dict(base, kind="matmul"))
+            for p in ps:
+                for mode in ("forward", "forward+backward"):
+                    target = FLOOR_GOALS[_p_key(p)][mode != "forward"]
+                    for backend in backends:
+                        if mode == "forward":
+                            def run(backend=backend):
+                                with torch.no_grad():
+                                    lp_dist(x0, w0, p, backend=backend)
+                        else:
+                            x = x0.clone().requires_grad_()
+                            w = w0.clone().requires_grad_()
+
+                            def run(backend=backend, x=x, w=w):
+                                x.grad = w.grad = None
+                                lp_dist(x, w, p, backend=backend).backward(gy)
+                        row = dict(base, kind="lp_dist", p=p, mode=mode, backend=backend, target=target)
+                        try:
+                            first, t, t_min, t_cpu = _timed_cpu(run, repeat)
+                        except (RuntimeError, ValueError) as exc:   # a backend that is missing or does not build here
+                            row["skipped"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                            rows.append(row)
+                            log(row)
+                            continue
+                        rate = triples / t
+                        row.update(seconds=t, seconds_min=t_min, cpu_seconds=t_cpu, first_call_seconds=first,
+                                   gtriples_per_s=rate / 1e9, ratio=rate / fma, ratio_cpu=(triples / t_cpu) / fma_cpu,
+                                   met=rate / fma >= target)
+                        rows.append(row)
+                        log(row)
+    for row in rows:   # speed-up over the torch backend in the same run
+        peer = next((r for r in rows if r.get("backend") == "torch" and "seconds" in r and "seconds" in row and
+                     all(r.get(k) == row.get(k) for k in ("threads", "dtype", "p", "mode"))), None)
+        if peer is not None and row.get("backend") != "torch":
+            row["speedup_vs_torch"] = peer["seconds"] / row["seconds"]
+    return rows
+
+
+def _fmt_floor(r):
+    if r["kind"] == "matmul":
+        return (f"# {r['threads']} thread(s) {r['dtype']}: matmul {r['matmul_fma_per_s'] / 1e9:.1f} G FMA/s  "
+                f"(load average {r['load_average']})")
+    p = "inf" if math.isinf(r["p"]) else f"{r['p']:g}"
+    head = f"  p={p:<4} {r['mode']:<17} {r['backend']:<7}"
+    if "skipped" in r:
+        return f"{head} skipped: {r['skipped']}"
+    extra = f"  {r['speedup_vs_torch']:5.2f}x torch" if "speedup_vs_torch" in r else ""
+    return (f"{head} {r['seconds'] * 1e3:9.1f} ms {r['gtriples_per_s']:7.2f} G triples/s  ratio {r['ratio']:.4f} "
+            f"(cpu-time {r['ratio_cpu']:.4f}) goal {r['target']:g} {'met' if r['met'] else 'NOT met'}{extra}")
+
+
+def run_floor(args):
+    shape = tuple(int(v) for v in args.shape.split(","))
+    ps = [math.inf if v.strip() == "inf" else float(v) for v in args.ps.split(",")]
+    dtypes = [getattr(torch, v.strip()) for v in args.dtypes.split(",")]
+    backends = [v.strip() for v in args.backends.split(",")]
+    threads = [int(v) for v in args.thread_counts.split(",")]
+    load_before = _loadavg()
+    print(f"# lp_dist floor benchmark  torch {torch.__version__}  CPU {cpu_model()} ({os.cpu_count()} cores)  "
+          f"B, D, N = {shape}  backends {backends}")
+    rows = bench_floor(backends, threads, dtypes, ps, shape, args.repeat, lambda r: print(_fmt_floor(r), flush=True))
+    result = dict(
+        benchmark="lp_dist floor", timestamp=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        machine=platform.node(), platform=platform.platform(), cpu=cpu_model(), cpu_count=os.cpu_count(),
+        load_average_before=load_before, load_average_after=_loadavg(), torch=torch.__version__,
+        python=platform.python_version(), note=args.note, goals={k: dict(forward=f, forward_backward=b)
+                                                                 for k, (f, b) in FLOOR_GOALS.items()},
+        rows=[{**r, "p": "inf" if math.isinf(r["p"]) else r["p"]} if "p" in r else r for r in rows])
+    out = args.out or ROOT / "benchmarks" / "results" / "lp_dist-floor-cpu.json"
+    atomic_write_json(out, result)
+    print(f"# wrote {out}")
+    return result
+
+
 # -- output ------------------------------------------------------------------------
 def _fmt_row(r):
     p = "inf" if math.isinf(r["p"]) else f"{r['p']:g}"
@@ -273,6 +399,8 @@ def _fmt_row(r):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--suite", choices=("compare", "floor"), default="compare",
+                    help="compare: against cdist and the naive broadcast; floor: CPU backends against the FMA rate")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="auto: CPU rows, plus GPU rows when CUDA is available")
     ap.add_argument("--sizes", choices=("default", "cpu", "paper", "all"), default="default",
@@ -284,7 +412,15 @@ def main(argv=None):
     ap.add_argument("--note", default="", help="free text stored in the JSON (e.g. machine load)")
     ap.add_argument("--out", type=Path, default=None,
                     help="JSON path (default benchmarks/results/lp_dist-<device>.json)")
+    floor_args = ap.add_argument_group("--suite floor")
+    floor_args.add_argument("--backends", default="torch,native", help="comma-separated CPU backends")
+    floor_args.add_argument("--thread-counts", default="1,2", help="comma-separated torch thread counts")
+    floor_args.add_argument("--dtypes", default="float32,float64")
+    floor_args.add_argument("--ps", default="inf,8,8.5")
+    floor_args.add_argument("--shape", default="512,1024,1024", help="B,D,N")
     args = ap.parse_args(argv)
+    if args.suite == "floor":
+        return run_floor(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     load_before = _loadavg()

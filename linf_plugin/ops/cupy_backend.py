@@ -17,7 +17,9 @@ CuPy whose kernels are the same ``.cu`` sources compiled by g++
 (tests/ops/emulation), so everything in this file is tested without a GPU.
 
 p = inf: the forward saves the int32 argmax (ties: lowest index) only when a
-backward will follow; the backward is a sparse atomicAdd scatter.  Finite
+backward will follow; the backward is a sparse atomicAdd scatter, or, under
+``torch.use_deterministic_algorithms(True)``, sums in a fixed order
+(``lp_scatter_rows``: bit-identical from run to run).  Finite
 p: one kernel, one pass over x and w, normalised by the running maximum
 (exact chains for p = 1, 2, 8; hardware log2 and a split hardware /
 polynomial exp2 for other p in float32).  The kernels' maxima keep NaN, so
@@ -31,7 +33,8 @@ the two launches on the stream, so nothing waits for the host.
 Finite-p backward: when both gradients are wanted (training), one fused
 kernel raises each (b, n, i) term to its power once and adds it to both
 sums (grad_w through a shared-memory reduction and atomics); one gradient
-alone uses a single-gradient kernel.
+alone, or both under deterministic algorithms, uses the single-gradient
+kernels (no atomics).  So every backward is deterministic in that mode.
 """
 from __future__ import annotations
 
@@ -42,10 +45,13 @@ import torch
 from .kernel_specs import FAST_GRAD_MAX_P, RAW_P_VARIANTS, fused_n_splits, grid_for, module_spec
 from .torch_kernels import p_variant
 
-__all__ = ["CupyBackend", "CupyLauncher"]
+__all__ = ["CupyBackend", "CupyLauncher", "MIN_COMPUTE_CAPABILITY"]
 
 _CTYPES = {torch.float32: "float", torch.float64: "double"}
 _INT_MAX = 2 ** 31 - 1
+# The oldest GPUs the kernels support (sm_75: T4, RTX 20xx), the oldest CUDA 13 and CuPy 14 build for;
+# tests/ops/test_nvrtc.py compiles every kernel for sm_75 and each later generation.
+MIN_COMPUTE_CAPABILITY = (7, 5)
 
 
 def _torch_current_stream(device: torch.device) -> int:
@@ -107,6 +113,34 @@ class CupyLauncher:
         self._current_stream = current_stream if current_stream is not None else _torch_current_stream
         self._modules: dict = {}
 
+    def unsupported(self, device_index: int) -> str | None:
+        """Why the kernels cannot run on CUDA device ``device_index``, or ``None`` when they can.
+
+        Checks the device's compute capability (at least :data:`MIN_COMPUTE_CAPABILITY`) and that
+        CuPy can load NVRTC, which compiles the kernels on first use.  Remembered per device.
+        """
+        cache = self.__dict__.setdefault("_unsupported", {})
+        if device_index not in cache:
+            cache[device_index] = self._check_device(device_index)
+        return cache[device_index]
+
+    def _check_device(self, device_index: int) -> str | None:
+        cuda = self._cp.cuda
+        try:
+            cc = str(cuda.Device(device_index).compute_capability)     # "75", "90", "100"
+            capability = (int(cc[:-1]), int(cc[-1]))
+        except Exception as exc:  # noqa: BLE001  (driver errors of any kind)
+            return f"CuPy cannot read the compute capability of CUDA device {device_index} ({type(exc).__name__}: {exc})"
+        if capability < MIN_COMPUTE_CAPABILITY:
+            return (f"CUDA device {device_index} has compute capability {capability[0]}.{capability[1]}; the CUDA "
+                    f"kernels need {MIN_COMPUTE_CAPABILITY[0]}.{MIN_COMPUTE_CAPABILITY[1]} or higher")
+        try:
+            cuda.nvrtc.getVersion()
+        except Exception as exc:  # noqa: BLE001  (library missing or broken)
+            return (f"CuPy cannot load NVRTC, which compiles the CUDA kernels ({type(exc).__name__}: {exc}); "
+                    "install the CUDA runtime wheels CuPy names, e.g. nvidia-cuda-nvrtc")
+        return None
+
     def function(self, spec, kernel, device_index):
         """The compiled kernel (compiles the module on first use for this device)."""
         key = (device_index, spec.key)
@@ -166,6 +200,17 @@ class CupyBackend:
     def __init__(self, launcher=None):
         self.launcher = launcher if launcher is not None else CupyLauncher()
 
+    def unsupported(self, device: torch.device) -> str | None:
+        """Why this backend cannot serve tensors on ``device`` (a CUDA device), or ``None``.
+
+        Asks the launcher (:meth:`CupyLauncher.unsupported`: compute capability, NVRTC); a launcher
+        without that check is taken to serve every device.
+        """
+        check = getattr(self.launcher, "unsupported", None)
+        if check is None:
+            return None
+        return check(device.index if device.index is not None else torch.cuda.current_device())
+
     def _launch(self, family, dtype, pv, role, rows, cols, *args):
         spec = module_spec(family, _CTYPES[dtype], pv)
         kernel = spec.kernels[role]
@@ -202,9 +247,30 @@ class CupyBackend:
             self._launch("lp", x.dtype, pv, role, B, N, x, w, y, redo, B, N, D, p)
         return y, aux
 
+    def _scatter_rows(self, dtype, family, out, sources):
+        """``out[r, k] = sum over the (idx, values) sources of values[r, c] where idx[r, c] == k`` in a fixed order
+        (``lp_scatter_rows``); ``sources``: one or two pairs of ``(R, C)`` int32 and ``dtype`` tensors."""
+        (i0, v0), (i1, v1) = sources[0], (sources[1] if len(sources) > 1 else (None, None))
+        R, D = out.shape
+        self._launch(family, dtype, None, "backward_det", R, D, i0.contiguous(), v0.contiguous(),
+                     None if i1 is None else i1.contiguous(), None if v1 is None else v1.contiguous(),
+                     out, R, i0.shape[1], D)
+        return out
+
+    def _linf_backward_deterministic(self, grad_y, x, w, aux, need_x, need_w):
+        idx = aux.long()
+        d = x.gather(1, idx) - w.t().gather(0, idx)          # x[b, k] - w[n, k] at k = idx[b, n], as the kernel
+        zero = torch.zeros_like(grad_y)
+        v = torch.where(d > 0, grad_y, torch.where(d < 0, -grad_y, zero))
+        gx = self._scatter_rows(x.dtype, "linf", torch.empty_like(x), [(aux, v)]) if need_x else None
+        gw = self._scatter_rows(x.dtype, "linf", torch.empty_like(w), [(aux.t(), -v.t())]) if need_w else None
+        return gx, gw
+
     def backward(self, grad_y, x, w, y, aux, p, need_x=True, need_w=True):
         B, N, D = x.shape[0], w.shape[0], x.shape[1]
         if math.isinf(p):
+            if torch.are_deterministic_algorithms_enabled():
+                return self._linf_backward_deterministic(grad_y, x, w, aux, need_x, need_w)
             gx = torch.zeros_like(x) if need_x else None
             gw = torch.zeros_like(w) if need_w else None
             self._launch("linf", x.dtype, None, "backward", B * N, 0, x, w, grad_y, aux, gx, gw, B, N, D)
@@ -255,7 +321,7 @@ class CupyBackend:
         return "_precise" if ctype == "float" and p_variant(p) == 0 and p > FAST_GRAD_MAX_P else ""
 
     @classmethod
-    def kernel_plan(cls, p: float, ctype: str = "float") -> dict:
+    def kernel_plan(cls, p: float, ctype: str = "float", deterministic: bool = False) -> dict:
         """The kernels ``lp_dist`` launches at ``p``, as ``(family, pv, role)`` lists.
 
         Keys: ``"fwd"`` (no gradient wanted), ``"fwd_grad"`` (the forward
@@ -264,19 +330,21 @@ class CupyBackend:
         run as the fixup of ``forward_raw`` (p = 2, 8), whose blocks return at
         once unless the raw sum marked them (outputs outside its safe range:
         extreme scales, inf, zero rows), so their hot loop does not run on
-        ordinary data.  For the cost model (benchmarks/kernel_cost.py); the
-        methods above launch exactly these.
+        ordinary data.  ``deterministic``: the plan under
+        ``torch.use_deterministic_algorithms(True)`` (no atomics).  For the
+        cost model (benchmarks/kernel_cost.py); the methods above launch
+        exactly these.
         """
         if math.isinf(p):
-            bwd = [("linf", None, "backward")]
+            one = [("linf", None, "backward_det" if deterministic else "backward")]
             return {"fwd": [("linf", None, "forward")],
                     "fwd_grad": [("linf", None, "forward_save"), ("linf", None, "resolve")],
-                    "bwd": bwd, "bwd_x": bwd, "bwd_w": bwd}
+                    "bwd": one * (2 if deterministic else 1), "bwd_x": one, "bwd_w": one}
         pv = p_variant(p)
         suffix = cls._backward_suffix(p, ctype)
         raw = [("lp", pv, "forward_raw")] if pv in RAW_P_VARIANTS else []
         bwd_x, bwd_w = [("lp", pv, "backward_x" + suffix)], [("lp", pv, "backward_w" + suffix)]
-        bwd = [("lp", pv, "backward_fused" + suffix)]
+        bwd = bwd_x + bwd_w if deterministic else [("lp", pv, "backward_fused" + suffix)]
         return {"fwd": raw + [("lp", pv, "forward")], "fwd_grad": raw + [("lp", pv, "forward" + suffix)],
                 "bwd": bwd, "bwd_x": bwd_x, "bwd_w": bwd_w,
                 "fixup": [("lp", pv, "forward")] if raw else []}
@@ -310,6 +378,9 @@ class CupyBackend:
         dt = w.dtype
         grad_lo = torch.zeros_like(lo) if grad_lo is None else grad_lo
         grad_hi = torch.zeros_like(hi) if grad_hi is None else grad_hi
+        if math.isinf(p) and torch.are_deterministic_algorithms_enabled():
+            return self._interval_backward_deterministic(grad_lo, grad_hi, lower, upper, w, lo, hi, aux,
+                                                         need_lower, need_upper, need_w)
         if math.isinf(p):
             g_l = torch.zeros_like(lower) if need_lower else None
             g_u = torch.zeros_like(upper) if need_upper else None
@@ -330,6 +401,30 @@ class CupyBackend:
             self._launch("interval_lp", dt, pv, "backward_w", N, D, lower, upper, w, grad_lo, r_lo, grad_hi, r_hi,
                          g_w, B, N, D, p - 1.0)
         return (g_l if need_lower else None, g_u if need_upper else None, g_w)
+
+    def _interval_backward_deterministic(self, grad_lo, grad_hi, lower, upper, w, lo, hi, aux, need_lower,
+                                         need_upper, need_w):
+        """interval_inf_backward's sums in a fixed order: per argmax map (aux[0] near, aux[1] far) the values it
+        sends to the lower end, the upper end and w, with the kernel's conventions (ties of the far end go up)."""
+        wt = w.t()
+        zero = torch.zeros_like(grad_hi)
+        maps = []
+        for k, g, out in ((aux[1], grad_hi, hi), (aux[0], grad_lo, lo)):
+            kl = k.long()
+            l_k, u_k, w_k = lower.gather(1, kl), upper.gather(1, kl), wt.gather(0, kl)
+            a, c = w_k - l_k, u_k - w_k                        # lp_interval_terms' a and c
+            v = torch.where(out > 0, g, zero)
+            maps.append((k, a, c, v))
+        (kh, ah, ch, vh), (kl, al, cl, vl) = maps
+        up, below = ch >= ah, -al > 0
+        dt = w.dtype
+        g_l = self._scatter_rows(dt, "interval_inf", torch.empty_like(lower), [
+            (kh, torch.where(up, zero, -vh)), (kl, torch.where(below, vl, zero))]) if need_lower else None
+        g_u = self._scatter_rows(dt, "interval_inf", torch.empty_like(upper), [
+            (kh, torch.where(up, vh, zero)), (kl, torch.where(below, zero, -vl))]) if need_upper else None
+        g_w = self._scatter_rows(dt, "interval_inf", torch.empty_like(w), [
+            (kh.t(), torch.where(up, -vh, vh).t()), (kl.t(), torch.where(below, -vl, vl).t())]) if need_w else None
+        return g_l, g_u, g_w
 
     # -- the p = inf relaxation's coordinates ---------------------------------
     def linf_box_argmax(self, lower, upper, w):

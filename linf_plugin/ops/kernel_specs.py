@@ -12,14 +12,16 @@ p-variant, compiled from ``common.cuh`` plus the family's ``.cu`` files:
 =============  ======================================  ===================================
 family         files                                   kernels (roles)
 =============  ======================================  ===================================
-linf           linf_forward, linf_backward             forward, forward_save, resolve, backward
+linf           linf_forward, linf_backward,            forward, forward_save, resolve, backward,
+               scatter_rows                            backward_det
 lp (pv)        lp_forward, lp_backward                 forward, backward_x, backward_w
                                                        (+ forward/backward_x/backward_w_precise:
                                                        float, pv 0; + forward_raw: pv 2, 8),
                                                        backward_fused (both
                                                        gradients; + backward_fused_precise:
                                                        float, pv 0)
-interval_inf   interval_forward, interval_backward     forward, forward_save, resolve, backward
+interval_inf   interval_forward, interval_backward,    forward, forward_save, resolve, backward,
+               scatter_rows                            backward_det
 interval_lp    interval_forward, interval_backward     forward, backward_box, backward_w
 box_argmax     linf_box_argmax                         argmax
 =============  ======================================  ===================================
@@ -31,6 +33,10 @@ each block with an output outside its safe range in an int32 buffer, one
 entry per block; ``forward`` then runs with that buffer as its fixup (same
 grid and tile, so the same blocks) and recomputes the marked blocks only.
 Without the buffer (a null pointer) ``forward`` computes every block.
+
+``backward_det`` (``lp_scatter_rows``) sums the sparse p = inf gradients in a
+fixed order, for ``torch.use_deterministic_algorithms(True)``; ``backward``
+adds them with atomics (faster, last bits vary from run to run).
 """
 from __future__ import annotations
 
@@ -41,10 +47,10 @@ from pathlib import Path
 
 __all__ = ["KERNEL_DIR", "NVRTC_OPTIONS", "DTYPES", "P_VARIANTS", "KERNEL_FAMILIES", "KernelSpec", "ModuleSpec",
            "module_spec", "all_module_specs", "read_source", "full_source", "grid_for", "MAX_GRID_Y", "FAST_GRAD_MAX_P",
-           "RAW_P_VARIANTS", "fused_n_splits", "nvrtc_compile"]
+           "RAW_P_VARIANTS", "fused_n_splits", "nvrtc_compile", "SCATTER_COLUMNS"]
 
 KERNEL_DIR = Path(__file__).with_name("kernels")
-NVRTC_OPTIONS = ("--std=c++17",)
+NVRTC_OPTIONS = ("--std=c++17", "--fmad=false")   # every fused multiply-add is explicit (common.cuh)
 DTYPES = ("float", "double")
 P_VARIANTS = (1, 2, 8, 0)
 RAW_P_VARIANTS = (2, 8)      # lp_forward_raw, with lp_forward as its fixup
@@ -54,11 +60,12 @@ BK = 16                      # LP_BK
 MAX_GRID_Y = 65535
 MAX_GRID_Z = 65535
 FAST_GRAD_MAX_P = 128.0      # float gradients through lg2/ex2.approx up to this p (error analysis: common.cuh)
+SCATTER_COLUMNS = {"float": 32, "double": 16}   # KC of lp_scatter_rows: 33 KiB of shared partials either way
 
 _FAMILY_FILES = {
-    "linf": ("linf_forward.cu", "linf_backward.cu"),
+    "linf": ("linf_forward.cu", "linf_backward.cu", "scatter_rows.cu"),
     "lp": ("lp_forward.cu", "lp_backward.cu"),
-    "interval_inf": ("interval_forward.cu", "interval_backward.cu"),
+    "interval_inf": ("interval_forward.cu", "interval_backward.cu", "scatter_rows.cu"),
     "interval_lp": ("interval_forward.cu", "interval_backward.cu"),
     "box_argmax": ("linf_box_argmax.cu",),
 }
@@ -179,6 +186,10 @@ def _build(family: str, ctype: str, pv: int | None) -> dict:
         ra, rb = _tiles(family, role, ctype, pv)
         return KernelSpec(template, ctype, targs(ra, rb), params, (TILE_THREADS * ra, TILE_THREADS * rb))
 
+    # lp_scatter_rows<T, KC, SOURCES>: out (R, D) from idx0, s0 (and idx1, s1 when SOURCES = 2), all (R, C);
+    # KC columns per block (scatter_rows.cu).  p = inf: one argmax per output; intervals: two (near, far)
+    det = KernelSpec("lp_scatter_rows", ctype, (SCATTER_COLUMNS[ctype], 1 if family == "linf" else 2),
+                     (_IP, _TP, _IP, _TP, _TP, _I, _I, _I))
     if family == "linf":
         return {
             "forward": tiled("linf_forward", "forward", lambda a, b: (a, b, False), (_TP, _TP, _TP, _IP, _I, _I, _I)),
@@ -186,6 +197,7 @@ def _build(family: str, ctype: str, pv: int | None) -> dict:
                                   (_TP, _TP, _TP, _IP, _I, _I, _I)),
             "resolve": KernelSpec("linf_resolve", ctype, (), (_TP, _TP, _TP, _IP, _I, _I, _I)),
             "backward": KernelSpec("linf_backward", ctype, (), (_TP, _TP, _TP, _IP, _TP, _TP, _I, _I, _I)),
+            "backward_det": det,
         }
     if family == "lp":
         bw = (_TP, _TP, _TP, _TP, _TP, _I, _I, _I, _S)
@@ -216,6 +228,7 @@ def _build(family: str, ctype: str, pv: int | None) -> dict:
             "resolve": KernelSpec("interval_resolve", ctype, (), (_TP, _TP, _TP, _TP, _TP, _IP, _I, _I, _I)),
             "backward": KernelSpec("interval_inf_backward", ctype, (),
                                    (_TP,) * 7 + (_IP, _TP, _TP, _TP, _I, _I, _I)),
+            "backward_det": det,
         }
     if family == "interval_lp":
         return {
@@ -262,7 +275,8 @@ def grid_for(kernel: KernelSpec, rows: int, cols: int = 0) -> tuple:
 
     For 1-D kernels ``rows`` counts threads' work items (the resolve kernels
     take 16 items per block, the scatter kernels one per thread, capped and
-    grid-strided).
+    grid-strided); ``lp_scatter_rows`` takes one block per row and per
+    ``KC`` of the ``cols`` columns.
     """
     if kernel.tile:
         gy = -(-rows // kernel.tile[0])
@@ -271,6 +285,11 @@ def grid_for(kernel: KernelSpec, rows: int, cols: int = 0) -> tuple:
         return (max(1, -(-cols // kernel.tile[1])), max(1, gy), 1)
     if kernel.template.endswith("resolve"):
         return (max(1, -(-rows // (THREADS // BK))), 1, 1)
+    if kernel.template == "lp_scatter_rows":   # one block per row and KC columns
+        chunks = -(-cols // kernel.targs[0])
+        if chunks > MAX_GRID_Y:
+            raise ValueError(f"{cols} columns exceed the kernel's grid limit ({MAX_GRID_Y * kernel.targs[0]})")
+        return (max(1, rows), max(1, chunks), 1)
     return (max(1, min(-(-rows // THREADS), 1 << 20)), 1, 1)
 
 

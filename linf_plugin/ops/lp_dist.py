@@ -1,17 +1,21 @@
 """The l_p-distance op: ``lp_dist(x, w, p)`` and its exact interval ``lp_dist_interval``.
 
-Dispatch: ``backend="auto" | "torch" | "cupy" | "reference"`` (argument, else
-the environment variable ``LINF_LP_DIST_BACKEND``, else ``auto``).  ``auto``
-picks CuPy for CUDA tensors when CuPy imports and sees a GPU, else the
-PyTorch path, and says which once per (backend, device type) in debug
-logging.  Backends:
+Dispatch: ``backend="auto" | "torch" | "cupy" | "native" | "reference"``
+(argument, else the environment variable ``LINF_LP_DIST_BACKEND``, else
+``auto``).  ``auto`` picks CuPy for CUDA tensors when CuPy imports, sees the
+GPU, the GPU has compute capability 7.5 or higher and NVRTC loads; the native
+kernels for CPU tensors when they build; else the PyTorch path, and then it
+says why in a warning, once per device and reason.  Which backend ``auto``
+uses is logged once per (backend, device type) at debug level.  Backends:
 
 * ``torch`` (:mod:`.torch_backend`): chunked broadcast reductions, compiled
-  with inductor on CPU; any device;
+  with inductor on CPU; any device; the fallback of the other two;
 * ``cupy`` (:mod:`.cupy_backend`): the CUDA kernels of ``kernels/*.cu``;
+* ``native`` (:mod:`.native_backend`): the vectorised C++ CPU kernels of
+  ``cpu_kernels/*.cpp``, built at first use (needs a C++ compiler);
 * ``reference`` (:mod:`.reference`): plain and slow, the test oracle.
 
-All three follow the conventions written down in :mod:`.reference`.
+All of them follow the conventions written down in :mod:`.reference`.
 
 :func:`use_backend` routes the calls on one device type to a backend
 *instance* for the duration of a ``with`` block; the test suite uses it to
@@ -37,7 +41,7 @@ __all__ = ["lp_dist", "lp_dist_interval", "linf_box_argmax", "LpDistFunction", "
 
 log = logging.getLogger(__name__)
 BACKEND_ENV = "LINF_LP_DIST_BACKEND"
-BACKENDS = ("auto", "torch", "cupy", "reference")
+BACKENDS = ("auto", "torch", "cupy", "native", "reference")
 
 _instances: dict = {"reference": ReferenceBackend()}
 _unavailable: dict = {}
@@ -46,12 +50,13 @@ _routes: dict = {}          # device type -> (backend name it stands for, key in
 
 
 def get_backend(name: str):
-    """The backend object for a concrete name (``torch``, ``cupy``, ``reference``).
+    """The backend object for a concrete name (``torch``, ``cupy``, ``native``, ``reference``).
 
     Raises:
         ValueError: unknown name.
-        RuntimeError: ``cupy`` without CuPy or without a CUDA device (the
-            reason is remembered, so later calls fail fast).
+        RuntimeError: ``cupy`` without CuPy or without a CUDA device, ``native``
+            without a C++ compiler or with a failed build (the reason is
+            remembered, so later calls fail fast).
     """
     if name in _instances:
         return _instances[name]
@@ -67,6 +72,16 @@ def get_backend(name: str):
         except (ImportError, RuntimeError) as exc:
             _unavailable[name] = f"the CuPy backend is not available: {type(exc).__name__}: {exc}"
             raise RuntimeError(_unavailable[name]) from exc
+    elif name == "native":
+        if name in _unavailable:
+            raise RuntimeError(_unavailable[name])
+        from .native_build import NativeBuildError
+        try:
+            from .native_backend import NativeBackend
+            _instances[name] = NativeBackend(fallback=get_backend("torch"))
+        except NativeBuildError as exc:
+            _unavailable[name] = f"the native CPU kernels are not available: {exc}"
+            raise RuntimeError(_unavailable[name]) from exc
     else:
         raise ValueError(f"unknown lp_dist backend {name!r}; choose from {BACKENDS}")
     return _instances[name]
@@ -81,20 +96,48 @@ def resolve_backend(backend, tensor: torch.Tensor) -> str:
     if route is not None and name in ("auto", route[0]):
         return route[1]
     if name == "auto":
-        name = "torch"
-        if tensor.is_cuda:
+        name = "cupy" if tensor.is_cuda and _cupy_serves(tensor.device, warn=True) else "torch"
+        if tensor.device.type == "cpu":
             try:
-                get_backend("cupy")
-                name = "cupy"
-            except RuntimeError:
-                pass
+                get_backend("native")
+                name = "native"
+            except RuntimeError as exc:
+                if "native" not in _announced:
+                    _announced.add("native")
+                    log.warning("lp_dist: %s; CPU tensors use the torch backend (set %s=torch to choose it "
+                                "without trying the build)", exc, BACKEND_ENV)
         key = (name, tensor.device.type)
         if key not in _announced:
             _announced.add(key)
             log.debug("lp_dist: backend 'auto' uses %r for %s tensors", name, tensor.device.type)
     elif name == "cupy" and not tensor.is_cuda:
         raise ValueError("the CuPy backend needs CUDA tensors; use backend='torch' for CPU tensors")
+    elif name == "cupy":
+        _cupy_serves(tensor.device, warn=False)
+    elif name == "native" and tensor.device.type != "cpu":
+        raise ValueError(f"the native backend needs CPU tensors, got {tensor.device.type} tensors; "
+                         "use backend='auto' or 'torch'")
     return name
+
+
+def _cupy_serves(device: torch.device, warn: bool) -> bool:
+    """Whether the CuPy backend can run on ``device``.  If not: ``warn`` (for ``auto``, which then falls
+    back to the PyTorch path) says why once per device and reason; otherwise it raises with the reason."""
+    try:
+        backend = get_backend("cupy")
+        reason = backend.unsupported(device) if hasattr(backend, "unsupported") else None
+    except RuntimeError as exc:
+        reason = str(exc)
+    if reason is None:
+        return True
+    if not warn:
+        raise RuntimeError(f"backend='cupy' cannot run on {device}: {reason}")
+    key = ("fallback", str(device), reason)
+    if key not in _announced:
+        _announced.add(key)
+        warnings.warn(f"lp_dist: backend 'auto' uses the PyTorch path for {device} tensors, much slower there than "
+                      f"the CUDA kernels: {reason}", UserWarning, stacklevel=4)
+    return False
 
 
 @contextlib.contextmanager
@@ -237,7 +280,7 @@ def lp_dist(x: torch.Tensor, w: torch.Tensor, p: float = math.inf, *, backend: s
         x: ``(B, D)`` float32 or float64.
         w: ``(N, D)``, same dtype and device as ``x``.
         p: in ``[1, inf]``; ``math.inf`` (default) is the l_inf distance.
-        backend: ``"auto"`` (default), ``"torch"``, ``"cupy"`` or ``"reference"``.
+        backend: ``"auto"`` (default), ``"torch"``, ``"cupy"``, ``"native"`` or ``"reference"``.
 
     Returns:
         ``(B, N)`` tensor ``y[b, n] = ||x[b] - w[n]||_p``, differentiable in

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 _HERE = Path(__file__).parent
+_KERNEL_COST = _HERE.parents[1] / "benchmarks" / "kernel_cost.py"
 
 
 def _load_harness():
@@ -87,3 +88,21 @@ def nvrtc():
         except Exception as exc:  # noqa: BLE001
             pytest.skip(f"NVRTC is not loadable: {exc}")
     return module
+
+
+@pytest.fixture(scope="session")
+def kc():
+    """benchmarks/kernel_cost.py as a module: NVRTC cubins with ptxas reports, nvdisasm, the cost model."""
+    spec = importlib.util.spec_from_file_location("kernel_cost", _KERNEL_COST)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module          # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def nvrtc_cache(request, tmp_path_factory, nvrtc):
+    """Where NVRTC cubins are cached by source, options and architecture (pytest's cache directory, shared
+    by the xdist workers; a temporary one when the cache plugin is off)."""
+    store = getattr(request.config, "cache", None)
+    return Path(store.mkdir("lp_kernel_cost")) if store is not None else tmp_path_factory.mktemp("kernel_cost")

@@ -10,7 +10,9 @@ runs in the CPU suite; on a GPU the same code runs over the real CuPy.
 """
 from __future__ import annotations
 
+import importlib
 import math
+import warnings
 
 import numpy
 import pytest
@@ -55,7 +57,7 @@ def test_the_backward_launches_the_kernels_of_its_plan(cupy_on_cpu, p, dtype):
     """Autograd through lp_dist launches exactly ``kernel_plan``'s backward for the gradients it needs: at finite
     p ONE fused kernel for both (training), the single-gradient kernel for one (x or w alone); the
     gradients match the float64 oracle either way (ragged 70 x 45 x 67: several batch blocks)."""
-    from oracles import lp_grad_oracle
+    from .oracles import lp_grad_oracle
 
     from linf_plugin.ops.kernel_specs import module_spec
 
@@ -82,6 +84,45 @@ def test_the_backward_launches_the_kernels_of_its_plan(cupy_on_cpu, p, dtype):
     if not math.isinf(p):
         precise = ctype == "float" and p > 128
         assert [role for _, _, role in plan["bwd"]] == ["backward_fused" + ("_precise" if precise else "")]
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+def test_deterministic_algorithms_use_the_fixed_order_sums_at_p_inf(cupy_on_cpu, dtype):
+    """p = inf under torch.use_deterministic_algorithms(True): lp_dist's and lp_dist_interval's gradients come
+    from lp_scatter_rows (no atomics), as kernel_plan says, and match the reference."""
+    from linf_plugin.ops.kernel_specs import module_spec
+
+    g = torch.Generator().manual_seed(9)
+    x0, w0 = torch.randn(37, 45, generator=g, dtype=dtype), torch.randn(50, 45, generator=g, dtype=dtype)
+    gy = torch.randn(37, 50, generator=g, dtype=dtype)
+    ctype = "float" if dtype == torch.float32 else "double"
+    plan = CupyBackend.kernel_plan(INF, ctype, deterministic=True)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        y = lp_dist(x, w)
+        start = len(cupy_on_cpu.launcher.calls)
+        y.backward(gy)
+        assert [n for n, _ in cupy_on_cpu.launcher.calls[start:]] == \
+            [module_spec(f, ctype, pv).kernels[role].name for f, pv, role in plan["bwd"]]
+        lower, upper = (x0 - 0.2).requires_grad_(), (x0 + 0.2).requires_grad_()
+        w2 = w0.clone().requires_grad_()
+        lo, hi = lp_dist_interval(lower, upper, w2)
+        start = len(cupy_on_cpu.launcher.calls)
+        (lo * gy + 2 * hi * gy).sum().backward()
+        assert {n.split("<")[0] for n, _ in cupy_on_cpu.launcher.calls[start:]} == {"lp_scatter_rows"}
+    finally:
+        torch.use_deterministic_algorithms(before)
+    x2, w3 = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+    lp_dist(x2, w3, backend="reference").backward(gy)
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(w.grad, w3.grad)
+    l2, u2, w4 = (x0 - 0.2).requires_grad_(), (x0 + 0.2).requires_grad_(), w0.clone().requires_grad_()
+    lo2, hi2 = lp_dist_interval(l2, u2, w4, backend="reference")
+    (lo2 * gy + 2 * hi2 * gy).sum().backward()
+    for a, b in ((lower.grad, l2.grad), (upper.grad, u2.grad), (w2.grad, w4.grad)):
+        torch.testing.assert_close(a, b)
 
 
 def test_deterministic_algorithms_keep_the_single_gradient_kernels(cupy_on_cpu):
@@ -287,6 +328,68 @@ def test_use_backend_restores_the_dispatch():
     with pytest.raises(ValueError, match="use_backend needs"):
         with use_backend(object()):
             pass
+
+
+# -- backend="auto" on the GPU a user has: compute capability and NVRTC -----------------------------------
+@pytest.fixture
+def stand_in_gpu(harness, emulator_lib, monkeypatch):
+    """``make(capability, nvrtc_error=None)``: the process's CuPy backend replaced by one over the emulated device
+    layer reporting ``capability`` (as ``cupy.cuda.Device(i).compute_capability`` does: "75", "61") and, with
+    ``nvrtc_error``, an NVRTC that does not load; returns a stand-in CUDA tensor (a FakeTensor: no GPU needed,
+    ``is_cuda`` true).  The once-per-reason memory of the dispatch starts empty."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    dispatch = importlib.import_module("linf_plugin.ops.lp_dist")   # the module (the package exports the function)
+
+    def make(capability, nvrtc_error=None):
+        launcher = harness.EmulatedLauncher(emulator_lib, compute_capability=capability, nvrtc_error=nvrtc_error)
+        monkeypatch.setitem(dispatch._instances, "cupy", CupyBackend(launcher=launcher))
+        monkeypatch.setattr(dispatch, "_announced", set())
+        with FakeTensorMode():
+            return torch.empty(4, 3, device="cuda")
+
+    return make
+
+
+def test_auto_runs_the_kernels_on_a_t4(stand_in_gpu):
+    """Compute capability 7.5 (T4, RTX 20xx) is supported: auto takes the CUDA kernels, silently."""
+    from linf_plugin.ops import resolve_backend
+
+    for capability in ("75", "80", "90", "120"):
+        x = stand_in_gpu(capability)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert resolve_backend(None, x) == "cupy" and resolve_backend("cupy", x) == "cupy"
+
+
+def test_auto_falls_back_below_sm75_and_says_why_once(stand_in_gpu):
+    """A Pascal GPU (6.1): auto uses the PyTorch path with ONE warning naming the capability and the minimum;
+    an explicit backend='cupy' raises with the same reason."""
+    from linf_plugin.ops import resolve_backend
+
+    x = stand_in_gpu("61")
+    with pytest.warns(UserWarning, match=r"PyTorch path for cuda:0 .*compute capability 6\.1; .*7\.5 or higher"):
+        assert resolve_backend(None, x) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                 # said once
+        assert resolve_backend("auto", x) == "torch"
+    with pytest.raises(RuntimeError, match=r"backend='cupy' cannot run on cuda:0: .*compute capability 6\.1"):
+        resolve_backend("cupy", x)
+
+
+def test_auto_falls_back_when_cupy_cannot_compile(stand_in_gpu, monkeypatch):
+    """NVRTC missing (CuPy installed without the CUDA runtime wheels), or CuPy itself missing: the PyTorch path,
+    with the reason in the warning."""
+    from linf_plugin.ops import resolve_backend
+
+    dispatch = importlib.import_module("linf_plugin.ops.lp_dist")
+    x = stand_in_gpu("90", nvrtc_error="libnvrtc.so.13: cannot open shared object file")
+    with pytest.warns(UserWarning, match="cannot load NVRTC.*libnvrtc.so.13"):
+        assert resolve_backend(None, x) == "torch"
+    monkeypatch.delitem(dispatch._instances, "cupy")
+    monkeypatch.setitem(dispatch._unavailable, "cupy", "the CuPy backend is not available: ImportError: no cupy")
+    with pytest.warns(UserWarning, match="ImportError: no cupy"):
+        assert resolve_backend(None, x) == "torch"
 
 
 def test_numpy_is_what_the_stand_in_hands_to_the_kernels(harness, emulator_lib):

@@ -9,9 +9,12 @@ float32 paths are never compared element-wise at finite p: both round, more
 so as p grows.
 
 Exact: p = inf forward values and argmax are bit-identical to the torch path (the max of the
-same IEEE differences, ties to the lowest index), and so are the
-linf_box_argmax coordinates.  The same accuracy checks run on the CPU
-through the emulated launcher (test_cupy_launcher.py).
+same IEEE differences, ties to the lowest index: subtractions and maxima, nothing a compiler could fuse
+into a multiply-add), and so are the linf_box_argmax coordinates.  Between our own kernels, which NVRTC
+compiles with --fmad=false (every fused multiply-add explicit in the source), the equalities the CPU
+emulation asserts hold on the GPU too and are checked here: the raw sum and the normalising forward, the
+fused and the single-gradient grad_x; and the sm_75 fallbacks give the NaN-keeping max instruction's bits.
+The same accuracy checks run on the CPU through the emulated launcher (test_cupy_launcher.py).
 """
 from __future__ import annotations
 
@@ -184,3 +187,135 @@ def test_every_registered_model_trains_on_cuda_at_full_width(name, p):
     with use_backend(get_backend("torch"), "cuda"):
         want = train_step(twin, p, batch=8)
     assert_same_step(got, want, rtol=1e-3, atol=1e-4)
+
+
+# -- what the CPU emulation claims, on the hardware --------------------------------------------------------
+# The NaN-keeping maxima, instruction against the sm_75 fallbacks, on the GPU itself (test_nvrtc.py compiles
+# this source on the CPU).  Outputs: general (lp_max_nan_f32_insn, lp_max_nan_portable), non-negative operands
+# (the instruction, lp_max_nonneg_int), clamps (the instruction, lp_clamp_below_select).
+MAXIMA_SOURCE = """
+extern "C" __global__ void maxima(const float* a, const float* b, int n, float* out) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    out[6 * i + 0] = lp_max_nan_f32_insn(a[i], b[i]);
+    out[6 * i + 1] = lp_max_nan_portable(a[i], b[i]);
+    out[6 * i + 2] = lp_max_nan_f32_insn(a[i], b[i]);
+    out[6 * i + 3] = lp_max_nonneg_int(a[i], b[i]);
+    out[6 * i + 4] = lp_max_nan_f32_insn(a[i], b[i]);
+    out[6 * i + 5] = lp_clamp_below_select(a[i], b[i]);
+}
+"""
+SPECIAL_BITS = (0x00000000, 0x80000000, 0x00000001, 0x80000001, 0x00800000, 0x3F800000, 0xBF800000, 0x40200000,
+                0x7F7FFFFF, 0xFF7FFFFF, 0x7F800000, 0xFF800000, 0x7FFFFFFF, 0x7FC00000, 0xFFC00000, 0x7F800001)
+
+
+def test_the_sm75_maxima_give_the_instructions_bits_on_the_gpu():
+    """max.NaN.f32 itself (canonical NaN 0x7fffffff for any NaN operand, +0.0 above -0.0) against the portable
+    max on every pair of special values; against the integer max on non-negative operands and the canonical
+    NaN; against the compare-and-select clamp for bounds other than NaN and +-0.0 (NaN for NaN)."""
+    import cupy
+    import numpy
+
+    from linf_plugin.ops.kernel_specs import NVRTC_OPTIONS, full_source
+
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("the instruction max.NaN.f32 needs compute capability 8.0")
+    module = cupy.RawModule(code=full_source(()) + MAXIMA_SOURCE, options=NVRTC_OPTIONS)
+    bits = numpy.array(SPECIAL_BITS, dtype=numpy.uint32)
+    a = numpy.repeat(bits, len(bits)).view(numpy.float32)
+    b = numpy.tile(bits, len(bits)).view(numpy.float32)
+    out = cupy.empty(6 * a.size, dtype=cupy.float32)
+    module.get_function("maxima")((1,), (a.size,), (cupy.asarray(a), cupy.asarray(b), numpy.int32(a.size), out))
+    got = cupy.asnumpy(out).reshape(-1, 6).view(numpy.uint32)
+    assert (got[:, 0] == got[:, 1]).all()
+    assert (got[numpy.isnan(a) | numpy.isnan(b), 0] == 0x7FFFFFFF).all()
+    nonneg = (((a >= 0) & ~numpy.signbit(a)) | (a.view(numpy.uint32) == 0x7FFFFFFF)) & \
+             (((b >= 0) & ~numpy.signbit(b)) | (b.view(numpy.uint32) == 0x7FFFFFFF))
+    assert (got[nonneg, 2] == got[nonneg, 3]).all()
+    bounded = ~numpy.isnan(b) & (b != 0)
+    as_float = got.view(numpy.float32)
+    assert (numpy.isnan(as_float[bounded, 4]) == numpy.isnan(as_float[bounded, 5])).all()
+    number = bounded & ~numpy.isnan(as_float[:, 4])
+    assert (got[number, 4] == got[number, 5]).all()
+
+
+@pytest.mark.parametrize("p", (1.0, 2.0, 8.0, 8.5, 100.0, INF))
+def test_nan_inputs_give_nan_where_the_oracle_has_them(p):
+    """A NaN in x[b] or w[n] makes y[b, n] NaN (the kernels' maxima keep it; at general p the running maximum
+    carries it past the polynomial exp2, which would turn it into a finite value), and the gradients are NaN
+    exactly where the float64 oracle's are (fused and single-gradient kernels alike)."""
+    from .oracles import lp_grad_oracle
+
+    g = torch.Generator().manual_seed(5)
+    x, w, gy = torch.randn(70, 40, generator=g), torch.randn(20, 40, generator=g), torch.randn(70, 20, generator=g)
+    x[66, 37] = float("nan")
+    w[3, 2] = float("nan")
+    bad = torch.zeros(70, 20, dtype=torch.bool)
+    bad[66, :] = True
+    bad[:, 3] = True
+    xc, wc, gc = x.cuda(), w.cuda(), gy.cuda()
+    y = lp_dist(xc, wc, p, backend="cupy").cpu()
+    assert torch.isnan(y[bad]).all() and not torch.isnan(y[~bad]).any()
+    if not math.isinf(p):
+        want = lp_grad_oracle(gy, x, w, p)
+        for need in (("x", "w"), ("x",), ("w",)):
+            got = lp_outputs(xc, wc, gc, p, "cupy", need=need)
+            for name, ref in zip(("grad_x", "grad_w"), want):
+                if name in got:
+                    assert torch.equal(got[name].cpu().isnan(), ref.isnan()), (need, name)
+
+
+@pytest.mark.parametrize("p", (2.0, 8.0))
+def test_the_raw_sum_is_the_normalising_forward_bit_for_bit(p):
+    """Where no block needs its fixup, the raw sum is the result; the normalising kernel alone (a null flag
+    buffer) gives the same bits: the same products, fused multiply-adds and roots, scaled by exact powers of 2."""
+    from linf_plugin.ops.kernel_specs import grid_for, module_spec
+    from linf_plugin.ops.lp_dist import get_backend
+
+    backend = get_backend("cupy")
+    x, w, _ = _inputs(200, 300, 67, torch.float32, seed=12)
+    x, w = x.detach(), w.detach()
+    y, _ = backend.forward(x, w, p, need_aux=False)
+    spec = module_spec("lp", "float", int(p))
+    kernel = spec.kernels["forward"]
+    y_norm = torch.full_like(y, -1.0)
+    backend.launcher(spec, kernel, grid_for(kernel, 200, 300), (x, w, y_norm, None, 200, 300, 67, p))
+    torch.cuda.synchronize()
+    assert torch.equal(y, y_norm)
+
+
+@pytest.mark.parametrize("p", (1.0, 2.0, 8.0, 300.0))
+def test_fused_and_single_gradient_grad_x_are_equal_bit_for_bit(p):
+    """One share of n (N < 1024): the fused kernel's grad_x sums the single-gradient kernel's terms in the same
+    order with the same operations (the fast general p splits its exp2 otherwise, so 8.5 is not here)."""
+    from linf_plugin.ops.lp_dist import get_backend
+
+    backend = get_backend("cupy")
+    x, w, g = _inputs(130, 300, 67, torch.float32, seed=13)
+    x, w = x.detach(), w.detach()
+    y, aux = backend.forward(x, w, p)
+    gx, _ = backend.backward(g, x, w, y, aux, p)
+    gx1, _ = backend.backward(g, x, w, y, aux, p, need_w=False)
+    assert torch.equal(gx, gx1)
+
+
+@pytest.mark.parametrize("p", (8.0, INF))
+def test_deterministic_algorithms_give_the_same_gradients_twice(p):
+    """Under torch.use_deterministic_algorithms(True) no atomics run (p = inf: lp_scatter_rows; finite p: the
+    single-gradient kernels), so two backward passes agree bit for bit, lp_dist_interval's included."""
+    x, w, g = _inputs(300, 700, 67, torch.float32, seed=14)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = []
+        for _ in range(2):
+            y, gx, gw = _run(x, w, g, p, "cupy")
+            lower = (x.detach() - 0.1).requires_grad_()
+            w2 = w.detach().clone().requires_grad_()
+            lo, hi = LpDistIntervalFunction.apply(lower, lower.detach() + 0.2, w2, p, "cupy")
+            (lo * g + hi * g).sum().backward()
+            runs.append((gx, gw, lower.grad, w2.grad))
+    finally:
+        torch.use_deterministic_algorithms(before)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

@@ -1,32 +1,23 @@
-"""The GPU-free cost model (benchmarks/kernel_cost.py): no kernel spills, and the counting counts.
+"""The GPU-free cost model (benchmarks/kernel_cost.py): the counting counts, and the kernels' fused multiply-adds.
 
 Compiles the catalogue with NVRTC for sm_90 (no GPU needed) and
 disassembles with nvdisasm (PyPI ``nvidia-cuda-nvdisasm``, in the ``test``
 extra); cubins are cached under pytest's cache directory (a temporary one
-when the cache plugin is off), keyed by the source, so reruns take seconds.
+when the cache plugin is off), keyed by the source, shared with
+tests/ops/test_nvrtc.py (which checks every architecture for spills), so reruns
+take seconds.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-from linf_plugin.ops.kernel_specs import all_module_specs, module_spec
+from linf_plugin.ops.kernel_specs import module_spec
 
 _PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "kernel_cost.py"
-
-
-@pytest.fixture(scope="session")
-def kc():
-    spec = importlib.util.spec_from_file_location("kernel_cost", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module          # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="session")
@@ -37,9 +28,8 @@ def tools(kc, nvrtc):
 
 
 @pytest.fixture(scope="session")
-def cache(request, tmp_path_factory):
-    store = getattr(request.config, "cache", None)
-    return Path(store.mkdir("lp_kernel_cost")) if store is not None else tmp_path_factory.mktemp("kernel_cost")
+def cache(nvrtc_cache):
+    return nvrtc_cache
 
 
 SASS = """
@@ -90,14 +80,34 @@ ptxas info    : Used 64 registers, used 1 barriers, 1024 bytes smem"""
                                                  "spill_load_bytes": 8, "registers": 64}}
 
 
-@pytest.mark.parametrize("spec", all_module_specs(), ids=lambda s: "-".join(str(k) for k in s.key))
-def test_no_kernel_spills(tools, cache, spec):
-    """Register tiling must fit the register file: every kernel of every variant, sm_90, no local-memory spills."""
-    costs = tools.module_costs(spec, cache)
-    assert set(costs) == set(spec.kernels)
-    for role, c in costs.items():
-        assert c.registers > 0, role
-        assert c.spill_bytes == 0, f"{spec.key} {role}: {c.spill_bytes} bytes of spills at {c.registers} registers"
+# the modules whose hot loops multiply and add: every product that meets an addition is an explicit fma
+_FMA_MODULES = [("lp", "float", 2), ("lp", "float", 8), ("lp", "float", 0), ("lp", "double", 8),
+                ("interval_lp", "float", 8), ("interval_lp", "float", 0)]
+
+
+@pytest.mark.parametrize("key", _FMA_MODULES, ids=lambda k: "-".join(map(str, k)))
+def test_fmad_false_costs_no_instruction(tools, cache, key):
+    """The catalogue compiles with --fmad=false (nothing fused behind the source's back, so the CPU emulation
+    rounds as the GPU does); the kernels write their fused multiply-adds explicitly, so NVRTC's default
+    contraction finds nothing left to fuse: every kernel has the same floating-point adds, multiplies and
+    fused multiply-adds as with --fmad=true (register allocation, and so integer and move instructions, may
+    differ)."""
+    from collections import Counter
+
+    arithmetic = {"FADD", "FMUL", "FFMA", "DADD", "DMUL", "DFMA"}
+
+    spec = module_spec(*key)
+    assert "--fmad=false" in spec.options
+    contracted = tuple(o for o in spec.options if o != "--fmad=false") + ("--fmad=true",)
+    ops = []
+    for options in (spec.options, contracted):
+        cubin, log = tools.nvrtc_cubin(spec.source, spec.name_expressions, options, tools.ARCH, cache)
+        code, lowered = tools.disassemble(cubin), tools.lowered_names(log)
+        ops.append({role: Counter(op for op in map(tools._opcode, code[lowered[k.name]])
+                                  if op.split(".")[0] in arithmetic)
+                    for role, k in spec.kernels.items()})
+    for role in spec.kernels:
+        assert ops[0][role] == ops[1][role], (role, (ops[0][role] - ops[1][role]), (ops[1][role] - ops[0][role]))
 
 
 def test_counts_per_triple_are_plausible(tools, cache):
@@ -151,3 +161,22 @@ def test_the_fused_backward_costs_no_more_than_the_seeds(tools, cache):
         assert fused["instructions"] < 0.6 * two, p
         assert fused["instructions"] <= seed[label]["instructions"], (p, fused, seed[label])
         assert fused["cycles"] <= seed[label]["cycles"], (p, fused, seed[label])
+
+
+def test_the_deterministic_plans_and_what_they_cost(tools, cache):
+    """Under torch.use_deterministic_algorithms(True) nothing adds with atomics.  p = inf sums its sparse
+    gradients with lp_scatter_rows (twice: grad_x and grad_w), about 11 instructions per (b, n) entry and chunk
+    of 32 coordinates, so under half an instruction per triple and gradient in float, against the atomic
+    scatter's cost per output (counted 0 here); finite p runs the two single-gradient kernels, about twice the
+    fused kernel."""
+    from linf_plugin.ops.cupy_backend import CupyBackend
+
+    plan = tools.our_costs(cache, ps=(8.0, math.inf))
+    assert [c.name for c in plan[math.inf]["bwd det"]] == ["lp_scatter_rows<float, 32, 1>"] * 2
+    assert tools.totals(plan[math.inf]["bwd"])["instructions"] == 0
+    per_gradient = plan[math.inf]["bwd det"][0].per_triple["instructions"]
+    assert 0.1 < per_gradient < 0.5
+    assert plan[math.inf]["bwd det"][0].spill_bytes == 0
+    fused = tools.totals(plan[8.0]["bwd"])["instructions"]
+    assert 1.5 * fused < tools.totals(plan[8.0]["bwd det"])["instructions"] < 2.5 * fused
+    assert CupyBackend.kernel_plan(8.0, deterministic=True)["bwd"] == [("lp", 8, "backward_x"), ("lp", 8, "backward_w")]

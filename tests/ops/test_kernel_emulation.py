@@ -20,7 +20,7 @@ import torch
 from .lp_accuracy import rel_err, rel_tol
 from .oracles import lp_grad_oracle
 
-from linf_plugin.ops.kernel_specs import all_module_specs, fused_n_splits
+from linf_plugin.ops.kernel_specs import all_module_specs, full_source, fused_n_splits
 from linf_plugin.ops.reference import ReferenceBackend
 
 REF = ReferenceBackend()
@@ -199,7 +199,8 @@ def test_fused_backward_matches_float64(harness, emulator_lib, shape, p, dtype):
     gx1, _ = backend.backward(gy, x, w, y, aux, p, need_w=False)
     _, gw1 = backend.backward(gy, x, w, y, aux, p, need_x=False)
     if p != 8.5 and splits == 1:
-        # the same terms summed over n in the same order (8.5 splits ex2.approx / polynomial by another index)
+        # the same terms summed over n in the same order, with the same explicit fma (NVRTC --fmad=false: the GPU
+        # rounds as written, so this holds there too; 8.5 splits ex2.approx / polynomial by another index)
         assert torch.equal(gx, gx1)
     torch.testing.assert_close(gx, gx1, **_gtol(dtype))
     torch.testing.assert_close(gw, gw1, **_gtol(dtype))
@@ -216,7 +217,7 @@ def test_fused_backward_splits_n_only_when_the_grid_is_small():
     assert fused_n_splits(kernel, 8, 10 ** 6, 64) == 1024
 
 
-@pytest.mark.parametrize("p", (1.0, 8.0, 8.5, 300.0))
+@pytest.mark.parametrize("p", (1.0, 2.0, 8.0, 8.5, 100.0, 300.0))
 def test_fused_backward_nan_as_the_single_gradient_kernels(emu_backend, p):
     """A NaN in x[b, i] (w[n, i]) makes y[b, :] (y[:, n]) NaN, so 1 / y is taken as 0 there, and only the terms
     with the NaN coordinate itself stay NaN: gx[b, i], gw[:, i] (gx[:, i], gw[n, i]).  The fused kernel
@@ -306,6 +307,157 @@ def test_results_do_not_depend_on_the_thread_schedule(harness, emulator_lib, sch
     assert any(name.startswith("lp_backward_fused") for name, _ in backend.launcher.calls)
 
 
+# -- torch.use_deterministic_algorithms(True): no atomics, the same bits whatever order blocks and threads take --
+def _gradients(backend, p, data):
+    x, w, gy, lower, upper = data
+    y, aux = backend.forward(x, w, p)
+    gx, gw = backend.backward(gy, x, w, y, aux, p)
+    lo, hi, iaux = backend.interval_forward(lower, upper, w, p)
+    return (gx, gw, *backend.interval_backward(gy, 0.5 * gy, lower, upper, w, lo, hi, iaux, p))
+
+
+@pytest.mark.parametrize("p", (math.inf, 8.0, 8.5))
+def test_deterministic_mode_gives_the_same_bits_whatever_the_schedule(harness, emulator_lib, p):
+    """Blocks run in a shuffled order and threads in a shuffled order per barrier phase, so atomics add in a
+    different order per seed: the default kernels' gradients differ in their last bits between seeds (the
+    p = inf scatters; at finite p the fused kernel's grad_w, summed over 4 batch blocks).  Under
+    torch.use_deterministic_algorithms(True) no atomic kernel runs, and every gradient (interval ones included)
+    has the same bits under every seed and the descending schedule, within tolerance of the reference."""
+    from linf_plugin.ops.cupy_backend import CupyBackend
+
+    g = torch.Generator().manual_seed(21)
+    B, N, D = (21, 60, 7) if math.isinf(p) else (200, 40, 33)
+    x, w, gy = torch.randn(B, D, generator=g), torch.randn(N, D, generator=g), torch.randn(B, N, generator=g)
+    data = (x, w, gy, x - 0.3, x + 0.3)
+    schedules = [("shuffled", 1), ("shuffled", 2), ("shuffled", 3), ("descending", 1)]
+    atomic = ("linf_backward", "interval_inf_backward", "lp_backward_fused")
+    before = torch.are_deterministic_algorithms_enabled()
+    runs = {}
+    try:
+        for mode in (False, True):
+            torch.use_deterministic_algorithms(mode)
+            runs[mode] = []
+            for schedule, seed in schedules:
+                backend = CupyBackend(launcher=harness.EmulatedLauncher(emulator_lib, schedule, seed=seed))
+                runs[mode].append(_gradients(backend, p, data))
+                launched = {name.split("<")[0] for name, _ in backend.launcher.calls}
+                assert bool(launched & set(atomic)) != mode, launched
+    finally:
+        torch.use_deterministic_algorithms(before)
+    first, *others = runs[False]
+    assert any(not torch.equal(a, b) for run in others for a, b in zip(first, run))
+    first, *others = runs[True]
+    assert all(torch.equal(a, b) for run in others for a, b in zip(first, run))
+    ref = _gradients(REF, p, data)
+    for got, want in zip(first, ref):
+        torch.testing.assert_close(got, want, **_gtol(torch.float32))
+
+
+# -- sm_75 and sm_80+: the NaN-keeping maxima, instruction (sm_80+) against the fallbacks (sm_75) ----------------
+_MAXIMA = '#include "cuda_shim.h"\n' + full_source(()) + """
+extern "C" void maxima(const float* a, const float* b, int n, float* general, float* nonneg, float* clamp) {
+    for (int i = 0; i < n; ++i) {
+        general[i] = lp_max_nan(a[i], b[i]);
+        nonneg[i] = lp_max_nonneg(a[i], b[i]);
+        clamp[i] = lp_clamp_below(a[i], b[i]);
+    }
+}
+extern "C" void portable(const float* a, const float* b, int n, float* out) {
+    for (int i = 0; i < n; ++i) out[i] = lp_max_nan_portable(a[i], b[i]);
+}
+"""
+_BITS = {"+0": 0x00000000, "-0": 0x80000000, "min_sub": 0x00000001, "-min_sub": 0x80000001, "min_norm": 0x00800000,
+         "1": 0x3F800000, "-1": 0xBF800000, "2.5": 0x40200000, "-2.5": 0xC0200000, "max": 0x7F7FFFFF,
+         "-max": 0xFF7FFFFF, "inf": 0x7F800000, "-inf": 0xFF800000, "nan": 0x7FFFFFFF, "nan_x86": 0x7FC00000,
+         "-nan_x86": 0xFFC00000, "snan": 0x7F800001}
+
+
+def _floats(names):
+    import numpy
+
+    return torch.from_numpy(numpy.array([_BITS[n] for n in names], dtype=numpy.uint32).view(numpy.float32))
+
+
+def _run_maxima(lib, a, b):
+    import ctypes
+
+    outs = [torch.empty_like(a) for _ in range(3)]
+    ptr = lambda t: ctypes.c_void_p(t.data_ptr())   # noqa: E731
+    lib.maxima(ptr(a), ptr(b), a.numel(), *map(ptr, outs))
+    return outs
+
+
+def _bits(t):
+    return t.view(torch.int32)
+
+
+def test_the_sm75_maxima_give_the_instructions_bits(harness, tmp_path):
+    """common.cuh compiled as for sm_75 (LP_EMULATED_ARCH=750: comparisons and selects, an integer max) against
+    sm_80+ (the emulated max.NaN.f32: canonical NaN 0x7fffffff when either operand is NaN, +0.0 above -0.0), on
+    every pair of special values: NaN of several payloads and signs, +-0.0, subnormals, +-inf, +-FLT_MAX.
+      lp_max_nan: the same bits on every pair;
+      lp_max_nonneg: the same bits on the operands it is for (>= +0.0 or the canonical NaN);
+      lp_clamp_below(l, lo): the same bits for every l and every lo other than NaN and +-0.0, NaN for NaN."""
+    import ctypes
+
+    names = list(_BITS)
+    pairs = [(x, y) for x in names for y in names]
+    a, b = _floats([x for x, _ in pairs]), _floats([y for _, y in pairs])
+    sm75 = _run_maxima(harness.build_library(tmp_path, _MAXIMA, arch=750), a, b)
+    sm90 = _run_maxima(harness.build_library(tmp_path, _MAXIMA, arch=900), a, b)
+    general75, nonneg75, clamp75 = sm75
+    general90, nonneg90, clamp90 = sm90
+    assert torch.equal(_bits(general75), _bits(general90))
+    nonneg = torch.tensor([x in ("+0", "min_sub", "min_norm", "1", "2.5", "max", "inf", "nan") and
+                           y in ("+0", "min_sub", "min_norm", "1", "2.5", "max", "inf", "nan") for x, y in pairs])
+    assert nonneg.sum() == 64 and torch.equal(_bits(nonneg75[nonneg]), _bits(nonneg90[nonneg]))
+    bounded = torch.tensor(["nan" not in y and y not in ("+0", "-0") for _, y in pairs])
+    number = ~clamp90.isnan() & bounded
+    assert torch.equal(clamp75.isnan()[bounded], clamp90.isnan()[bounded])
+    assert torch.equal(_bits(clamp75[number]), _bits(clamp90[number]))
+    # the semantics themselves, spelled out on a few pairs
+    want = {("nan_x86", "1"): _BITS["nan"], ("-nan_x86", "-inf"): _BITS["nan"], ("snan", "snan"): _BITS["nan"],
+            ("-0", "+0"): _BITS["+0"], ("+0", "-0"): _BITS["+0"], ("-0", "-0"): _BITS["-0"],
+            ("-min_sub", "-0"): _BITS["-0"], ("-1", "-2.5"): _BITS["-1"], ("inf", "max"): _BITS["inf"]}
+    for (x, y), bits in want.items():
+        assert _bits(general90)[pairs.index((x, y))].item() == (bits if bits < 2 ** 31 else bits - 2 ** 32), (x, y)
+    # the shim's instruction and common.cuh's portable version are written independently: they agree too
+    lib = harness.build_library(tmp_path, _MAXIMA, arch=900)
+    out = torch.empty_like(a)
+    lib.portable(ctypes.c_void_p(a.data_ptr()), ctypes.c_void_p(b.data_ptr()), a.numel(), ctypes.c_void_p(out.data_ptr()))
+    assert torch.equal(_bits(out), _bits(general90))
+
+
+def test_sm75_kernels_give_the_sm80_results(harness, tmp_path_factory, emulator_lib):
+    """The p = inf and finite-p float kernels built as for sm_75 give what the sm_80+ build gives, bit for bit
+    (NaN for NaN), on data with NaN rows, zero rows (identical x and w: +-0.0 differences) and ties."""
+    from linf_plugin.ops.cupy_backend import CupyBackend
+    from linf_plugin.ops.kernel_specs import module_spec
+
+    kernels = [k.name for key in (("linf", "float", None), ("lp", "float", 8), ("lp", "float", 0))
+               for k in module_spec(*key).kernels.values()]
+    lib75 = harness.build_library(tmp_path_factory.mktemp("sm75"), harness.harness_source(kernels), arch=750)
+    g = torch.Generator().manual_seed(75)
+    x, w = torch.randint(-3, 4, (37, 41), generator=g).float(), torch.randn(70, 41, generator=g)
+    w[:5] = x[:5]                                    # y = 0 there
+    w[6] = -x[6] * 0.0                               # -0.0 against +0.0 and against integers
+    x[7, 3] = float("nan")
+    w[9, 40] = float("nan")
+    gy = torch.randn(37, 70, generator=g)
+    results = []
+    for lib in (lib75, emulator_lib):
+        backend = CupyBackend(launcher=harness.EmulatedLauncher(lib, "shuffled", seed=4))
+        out = []
+        for p in (math.inf, 8.0, 8.5):
+            y, aux = backend.forward(x, w, p)
+            out += [y, *backend.backward(gy, x, w, y, aux, p)]
+        results.append(out)
+    for a, b in zip(*results):
+        assert torch.equal(a.isnan(), b.isnan())
+        assert torch.equal(_bits(a[~a.isnan()]), _bits(b[~b.isnan()]))
+    assert results[0][0].isnan().any() and (results[0][0] == 0).any()
+
+
 def test_barrier_divergence_is_detected(harness, tmp_path):
     src = '#include "cuda_shim.h"\n' + """
 template <typename T> __global__ void divergent(T* out) {
@@ -354,18 +506,27 @@ def test_every_catalogue_kernel_was_launched(harness, emulator_lib):
 
     launcher = harness.EmulatedLauncher(emulator_lib)
     backend = CupyBackend(launcher=launcher)
-    for dtype in DTYPES:
-        for p in (1.0, 2.0, 8.0, 8.5, 300.0, math.inf):   # 300: the float accurate-power gradient kernels
-            x, w, lower, upper, g = _problem(3, 4, 5, dtype)
-            y, aux = backend.forward(x, w, p, need_aux=True)
-            backend.forward(x, w, p, need_aux=False)
-            backend.backward(g, x, w, y, aux, p)
-            backend.backward(g, x, w, y, aux, p, need_w=False)   # one gradient: the single-gradient kernels
-            backend.backward(g, x, w, y, aux, p, need_x=False)
-            lo, hi, iaux = backend.interval_forward(lower, upper, w, p, need_aux=True)
-            backend.interval_forward(lower, upper, w, p, need_aux=False)
-            backend.interval_backward(g, g, lower, upper, w, lo, hi, iaux, p)
-        backend.linf_box_argmax(lower, upper, w)
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        for dtype in DTYPES:
+            for p in (1.0, 2.0, 8.0, 8.5, 300.0, math.inf):   # 300: the float accurate-power gradient kernels
+                x, w, lower, upper, g = _problem(3, 4, 5, dtype)
+                y, aux = backend.forward(x, w, p, need_aux=True)
+                backend.forward(x, w, p, need_aux=False)
+                backend.backward(g, x, w, y, aux, p)
+                backend.backward(g, x, w, y, aux, p, need_w=False)   # one gradient: the single-gradient kernels
+                backend.backward(g, x, w, y, aux, p, need_x=False)
+                lo, hi, iaux = backend.interval_forward(lower, upper, w, p, need_aux=True)
+                backend.interval_forward(lower, upper, w, p, need_aux=False)
+                backend.interval_backward(g, g, lower, upper, w, lo, hi, iaux, p)
+                if math.isinf(p):                                    # the fixed-order sums
+                    torch.use_deterministic_algorithms(True)
+                    backend.backward(g, x, w, y, aux, p)
+                    backend.interval_backward(g, g, lower, upper, w, lo, hi, iaux, p)
+                    torch.use_deterministic_algorithms(before)
+            backend.linf_box_argmax(lower, upper, w)
+    finally:
+        torch.use_deterministic_algorithms(before)
     launched = {name for name, _ in launcher.calls}
     catalogue = {k.name for spec in all_module_specs() for k in spec.kernels.values()}
     assert launched == catalogue
@@ -394,7 +555,7 @@ def test_concurrent_builds_of_one_library_agree(harness, tmp_path):
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0 and out.strip() == "42", err[-2000:]
     built = sorted(f.name for f in (tmp_path / "cache").iterdir() if not f.name.endswith(".lock"))
-    assert len(built) == 1 and built[0].endswith(".so"), built
+    assert len(built) == 2 and built[0].endswith(".shared") and built[1] == built[0][:-len(".shared")] + ".so", built
 
 
 # -- p = 2, 8: the raw sum (lp_forward_raw) and its fixup (lp_forward over the blocks it marked) ----------
@@ -428,8 +589,9 @@ def _scaled(B, N, D, scale, seed, dtype=torch.float32):
 def test_raw_sum_takes_the_fast_path_on_ordinary_data(emu_backend, dtype, p):
     """Ordinary data (130 x 70 outputs: 3 x 2 blocks, D = 41) marks no block, so the fixup returns at once
     everywhere, and the raw sum alone is the result: bit for bit what the normalising kernel gives (its
-    power-of-two scaling is exact when nothing under- or overflows; the emulation does not contract
-    FMAs, so both round the same products and sums)."""
+    power-of-two scaling is exact when nothing under- or overflows, and both kernels write the same products,
+    fused multiply-adds and square roots; NVRTC compiles them with --fmad=false, so on the GPU too they round
+    the same, test_gpu.py checks it there)."""
     backend = emu_backend
     x, w = _scaled(130, 70, 41, 1.0, seed=2, dtype=dtype)
     y, _ = backend.forward(x, w, p)

@@ -91,9 +91,18 @@ def test_bad_boxes_raise_clear_errors(make, exc, msg):
 
 
 # -- dispatch -----------------------------------------------------------------
+def _cpu_default() -> str:
+    """What ``auto`` picks for CPU tensors: the native kernels where they build (a C++ compiler), else torch."""
+    try:
+        get_backend("native")
+    except RuntimeError:
+        return "torch"
+    return "native"
+
+
 def test_backend_names_and_environment(monkeypatch):
     x, w = _xw()
-    assert resolve_backend(None, x) == "torch"
+    assert resolve_backend(None, x) == _cpu_default()
     assert isinstance(get_backend("torch"), TorchBackend)
     assert isinstance(get_backend("reference"), ReferenceBackend)
     monkeypatch.setenv(BACKEND_ENV, "reference")
@@ -142,7 +151,7 @@ def test_auto_announces_its_choice_once(monkeypatch, caplog):
         lp_dist(x, w)
         lp_dist(x, w, 2.0)
     msgs = [r.getMessage() for r in caplog.records if "backend 'auto'" in r.getMessage()]
-    assert msgs == ["lp_dist: backend 'auto' uses 'torch' for cpu tensors"]
+    assert msgs == [f"lp_dist: backend 'auto' uses '{_cpu_default()}' for cpu tensors"]
 
 
 def test_importing_the_package_does_not_import_cupy():
@@ -153,7 +162,7 @@ def test_importing_the_package_does_not_import_cupy():
 
 
 # -- values -------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ("torch", "reference"))
+@pytest.mark.parametrize("backend", ("torch", "native", "reference"))
 @pytest.mark.parametrize("p", (1.0, 2.0, 3.0, 8.0, INF))
 def test_values_match_torch_cdist(backend, p):
     x, w = _xw(7, 9, 11)
@@ -171,7 +180,7 @@ def test_empty_batch_and_empty_weights():
     assert lo.shape == hi.shape == (0, 5)
 
 
-@pytest.mark.parametrize("backend", ("torch", "reference"))
+@pytest.mark.parametrize("backend", ("torch", "native", "reference"))
 @pytest.mark.parametrize("scale", (1e-200, 1.0, 1e200))
 def test_large_p_is_stable(backend, scale):
     x, w = _xw(3, 4, 50)
@@ -185,14 +194,14 @@ def test_large_p_is_stable(backend, scale):
 
 
 # -- gradients ----------------------------------------------------------------
-@pytest.mark.parametrize("backend", ("torch", "reference"))
+@pytest.mark.parametrize("backend", ("torch", "native", "reference"))
 @pytest.mark.parametrize("p", (1.0, 2.0, 8.0, 100.0, INF))
 def test_gradcheck(backend, p):
     x, w = _xw(4, 5, 6, seed=1, grad=True)
     assert torch.autograd.gradcheck(lambda a, b: lp_dist(a, b, p, backend=backend), (x, w))
 
 
-@pytest.mark.parametrize("backend", ("torch", "reference"))
+@pytest.mark.parametrize("backend", ("torch", "native", "reference"))
 @pytest.mark.parametrize("p", (1.0, 2.0, 8.0, 100.0, INF))
 def test_interval_gradcheck(backend, p):
     lower, upper, w = _box(3, 4, 5, seed=2, grad=True)
@@ -208,7 +217,7 @@ def test_linf_gradient_is_the_signed_argmax_subgradient_with_ties_to_the_lowest_
     w = torch.zeros(2, 4, requires_grad=True)
     with torch.no_grad():
         w[1, 1] = 1.0                                   # row 1: |d| = (0, 1, 2, 1) -> argmax 2, d < 0
-    for backend in ("torch", "reference"):
+    for backend in ("torch", "native", "reference"):
         x.grad = w.grad = None
         lp_dist(x, w, backend=backend).sum().backward()
         assert x.grad.tolist() == [[0.0, 1.0, -1.0, 0.0]]          # row 0 ties 1 and 2 -> index 1
@@ -223,7 +232,7 @@ def test_no_grad_forward_matches_grad_forward():
 
 
 # -- the interval ---------------------------------------------------------------
-@pytest.mark.parametrize("backend", ("torch", "reference"))
+@pytest.mark.parametrize("backend", ("torch", "native", "reference"))
 @pytest.mark.parametrize("p", (1.0, 2.0, 8.0, 8.5, INF))
 def test_interval_contains_samples_and_is_attained(backend, p):
     B, N, D = 5, 6, 7
@@ -286,7 +295,7 @@ def test_symbolic_emits_custom_lp_dist_with_float_p():
         assert nodes[0].output().type().sizes() == [4, 5]
 
 @pytest.mark.parametrize("p", [math.inf, 8.0, 1.0])
-@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("backend", ["torch", "native", "reference"])
 def test_no_grad_inference_matches_the_autograd_path(backend, p):
     """Under no_grad lp_dist skips the autograd Function (and the argmax it would save);
     the values must be bit-identical to the differentiable call."""

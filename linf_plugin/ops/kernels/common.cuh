@@ -3,6 +3,20 @@
 // Plain CUDA C++17 with no warp intrinsics and no library headers, so that
 // NVRTC compiles it as is and the test suite can also run the very same
 // source on the CPU through a small emulation shim (tests/ops/emulation).
+// Supported: compute capability 7.5 (sm_75) and up; LP_ARCH below picks the
+// few code paths that differ.
+//
+// Floating point: NVRTC compiles these files with --fmad=false (kernel_specs.py),
+// so no multiply and add are fused unless the source says so: every fused
+// multiply-add is an explicit lp_fma (FFMA / DFMA), in the same places the
+// compiler would contract them (the disassembly is identical with
+// --fmad=true, tests/ops/test_kernel_cost.py), so this costs nothing.  The
+// arithmetic the GPU performs is then exactly the arithmetic written here:
+// +, -, *, /, sqrt and fma round the same way on the GPU and in the CPU
+// emulation, and two kernels that write the same operations in the same
+// order give the same bits.  Only the math library (exp2f, log2f, exp2,
+// log2: CUDA's and the C library's last ulp differ) and the approximate
+// instructions (lg2.approx, ex2.approx) differ between the two.
 //
 // Tiled kernels use blocks of LP_TY x LP_TX = 16 x 16 threads.  Thread
 // (ty, tx) owns the rows r0 + ty + 16 i (i < RA) and the columns
@@ -33,6 +47,17 @@
 
 typedef long long lp_i64;
 
+// The architecture the code is compiled for: NVRTC defines __CUDA_ARCH__
+// (750 for sm_75, 800 for sm_80, ...); the CPU emulation defines
+// LP_EMULATED_ARCH to take either path.
+#if defined(__CUDA_ARCH__)
+#define LP_ARCH __CUDA_ARCH__
+#elif defined(LP_EMULATED_ARCH)
+#define LP_ARCH LP_EMULATED_ARCH
+#else
+#error "compile with NVRTC (which defines __CUDA_ARCH__) or define LP_EMULATED_ARCH"
+#endif
+
 // ---- Vector loads from shared memory ----------------------------------------
 // The forward kernels give each thread CONTIGUOUS rows (ty RA + i) and
 // columns (tx RB + j) of the tile, so a k-step reads its RA + RB operands
@@ -58,6 +83,10 @@ __device__ __forceinline__ void lp_load_vec(T (&out)[N], const T* src) {
 #define LP_COMPILER_FENCE() asm volatile("" ::: "memory")
 
 __device__ __forceinline__ float lp_abs(float v) { return fabsf(v); }
+// a b + c rounded once (FFMA / DFMA).  Explicit overloads: an unqualified
+// fma(float, float, float) could resolve to the double function.
+__device__ __forceinline__ float lp_fma(float a, float b, float c) { return fmaf(a, b, c); }
+__device__ __forceinline__ double lp_fma(double a, double b, double c) { return fma(a, b, c); }
 __device__ __forceinline__ double lp_abs(double v) { return fabs(v); }
 __device__ __forceinline__ float lp_max(float a, float b) { return fmaxf(a, b); }
 __device__ __forceinline__ double lp_max(double a, double b) { return fmax(a, b); }
@@ -68,8 +97,25 @@ __device__ __forceinline__ double lp_log2(double v) { return log2(v); }
 __device__ __forceinline__ float lp_sqrt(float v) { return sqrtf(v); }
 __device__ __forceinline__ double lp_sqrt(double v) { return sqrt(v); }
 
-// t^p for t in [0, 1]: multiplication chains for p = 1, 2, 8 (PV), exp2/log2
-// for general p (PV = 0; log2(0) = -inf gives exactly 0).
+// acc + t^p for t >= 0: multiplication chains for p = 1, 2, 8 (PV) whose last
+// product fuses with the addition, exp2/log2 for general p (PV = 0;
+// log2(0) = -inf gives exactly 0).  Even powers need no |t|.
+template <int PV, typename T>
+__device__ __forceinline__ T lp_pow_acc(T acc, T t, T p) {
+    if constexpr (PV == 1) {
+        return acc + t;
+    } else if constexpr (PV == 2) {
+        return lp_fma(t, t, acc);
+    } else if constexpr (PV == 8) {
+        const T t2 = t * t;
+        const T t4 = t2 * t2;
+        return lp_fma(t4, t4, acc);
+    } else {
+        return acc + lp_exp2(p * lp_log2(t));
+    }
+}
+
+// t^p alone (the rescaling factors of lp_forward).
 template <int PV, typename T>
 __device__ __forceinline__ T lp_pow(T t, T p) {
     if constexpr (PV == 1) {
@@ -184,22 +230,96 @@ __device__ __forceinline__ float lp_ex2_approx(float v) {
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
     return r;
 }
-// max that returns NaN when either operand is NaN (as torch.amax does);
-// fmaxf would drop it.  One FMNMX.NAN instruction (sm_80+).
-__device__ __forceinline__ float lp_max_nan(float a, float b) {
+#if LP_ARCH >= 800
+// One FMNMX.NAN instruction; the PTX modifier .NaN needs sm_80.
+__device__ __forceinline__ float lp_max_nan_f32_insn(float a, float b) {
     float r;
     asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
     return r;
 }
 #endif
-__device__ __forceinline__ double lp_max_nan(double a, double b) { return (a > b || a != a) ? a : b; }
+#endif
+
+// NaN-keeping maxima (as torch.amax: fmaxf would drop a NaN), with the
+// semantics of PTX max.NaN.f32: the canonical NaN (bits 0x7fffffff) when
+// either operand is NaN, +0.0 above -0.0, otherwise the larger operand.  On
+// sm_80 and later that is one instruction (FMNMX.NAN); sm_75 lacks the .NaN
+// modifier, so there each use gets the cheapest code with the same result
+// on the operands it can see.  tests/ops/test_kernel_emulation.py compares
+// each sm_75 version with the instruction's emulation on special values, and
+// tests/ops/test_gpu.py with the instruction itself.
+template <typename T> struct lp_canonical_nan;
+template <> struct lp_canonical_nan<float> {
+    static __device__ __forceinline__ float get() { return __int_as_float(0x7fffffff); }
+};
+template <> struct lp_canonical_nan<double> {
+    static __device__ __forceinline__ double get() { return __longlong_as_double(0x7fffffffffffffffll); }
+};
+__device__ __forceinline__ bool lp_sign_bit(float v) { return __float_as_int(v) < 0; }
+__device__ __forceinline__ bool lp_sign_bit(double v) { return __double_as_longlong(v) < 0; }
+
+// Any operands: comparisons and selects (a few instructions; double has no
+// NaN-keeping max instruction at all).
+template <typename T>
+__device__ __forceinline__ T lp_max_nan_portable(T a, T b) {
+    if (a != a || b != b) return lp_canonical_nan<T>::get();
+    // equal operands differ at most in the sign of a zero: take the one without it
+    return (a > b || (a == b && !lp_sign_bit(a))) ? a : b;
+}
+__device__ __forceinline__ float lp_max_nan(float a, float b) {
+#if LP_ARCH >= 800
+    return lp_max_nan_f32_insn(a, b);
+#else
+    return lp_max_nan_portable(a, b);
+#endif
+}
+__device__ __forceinline__ double lp_max_nan(double a, double b) { return lp_max_nan_portable(a, b); }
+
+// Operands that are >= +0.0 or the canonical NaN (|x - w| and the running
+// maxima of the forward kernels: float arithmetic on the GPU returns the
+// canonical NaN, and fabs clears its sign).  Such bit patterns order as
+// unsigned integers exactly as max.NaN orders the values (+0.0 < subnormals
+// < normals < +inf < NaN), so sm_75 takes one integer max (IMNMX.U32): the
+// same cost as FMNMX.NAN.  Doubles take the portable version (no hot loop
+// of a double kernel is bound by it).
+__device__ __forceinline__ float lp_max_nonneg_int(float a, float b) {
+    const unsigned ua = (unsigned)__float_as_int(a), ub = (unsigned)__float_as_int(b);
+    return __int_as_float((int)(ua > ub ? ua : ub));
+}
+__device__ __forceinline__ float lp_max_nonneg(float a, float b) {
+#if LP_ARCH >= 800
+    return lp_max_nan_f32_insn(a, b);
+#else
+    return lp_max_nonneg_int(a, b);
+#endif
+}
+__device__ __forceinline__ double lp_max_nonneg(double a, double b) { return lp_max_nan_portable(a, b); }
+
+// max(l, lo) keeping a NaN l, for a bound lo that is a number other than
+// +-0.0 (the clamps of log2 in the general-p kernels): on sm_75 a compare
+// and a select, which return l itself where it is NaN.
+__device__ __forceinline__ float lp_clamp_below_select(float l, float lo) { return l < lo ? lo : l; }
+__device__ __forceinline__ float lp_clamp_below(float l, float lo) {
+#if LP_ARCH >= 800
+    return lp_max_nan_f32_insn(l, lo);
+#else
+    return lp_clamp_below_select(l, lo);
+#endif
+}
 
 // 2^(p l + c) for the z = p l + c range [LP_EXP2_FLOOR, ~0], with cm = M - c
 // (M = 1.5 2^23, c an integer): r = M + round(z) in one FFMA (ulp(r) = 1),
 // f = z - round(z) exactly rounded in a second FFMA, 2^f by polynomial, and
-// 2^round(z) added to the exponent field: the low 9 bits of r's bit pattern
-// are round(z) mod 2^9 (the bits of M end in 22 zeros), so (bits(r) << 23)
-// + bits(2^f) is the product (one LEA).
+// 2^round(z) from the low 9 bits of r's bit pattern, which are round(z) mod
+// 2^9 (the bits of M end in 22 zeros).
+//   KEEP_NAN false: (bits(r) << 23) + bits(2^f) is the product (one LEA);
+//     but a NaN l gives a FINITE result there (r and 2^f are the canonical
+//     NaN 0x7fffffff, and the integer sum of their patterns is FLT_MAX), so
+//     the caller must carry NaN another way (lp_forward: its running max).
+//   KEEP_NAN true: 2^round(z) = float with bits (bits(r) << 23) + (127 << 23),
+//     times 2^f (an IMAD and an exact FMUL: one instruction more); a NaN l
+//     gives NaN.
+template <bool KEEP_NAN>
 __device__ __forceinline__ float lp_exp2_poly(float p, float l, float cm) {
     const float r = fmaf(p, l, cm);
     const float f = fmaf(p, l, cm - r);
@@ -209,19 +329,25 @@ __device__ __forceinline__ float lp_exp2_poly(float p, float l, float cm) {
     q = fmaf(q, f, 2.4022120e-1f);
     q = fmaf(q, f, 6.9314694e-1f);
     q = fmaf(q, f, 1.0000001f);
-    return __int_as_float((int)((unsigned)__float_as_int(q) + ((unsigned)__float_as_int(r) << 23)));
+    if constexpr (KEEP_NAN) {
+        return q * __int_as_float((int)(((unsigned)__float_as_int(r) << 23) + (127u << 23)));
+    } else {
+        return __int_as_float((int)((unsigned)__float_as_int(q) + ((unsigned)__float_as_int(r) << 23)));
+    }
 }
 
 // 2^(p l - c) by the hardware (hw) or the polynomial; off = c for the
 // hardware and M - c for the polynomial, so neither spends an instruction
 // on it per triple.  hw is a constant in the unrolled loops that call this
-// (it depends on the register-tile column only).
+// (it depends on the register-tile column only).  KEEP_NAN: see lp_exp2_poly
+// (the hardware path keeps NaN either way).
 #define LP_EXP2_MAGIC 12582912.0f
+template <bool KEEP_NAN>
 __device__ __forceinline__ float lp_pow2_fast(bool hw, float p, float l, float off) {
     if (hw) {
         return lp_ex2_approx(fmaf(p, l, -off));
     } else {
-        return lp_exp2_poly(p, l, off);
+        return lp_exp2_poly<KEEP_NAN>(p, l, off);
     }
 }
 
@@ -253,7 +379,8 @@ template <typename T>
 __device__ __forceinline__ int lp_log2_scale(T s) { return lp_biased_exponent(s) - lp_bias<T>::value; }
 
 // One coordinate of the interval of |x - w| over x in [l, u]; the same
-// operations as every other backend, so p = inf results agree bit for bit.
+// operations as every other backend (subtractions and maxima: nothing a
+// compiler could fuse), so p = inf results agree bit for bit.
 template <typename T>
 __device__ __forceinline__ void lp_interval_terms(T l, T u, T w, T& a, T& c, T& far, T& near) {
     a = w - l;

@@ -158,15 +158,15 @@ interval_lp_backward_box(const T* __restrict__ lower, const T* __restrict__ uppe
                 for (int j = 0; j < RI; ++j) {
                     T a, c, far, near;
                     lp_interval_terms<T>(lv[i][j], uv[i][j], wv[j], a, c, far, near);
-                    const T cf = gh * lp_grad_factor<PV, T>(far, rh, pm1);
-                    const T cn = gl * lp_grad_factor<PV, T>(near, rl, pm1);
+                    const T ff = lp_grad_factor<PV, T>(far, rh, pm1);
+                    const T fn = lp_grad_factor<PV, T>(near, rl, pm1);
                     if (c >= a) {
-                        accu[i][j] += cf;
+                        accu[i][j] = lp_fma(gh, ff, accu[i][j]);
                     } else {
-                        accl[i][j] -= cf;
+                        accl[i][j] = lp_fma(-gh, ff, accl[i][j]);
                     }
-                    if (-a > T(0)) accl[i][j] += cn;
-                    if (-c > T(0)) accu[i][j] -= cn;
+                    if (-a > T(0)) accl[i][j] = lp_fma(gl, fn, accl[i][j]);
+                    if (-c > T(0)) accu[i][j] = lp_fma(-gl, fn, accu[i][j]);
                 }
             }
         }
@@ -245,11 +245,11 @@ interval_lp_backward_w(const T* __restrict__ lower, const T* __restrict__ upper,
                 for (int j = 0; j < RI; ++j) {
                     T a, c, far, near;
                     lp_interval_terms<T>(lv[j], uv[j], wv[i][j], a, c, far, near);
-                    const T cf = gh * lp_grad_factor<PV, T>(far, rh, pm1);
-                    const T cn = gl * lp_grad_factor<PV, T>(near, rl, pm1);
-                    acc[i][j] += (c >= a) ? -cf : cf;
-                    if (-a > T(0)) acc[i][j] -= cn;
-                    if (-c > T(0)) acc[i][j] += cn;
+                    const T ff = lp_grad_factor<PV, T>(far, rh, pm1);
+                    const T fn = lp_grad_factor<PV, T>(near, rl, pm1);
+                    acc[i][j] = lp_fma((c >= a) ? -gh : gh, ff, acc[i][j]);
+                    if (-a > T(0)) acc[i][j] = lp_fma(-gl, fn, acc[i][j]);
+                    if (-c > T(0)) acc[i][j] = lp_fma(gl, fn, acc[i][j]);
                 }
             }
         }

@@ -205,8 +205,8 @@ interval_lp_forward(const T* __restrict__ lower, const T* __restrict__ upper, co
                 for (int j = 0; j < RB; ++j) {
                     T a, c, far, near;
                     lp_interval_terms<T>(lv[i], uv[i], wv[j], a, c, far, near);
-                    alo[i][j] += lp_pow<PV, T>(near * slo[i][j], p);
-                    ahi[i][j] += lp_pow<PV, T>(far * shi[i][j], p);
+                    alo[i][j] = lp_pow_acc<PV, T>(alo[i][j], near * slo[i][j], p);
+                    ahi[i][j] = lp_pow_acc<PV, T>(ahi[i][j], far * shi[i][j], p);
                 }
             }
         }

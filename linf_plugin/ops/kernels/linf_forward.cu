@@ -4,7 +4,7 @@
 // ceil(B / 16 RA)), block (16, 16).  Each thread keeps RA x RB running maxima
 // in registers; per (b, n, i) triple the hot loop issues one subtraction and
 // one max of an absolute value (the |.| folds into the max on the GPU).
-// The max keeps NaN (max.NaN, lp_max_nan): a NaN in x[b] or w[n] makes
+// The max keeps NaN (lp_max_nonneg: max.NaN, or an integer max on sm_75): a NaN in x[b] or w[n] makes
 // y[b, n] NaN, as torch.amax does, at no cost per triple.
 //
 // SAVE also records, per output, the first D-tile (LP_BK coordinates) that
@@ -73,9 +73,9 @@ linf_forward(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y
 #pragma unroll
                 for (int j = 0; j < RB; ++j) {
                     if constexpr (SAVE) {
-                        mt[i][j] = lp_max_nan(mt[i][j], lp_abs(xv[i] - wv[j]));
+                        mt[i][j] = lp_max_nonneg(mt[i][j], lp_abs(xv[i] - wv[j]));
                     } else {
-                        m[i][j] = lp_max_nan(m[i][j], lp_abs(xv[i] - wv[j]));
+                        m[i][j] = lp_max_nonneg(m[i][j], lp_abs(xv[i] - wv[j]));
                     }
                 }
             }

@@ -17,8 +17,14 @@
 // rows of C at a time.  Zero padding past NC has G = 0 and adds 0.
 #include "common.cuh"
 
+// Blocks per SM for __launch_bounds__: 2 (at most 128 registers per thread), except where Blackwell's
+// ptxas (sm_100, sm_120) needs more for the same code: double, and the accurate float powers, spilled
+// 0.7-1.5 KiB per thread there at 128 registers; with one block per SM they keep everything in registers
+// (tests/ops/test_nvrtc.py checks every architecture).
+#define LP_BWD_MIN_BLOCKS(T, PV, APPROX) ((LP_ARCH >= 1000 && (sizeof(T) == 8 || ((PV) == 0 && !(APPROX)))) ? 1 : 2)
+
 template <typename T, int PV, int RA, int RI, bool GT, bool APPROX>
-__global__ void __launch_bounds__(LP_THREADS, 2)
+__global__ void __launch_bounds__(LP_THREADS, LP_BWD_MIN_BLOCKS(T, PV, APPROX))
 lp_backward(const T* __restrict__ A, const T* __restrict__ C, const T* __restrict__ G, const T* __restrict__ R,
             T* __restrict__ out, int NA, int NC, int D, T pm1) {
     constexpr int BA = LP_TY * RA;
@@ -71,12 +77,12 @@ lp_backward(const T* __restrict__ A, const T* __restrict__ C, const T* __restric
                 for (int j = 0; j < RI; ++j) {
                     const T t = (av[i][j] - cv[j]) * rv[i];
                     if constexpr (FAST) {
-                        const float l = lp_max_nan(lp_lg2_approx(lp_abs(t)), lmin);
-                        const float v = lp_pow2_fast(j < LP_EX2_HW_COLS, pm1, l,
+                        const float l = lp_clamp_below(lp_lg2_approx(lp_abs(t)), lmin);
+                        const float v = lp_pow2_fast<true>(j < LP_EX2_HW_COLS, pm1, l,
                                                      j < LP_EX2_HW_COLS ? 0.0f : LP_EXP2_MAGIC);
-                        acc[i][j] += gv[i] * copysignf(v, t);
+                        acc[i][j] = lp_fma(gv[i], copysignf(v, t), acc[i][j]);
                     } else {
-                        acc[i][j] += gv[i] * lp_odd_pow<PV, T>(t, pm1);
+                        acc[i][j] = lp_fma(gv[i], lp_odd_pow<PV, T>(t, pm1), acc[i][j]);
                     }
                 }
             }
@@ -116,8 +122,14 @@ lp_backward(const T* __restrict__ A, const T* __restrict__ C, const T* __restric
 //      features of one k (16-byte loads, fixed order: deterministic in-block);
 //   3. atomicAdd into gw, which the caller zeroes: the ceil(B / BB) blocks
 //      along b add in whatever order the hardware runs them, so gw is NOT
-//      bit-for-bit reproducible from run to run when B > BB (float addition
-//      is not associative); gx is when S = 1.
+//      bit-for-bit reproducible from run to run when B > 2 BB (float addition
+//      is not associative); gx is when S = 1.  Under
+//      torch.use_deterministic_algorithms(True) the backend runs the two
+//      single-gradient kernels above instead (no atomics).
+// With S = 1, gx is the single-gradient kernel's grad_x bit for bit (the same
+// operations, fma included, over n in the same order) wherever both compute
+// the power alike: every p but the fast general p, whose hardware /
+// polynomial exp2 split follows another index here.
 // Per tile a thread adds OUT x TB values and issues OUT atomics against
 // LP_BK RB RI triples: ~0.2 instructions per triple.
 // sp holds LP_BK TB BI values, 32 KiB at the catalogue's tiles (float: TB = 8,
@@ -226,13 +238,13 @@ lp_backward_fused(const T* __restrict__ X, const T* __restrict__ W, const T* __r
                         // half of the terms through ex2.approx, half through the polynomial (common.cuh)
                         // (a constant per unrolled (i, j), as LP_EX2_HW_COLS is in lp_backward)
                         const bool hw = ((i * RI + j) & 1) == 0;
-                        const float l = lp_max_nan(lp_lg2_approx(lp_abs(t)), lmin);
-                        v = copysignf(lp_pow2_fast(hw, pm1, l, hw ? 0.0f : LP_EXP2_MAGIC), t);
+                        const float l = lp_clamp_below(lp_lg2_approx(lp_abs(t)), lmin);
+                        v = copysignf(lp_pow2_fast<true>(hw, pm1, l, hw ? 0.0f : LP_EXP2_MAGIC), t);
                     } else {
                         v = lp_odd_pow<PV, T>(t, pm1);
                     }
-                    acc[i][j] += gv[i] * v;
-                    pw.v[j] += gv[i] * v;
+                    acc[i][j] = lp_fma(gv[i], v, acc[i][j]);
+                    pw.v[j] = lp_fma(gv[i], v, pw.v[j]);
                 }
             }
             *reinterpret_cast<Row*>(&sp[k][tb][ti * RI]) = pw;

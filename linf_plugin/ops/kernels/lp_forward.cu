@@ -22,8 +22,11 @@
 //     uses exp2/log2.  The backend turns APPROX off where a backward at
 //     p > FAST_GRAD_MAX_P follows: the gradient factor (|x - w| / y)^(p-1)
 //     multiplies y's relative error by p - 1.
-// NaN in x[b] or w[n] makes y[b, n] NaN: the term is NaN and the clamp of
-// log2 is a NaN-keeping max.
+// NaN in x[b] or w[n] makes y[b, n] NaN: the tile maximum is a NaN-keeping
+// max, a NaN maximum becomes the running maximum for good, and an output
+// whose running maximum is not > 0 is acc * m (not the sum's root).  The
+// sum alone would not do: the polynomial exp2 turns a NaN term into a finite
+// one (common.cuh, lp_exp2_poly).
 //
 // Grid (ceil(N / 16 RB), ceil(B / 16 RA)), block (16, 16); thread (ty, tx)
 // owns rows ty RA + i and columns tx RB + j (vector loads, common.cuh); the
@@ -51,7 +54,7 @@
 // largest term near 1), so lg2.approx gives it.
 template <int PV, typename T>
 __device__ __forceinline__ void lp_rescale(T& acc, T& m, T& s, T& off, T& lmin, T mt, T p, T rp, bool hw) {
-    const bool grew = mt > m;
+    const bool grew = !(mt <= m);   // true for NaN: m takes it (see lp_forward)
     const T s_new = lp_scale_of(mt);
     const int d = lp_log2_scale(s_new) - lp_log2_scale(s);
     T factor;
@@ -65,7 +68,7 @@ __device__ __forceinline__ void lp_rescale(T& acc, T& m, T& s, T& off, T& lmin, 
         const T c_old = hw ? off : T(LP_EXP2_MAGIC) - off;
         const T dc = c_old - c_new;
         factor = d == 0 ? (dc < T(1 - lp_bias<T>::value) ? T(0) : lp_pow2i(T(0), (int)dc))
-                        : lp_exp2(fma(p, T(d), dc));
+                        : lp_exp2(lp_fma(p, T(d), dc));
     } else {
         factor = d < 1 - lp_bias<T>::value ? T(0) : lp_pow<PV, T>(lp_pow2i(T(0), d), p);
     }
@@ -155,14 +158,17 @@ lp_forward(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y, 
 #pragma unroll
                 for (int e = 0; e < RA * RB; ++e) {  // e = (i, j)
                     T& t = mt[e / RB][e % RB];
-                    t = lp_max_nan(t, lp_abs(xv[e / RB] - wv[e % RB]));
+                    t = lp_max_nonneg(t, lp_abs(xv[e / RB] - wv[e % RB]));
                 }
             }
-            bool grew = false;  // mt > m is false for NaN: the NaN term itself poisons acc below
+            // a NaN maximum counts as growth, and lp_rescale makes it the running maximum, which stays
+            // NaN: the output is acc * m = NaN (below), whatever acc holds (the polynomial exp2 of the
+            // general-p sum turns a NaN term into a finite value)
+            bool grew = false;
 #pragma unroll
             for (int i = 0; i < RA; ++i) {
 #pragma unroll
-                for (int j = 0; j < RB; ++j) grew |= mt[i][j] > m[i][j];
+                for (int j = 0; j < RB; ++j) grew |= !(mt[i][j] <= m[i][j]);
             }
             if (grew) {
 #pragma unroll
@@ -192,12 +198,12 @@ lp_forward(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y, 
                     if constexpr (!NORM) {
                         acc[i][j] += d;
                     } else if constexpr (FAST) {
-                        const float l = lp_max_nan(lp_lg2_approx(d * s[i][j]), lmin[i % R0][j % C0]);
-                        acc[i][j] += lp_pow2_fast(j < LP_EX2_HW_COLS, p, l, off[i % R0][j % C0]);
+                        const float l = lp_clamp_below(lp_lg2_approx(d * s[i][j]), lmin[i % R0][j % C0]);
+                        acc[i][j] += lp_pow2_fast<false>(j < LP_EX2_HW_COLS, p, l, off[i % R0][j % C0]);
                     } else if constexpr (GEN) {
-                        acc[i][j] += lp_exp2(fma(p, lp_log2(d * s[i][j]), -off[i % R0][j % C0]));
+                        acc[i][j] += lp_exp2(lp_fma(p, lp_log2(d * s[i][j]), -off[i % R0][j % C0]));
                     } else {
-                        acc[i][j] += lp_pow<PV, T>(d * s[i][j], p);
+                        acc[i][j] = lp_pow_acc<PV, T>(acc[i][j], d * s[i][j], p);
                     }
                 }
             }
@@ -288,12 +294,10 @@ lp_forward_raw(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__
     constexpr int PAD = LP_VPAD(T);
     alignas(16) __shared__ T sx[LP_BK][BA + PAD];
     alignas(16) __shared__ T sw[LP_BK][BB + PAD];
-    __shared__ int any_unsafe;
     const int tx = threadIdx.x;
     const int ty = threadIdx.y;
     const int b0 = blockIdx.y * BA;
     const int n0 = blockIdx.x * BB;
-    if (tx == 0 && ty == 0) any_unsafe = 0;   // the loop's first barrier orders this before the writes below
 
     T acc[RA][RB];
 #pragma unroll
@@ -321,7 +325,7 @@ lp_forward_raw(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__
 #pragma unroll
             for (int i = 0; i < RA; ++i) {
 #pragma unroll
-                for (int j = 0; j < RB; ++j) acc[i][j] += lp_pow<PV, T>(xv[i] - wv[j], T(PV));
+                for (int j = 0; j < RB; ++j) acc[i][j] = lp_pow_acc<PV, T>(acc[i][j], xv[i] - wv[j], T(PV));
             }
         }
         __syncthreads();
@@ -343,7 +347,8 @@ lp_forward_raw(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__
             }
         }
     }
-    if (unsafe) any_unsafe = 1;   // racing stores of the same value
-    __syncthreads();
+    // the block's verdict: one barrier that also ORs the threads' flags (no shared flag that many threads
+    // would store to at once)
+    const int any_unsafe = __syncthreads_or(unsafe);
     if (tx == 0 && ty == 0) redo[blockIdx.y * gridDim.x + blockIdx.x] = any_unsafe;
 }

@@ -13,10 +13,16 @@ orchestration, the real launcher (:class:`EmulatedCupy` stands in for the
 What this proves: the kernels' index arithmetic, tiling, bounds handling,
 barriers (placement and that all threads reach them), the resolve and
 scatter logic, and the backend's buffers and launch shapes produce the
-reference results, with real threads interleaving between barriers.  What it
-does not: timing, the GPU memory model and races beyond what barriers order,
-warp behaviour, register/shared-memory limits, and CUDA's own floating-point
-details (FMA contraction, math-library ulps) — see cuda_shim.h.
+reference results, with real threads interleaving between barriers, blocks
+in shuffled order and shared memory poisoned before every block; the same
+IEEE roundings as the GPU for +, -, *, /, sqrt and fma (the kernels write
+every fused multiply-add explicitly, and NVRTC compiles them with
+--fmad=false).  Sanitizer builds (:data:`SANITIZERS`: ThreadSanitizer,
+AddressSanitizer with UndefinedBehaviorSanitizer) compile the same source
+for a child process that preloads the runtime (tests/ops/test_sanitizers.py).
+What it does not: timing, the GPU memory model beyond barriers, blocks
+running at the same time, warp behaviour, register/shared-memory limits, and
+CUDA's math-library ulps — see cuda_shim.h.
 """
 from __future__ import annotations
 
@@ -35,11 +41,26 @@ from filelock import FileLock
 from linf_plugin.ops.cupy_backend import CupyLauncher
 from linf_plugin.ops.kernel_specs import all_module_specs, full_source
 
-__all__ = ["compiler", "harness_source", "build_library", "EmulatedCupy", "EmulatedLauncher", "Launch", "symbol"]
+__all__ = ["compiler", "harness_source", "build_library", "build_library_file", "load_library", "SANITIZERS",
+           "sanitizer_runtime", "EmulatedCupy", "EmulatedLauncher", "Launch", "symbol"]
 
 SHIM = Path(__file__).with_name("cuda_shim.h")
-CXXFLAGS = ("-std=c++20", "-O0", "-pthread", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas",
-            "-Wno-unused-variable", "-Wno-unused-but-set-variable")
+# -ffp-contract=off: no multiply-add is fused unless the source says so, as in the kernels' NVRTC build.
+# -fno-gnu-unique: each library keeps its own kernels' static (shared-memory) variables and emulator state;
+# with the default STB_GNU_UNIQUE binding, two libraries loaded in one process (the sm_75 build, planted-bug
+# builds) would share one definition of every such variable, whatever its size in each.
+CXXFLAGS = ("-std=c++20", "-O0", "-pthread", "-shared", "-fPIC", "-ffp-contract=off", "-fno-gnu-unique", "-Wall",
+            "-Wno-unknown-pragmas", "-Wno-unused-variable", "-Wno-unused-but-set-variable")
+# Sanitizer builds: name -> (compiler flags replacing -O0, the libraries a child process preloads).  The
+# address build adds UndefinedBehaviorSanitizer (alignment of the 16-byte vector loads included); its
+# child preloads libstdc++ too, or ASan's C++ exception interceptor finds no __cxa_throw when a module
+# loaded later throws.  Both recover from errors, so one child reports every case it runs
+# (halt_on_error=0 in its options).
+SANITIZERS = {
+    "thread": (("-O1", "-g1", "-fsanitize=thread"), ("libtsan.so",)),
+    "address": (("-O0", "-g1", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
+                 "-fsanitize-recover=all"), ("libasan.so", "libstdc++.so.6")),
+}
 
 
 def compiler() -> str | None:
@@ -62,10 +83,20 @@ def _all_files() -> list:
     return files
 
 
-def harness_source() -> str:
-    """The C++ translation unit: shim, kernel sources, one launcher per instance."""
-    lines = ['#include "cuda_shim.h"', full_source(_all_files()), "// ---- launchers"]
-    for name, k in _all_kernels().items():
+def harness_source(kernels=None, transform=None) -> str:
+    """The C++ translation unit: shim, kernel sources, one launcher per instance.
+
+    Args:
+        kernels: name expressions to give launchers (default: every catalogue instance).
+        transform: ``str -> str`` applied to the kernel sources (the planted-bug tests).
+    """
+    source = full_source(_all_files())
+    if transform is not None:
+        source = transform(source)
+    lines = ['#include "cuda_shim.h"', source, "// ---- launchers"]
+    everything = _all_kernels()
+    chosen = everything if kernels is None else {name: everything[name] for name in kernels}
+    for name, k in chosen.items():
         params, call = [], []
         for i, kind in enumerate(k.params):
             if kind == "T*":
@@ -82,13 +113,71 @@ def harness_source() -> str:
                 call.append(f"a{i}")
         lines.append(f'extern "C" int {symbol(name)}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, '
                      f'unsigned bz, {", ".join(params)}) {{\n'
-                     f'    return emu::launch(dim3(gx, gy, gz), dim3(bx, by, bz), [&] {{ {name}({", ".join(call)}); }});\n'
+                     f'    return emu::launch(dim3(gx, gy, gz), dim3(bx, by, bz), [&] {{ {name}({", ".join(call)}); }}, '
+                     f'"{name}");\n'
                      f'}}')
     return "\n".join(lines) + "\n"
 
 
-def build_library(directory: Path, source: str | None = None) -> ctypes.CDLL:
-    """Compile ``source`` (default: :func:`harness_source`) into ``directory`` and load it.
+def sanitizer_runtime(name: str) -> str | None:
+    """``LD_PRELOAD`` for a child running sanitizer ``name``'s builds (a :data:`SANITIZERS` key): the paths of the
+    runtime libraries g++ links, space-separated; ``None`` when one is missing."""
+    cxx = compiler()
+    if cxx is None:
+        return None
+    paths = []
+    for lib in SANITIZERS[name][1]:
+        proc = subprocess.run([cxx, f"-print-file-name={lib}"], capture_output=True, text=True)
+        path = proc.stdout.strip()
+        if proc.returncode != 0 or not os.path.isabs(path) or not os.path.exists(path):
+            return None
+        paths.append(os.path.realpath(path))
+    return " ".join(paths)
+
+
+def _flags(arch: int, sanitizer: str | None) -> list:
+    flags = [f for f in CXXFLAGS if not (sanitizer and f == "-O0")]
+    if sanitizer is not None:
+        flags += SANITIZERS[sanitizer][0]
+    return flags + [f"-DLP_EMULATED_ARCH={int(arch)}"]
+
+
+# A kernel is a function template at namespace scope: its __shared__ variables are the static locals
+# "kernel<args>(params)::name"; libstdc++'s own static locals (std::...) are not.
+_KERNEL_LOCAL = re.compile(r"^([A-Za-z_]\w*(?:<[^()]*>)?)\(.*\)::\w+$")
+
+
+def _shared_variables(lib: Path) -> list:
+    """``[(kernel name, symbol, size)]`` of the kernels' static locals in ``lib`` (nm and c++filt)."""
+    proc = subprocess.run(["nm", "-D", "--defined-only", "-S", str(lib)], capture_output=True, text=True, check=True)
+    found = []
+    for line in proc.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 4 and parts[2] in "uVvBbDdGgSs" and parts[3].startswith("_ZZ"):
+            found.append((parts[3], int(parts[1], 16)))
+    if not found:
+        return []
+    names = subprocess.run(["c++filt"], input="\n".join(sym for sym, _ in found), capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    out = []
+    for (sym, size), demangled in zip(found, names):
+        m = _KERNEL_LOCAL.match(demangled.strip())
+        if m:
+            out.append((m.group(1), sym, size))
+    return out
+
+
+def build_library_file(directory: Path, source: str | None = None, *, arch: int = 900,
+                       sanitizer: str | None = None) -> Path:
+    """Compile ``source`` (default: :func:`harness_source`) into ``directory``, once per source, shim and flags.
+
+    Args:
+        arch: the ``__CUDA_ARCH__`` the kernels see (``LP_EMULATED_ARCH``): 900, or 750 for the sm_75 paths.
+        sanitizer: a :data:`SANITIZERS` key; such a library runs only in a process that preloads the
+            sanitizer's runtime (:func:`sanitizer_runtime`), never in the test process itself.
+
+    Returns:
+        The path of the shared library; next to it ``<name>.shared`` lists the kernels' shared variables.
 
     Raises:
         RuntimeError: no compiler, or the compiler's error output.
@@ -97,25 +186,53 @@ def build_library(directory: Path, source: str | None = None) -> ctypes.CDLL:
     if cxx is None:
         raise RuntimeError("no C++ compiler (g++) found")
     source = harness_source() if source is None else source
-    digest = hashlib.sha256((source + SHIM.read_text() + " ".join(CXXFLAGS)).encode()).hexdigest()[:16]
+    flags = _flags(arch, sanitizer)
+    digest = hashlib.sha256((source + SHIM.read_text() + " ".join(flags)).encode()).hexdigest()[:16]
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    lib = directory / f"lp_kernels_emu_{digest}.so"
+    tag = f"lp_kernels_emu_{sanitizer or 'plain'}_{digest}"
+    lib = directory / f"{tag}.so"
+    table = directory / f"{tag}.shared"
     # pytest-xdist workers share the cache directory: the lock makes the second
     # worker wait for the first one's build instead of compiling the same
     # library again (or reading a half-written one).
-    with FileLock(str(directory / f"lp_kernels_emu_{digest}.lock")):
-        if not lib.exists():
-            src = directory / f"lp_kernels_emu_{digest}.{os.getpid()}.cpp"
+    with FileLock(str(directory / f"{tag}.lock")):
+        if not (lib.exists() and table.exists()):
+            src = directory / f"{tag}.{os.getpid()}.cpp"
             src.write_text(source)
-            tmp = directory / f"lp_kernels_emu_{digest}.{os.getpid()}.tmp.so"
-            proc = subprocess.run([cxx, *CXXFLAGS, f"-I{SHIM.parent}", str(src), "-o", str(tmp)],
+            tmp = directory / f"{tag}.{os.getpid()}.tmp.so"
+            proc = subprocess.run([cxx, *flags, f"-I{SHIM.parent}", str(src), "-o", str(tmp)],
                                   capture_output=True, text=True)
             src.unlink()
             if proc.returncode != 0:
                 raise RuntimeError(f"g++ failed:\n{proc.stderr[-4000:]}")
+            rows = "".join(f"{k}\t{sym}\t{size}\n" for k, sym, size in _shared_variables(tmp))
+            tmp_table = directory / f"{tag}.{os.getpid()}.tmp.shared"
+            tmp_table.write_text(rows)
             os.replace(tmp, lib)
-    return ctypes.CDLL(str(lib))
+            os.replace(tmp_table, table)
+    return lib
+
+
+def load_library(path: Path) -> ctypes.CDLL:
+    """Load a library from :func:`build_library_file` and register its kernels' shared variables (poisoned
+    before every block, see cuda_shim.h)."""
+    path = Path(path)
+    lib = ctypes.CDLL(str(path))
+    lib.emu_add_shared.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t]
+    lib.emu_shared_count.restype = ctypes.c_size_t
+    if lib.emu_shared_count():       # loaded before in this process (dlopen returns the same library)
+        return lib
+    table = path.with_suffix(".shared")
+    for line in table.read_text().splitlines():
+        kernel, sym, size = line.split("\t")
+        lib.emu_add_shared(kernel.encode(), ctypes.addressof(ctypes.c_char.in_dll(lib, sym)), int(size))
+    return lib
+
+
+def build_library(directory: Path, source: str | None = None, *, arch: int = 900) -> ctypes.CDLL:
+    """:func:`build_library_file` (no sanitizer) and :func:`load_library`."""
+    return load_library(build_library_file(directory, source, arch=arch))
 
 
 class _Namespace:
@@ -171,10 +288,17 @@ class EmulatedCupy:
       module dtype (``int32`` for ``int*``) or the null ``numpy.uint64(0)``,
       ``numpy.int32`` for ``int``, ``numpy.float32``/``float64`` for ``T``
       (a Python float would be marshalled as a double by CuPy).
+
+    ``compute_capability`` is what ``cuda.Device(i).compute_capability`` reports ("90", "75", "61": the
+    launcher's device check reads it) and ``nvrtc_error``, when given, what ``cuda.nvrtc.getVersion()`` raises
+    (CuPy installed without NVRTC).
     """
 
-    def __init__(self, lib: ctypes.CDLL, schedule: str = "shuffled", seed: int = 1):
+    def __init__(self, lib: ctypes.CDLL, schedule: str = "shuffled", seed: int = 1, compute_capability: str = "90",
+                 nvrtc_error: str | None = None):
         self.lib = lib
+        self.compute_capability = compute_capability   # as cupy.cuda.Device(i).compute_capability reports it
+        self.nvrtc_error = nvrtc_error                  # what cupy.cuda.nvrtc.getVersion() raises, if anything
         self.calls: list = []
         self.compiled: list = []
         self.stream_handle = 0x5151           # what "torch's current stream" is; tests may change it
@@ -183,7 +307,8 @@ class EmulatedCupy:
         self._specs = {tuple(s.name_expressions): s for s in all_module_specs()}
         self.configure(schedule, seed)
         stream = _Namespace(from_external=self._from_external)
-        self.cuda = _Namespace(runtime=_Namespace(getDeviceCount=lambda: 1), Device=self._device, Stream=stream)
+        self.cuda = _Namespace(runtime=_Namespace(getDeviceCount=lambda: 1), Device=self._device, Stream=stream,
+                               nvrtc=_Namespace(getVersion=self._nvrtc_version))
 
     def configure(self, schedule: str, seed: int = 1) -> None:
         """How a block's threads run: fibers (``ascending``, ``descending``, ``shuffled`` per barrier
@@ -198,7 +323,14 @@ class EmulatedCupy:
 
     # -- the cupy interface ---------------------------------------------------
     def _device(self, index):
-        return _Context(self._devices, index)
+        context = _Context(self._devices, index)
+        context.compute_capability = self.compute_capability
+        return context
+
+    def _nvrtc_version(self):
+        if self.nvrtc_error is not None:
+            raise RuntimeError(self.nvrtc_error)
+        return (13, 0)
 
     def _from_external(self, obj):
         version, handle = obj.__cuda_stream__()
@@ -281,8 +413,8 @@ class EmulatedLauncher(CupyLauncher):
 
     MODES = {"ascending": 0, "descending": 1, "shuffled": 2, "threads": 3}
 
-    def __init__(self, lib: ctypes.CDLL, schedule: str = "shuffled", seed: int = 1):
-        self.device = EmulatedCupy(lib, schedule, seed)
+    def __init__(self, lib: ctypes.CDLL, schedule: str = "shuffled", seed: int = 1, **device):
+        self.device = EmulatedCupy(lib, schedule, seed, **device)
         super().__init__(device=self.device, current_stream=self.device.current_stream)
 
     @property
