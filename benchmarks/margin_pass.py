@@ -1,4 +1,4 @@
-"""One margin pass over the digits test set against one IBP pass on the digits ReLU CNN (issue #16 item 4).
+"""One margin pass over the digits test set against one IBP pass on the digits ReLU CNN.
 
 The comparison harness times the margin certificate of the ℓ∞-dist net
 (``certified_accuracy_curve(..., "margin")``: ONE pass certifies every ε)

@@ -382,7 +382,7 @@ def _floats(t):
 
 
 # ``--full``: the breadth of the first runs (3 sizes x 3 seeds, finer bisection); the defaults keep one
-# seed and the two smaller sizes, which still shows every contrast REFERENCE.md asks for, in ~5x less time.
+# seed and the two smaller sizes, which still shows every contrast of the experiment, in ~5x less time.
 FULL_SETTINGS = {"sizes": [8, 32, 128], "depths": [1, 2], "seeds": [0, 1, 2], "bisect_steps": 30,
                  "alpha_bisect_steps": 16}
 

@@ -2,8 +2,8 @@ r"""Floating point in bound-propagation certificates: exact float32 settings, bo
 
 auto_LiRPA computes its bounds in ordinary floating point (round to nearest,
 no directed rounding).  A certificate from it is made float-rigorous here in
-three steps (the argument is written out in the README, "What a certificate
-promises"):
+three steps (the argument is written out in docs/certificates.md, "What a
+certificate promises"):
 
 1. :func:`exact_float` turns TF32 and autocast off while bounds are computed
    (TF32 has a unit roundoff of 2^-11, and autocast would run matmuls in

@@ -55,8 +55,8 @@ Overhead: for trained nets E is ~1e-6 of the activations -- invisible in
 accuracy, but it refuses the adversarial cases naive float checks accept
 (see tests/certification/test_margin_float.py).
 
-The fast pass (issue #16 item 4)
---------------------------------
+The fast pass
+-------------
 For a plain, unhooked :class:`~linf_plugin.models.LinfDistNet` (see
 :func:`_plain_parts`) :func:`linf_trace` runs the layers' torch ops itself,
 in the modules' order (distance, ``- running_mean``, ``+ bias``), without

@@ -59,7 +59,7 @@ class CertResult(Result):
         float_rigorous: every certificate holds for the real-arithmetic
             network whatever the rounding of the computation (margin,
             interval, and bound propagation re-checked in float64 with a
-            derived slack; see the README, "What a certificate promises").
+            derived slack; see docs/certificates.md).
             ``False``: the float computation was trusted up to a heuristic
             slack.  Results saved before this field existed load as
             ``False`` (nothing vouched for their rounding).

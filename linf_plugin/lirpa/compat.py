@@ -15,7 +15,7 @@ later, so upstream 0.7.x needs none of this.  Every fix below is
 * **recorded** -- :func:`applied_fixes` says which ones ran, and the
   environment report prints them.
 
-The fixes (numbers as in the project's REFERENCE notes):
+The fixes:
 
 1. ``numpy.lib.arraysetops`` was removed in numpy 2.0.  0.3's
    ``operators/base.py`` does ``from numpy.lib.arraysetops import isin``.
@@ -34,8 +34,8 @@ The fixes (numbers as in the project's REFERENCE notes):
    with ``n[k]``; the value is ``getattr(n, n.kindOf(k))(k)`` (``kindOf``
    returns the accessor name: ``f``, ``i``, ``s``, ``t``, ``fs``, ...).  We add
    ``__getitem__`` to the class -- the one change visible outside auto_LiRPA
-   (``node[k]`` works instead of raising ``TypeError``); the README's compat
-   section lists it.  *Needed by 0.3 with torch >= 2.1 or so.*
+   (``node[k]`` works instead of raising ``TypeError``); docs/installation.md
+   lists it.  *Needed by 0.3 with torch >= 2.1 or so.*
 4. ``torch.nn.Module.parameters()`` now calls
    ``self._named_members(..., remove_duplicate=...)``; 0.3 overrides
    ``_named_members`` on ``BoundedModule`` (and ``BoundDataParallel``) without

@@ -1,10 +1,11 @@
-"""auto_LiRPA operator bugs that our graphs hit (0.3 ones, fixed upstream, and one in both).
+"""auto_LiRPA operator bugs that our graphs hit (0.3 ones, fixed upstream, and some in both).
 
 Our layers subtract a constant buffer (the mean shift in eval mode) and our
 nets normalise their input with ``x - mean``; auto_LiRPA 0.3 mishandles both
 outside IBP.  Same conventions as :mod:`linf_plugin.lirpa.compat`: every fix is
-feature-detected (applied only when the broken behaviour is present; all but
-fix 10 only on 0.3, per :func:`~linf_plugin.lirpa.compat.needs_legacy_fixes`),
+feature-detected (applied only when the broken behaviour is present; the ones
+marked "both versions" below on 0.7.x too, the others only on 0.3, per
+:func:`~linf_plugin.lirpa.compat.needs_legacy_fixes`),
 idempotent, and recorded (:func:`applied_operator_fixes`).  Each one turns a
 crash into a bound; ``tests/lirpa/test_operator_fixes.py`` checks every one of
 them by sampling, on shapes chosen to trip it.
