@@ -117,8 +117,16 @@ class StallStop:
 
 
 def _keyword(fn, *names) -> str:
+    """The first of ``names`` that ``fn`` takes (auto_LiRPA renamed intermediate_layer_bounds to
+    interm_bounds after 0.3); where ``fn`` hides its parameters (a wrapper taking ``**kwargs``), the
+    installed version decides."""
+    from ..lirpa.compat import needs_legacy_fixes
+
     params = inspect.signature(fn).parameters
-    return next(n for n in names if n in params)
+    found = next((n for n in names if n in params), None)
+    if found is not None:
+        return found
+    return "intermediate_layer_bounds" if needs_legacy_fixes() else "interm_bounds"
 
 
 def _alpha_nodes(bounded) -> Optional[list]:

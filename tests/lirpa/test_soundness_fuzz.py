@@ -79,12 +79,31 @@ def _wrong_relaxation(which, frac=0.05):
     return relaxation
 
 
+def _wrong_alpha_planes(which, frac=0.05):
+    """alpha-CROWN's optimisable planes at p = inf (not :meth:`BoundLpDist.relaxation`), shifted likewise."""
+    from linf_plugin.lirpa import alpha_planes
+
+    original = alpha_planes.planes_from_params
+
+    def planes_from_params(support, params):
+        lcoef, lbias, ucoef, ubias = original(support, params)
+        delta = frac * (support.far - support.near)
+        if which == "upper":
+            return lcoef, lbias, ucoef, ubias - delta
+        return lcoef, lbias + delta, ucoef, ubias
+
+    return planes_from_params
+
+
 @pytest.mark.parametrize("which", ["upper", "lower"])
 @pytest.mark.parametrize("p", [math.inf, 8.0])
 def test_checker_catches_a_slightly_wrong_relaxation(monkeypatch, which, p):
     """Shift one plane inward by 5% of the neuron's range: every linear method must be caught
     (a one-layer net, where each relaxation is used exactly where it touches)."""
+    from linf_plugin.lirpa import bound
+
     monkeypatch.setattr(BoundLpDist, "relaxation", _wrong_relaxation(which))
+    monkeypatch.setattr(bound, "planes_from_params", _wrong_alpha_planes(which))
     found = check_case(_one_layer_case(p), radii=(0.05, 0.3), kinds=("sym",), specs=("logits", "margin"), ties=False)
     assert violating_methods(found) >= set(RELAXATION_METHODS), found
 
