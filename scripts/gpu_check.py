@@ -142,7 +142,7 @@ def plan(out: Path, python: str, seed_repo: Path | None, scratch: Path, sanitize
         # CROWN under the memory cap on the 6x5120 net, sized to a short device session
         Step("crown_memory", [python, "benchmarks/crown_memory.py", "--device", "cuda", "--n", "256",
                               "--out", str(out / "crown_memory-cuda.json")], 45, ("crown_memory-cuda.json",)),
-        Step("comparisons", [python, "-m", "comparisons", "run", "--preset", "digits", "--device", "cuda",
+        Step("comparisons", [python, "-m", "comparisons", "run", "--suite", "digits", "--device", "cuda",
                              "--epochs", "1", "--test-subset", "200", "--points", "alpha-crown=20", "--no-cache",
                              "--no-progress", "--out", str(runs)], 60, ("comparisons-cuda.json",),
              (runs / "results.json", out / "comparisons-cuda.json")),
