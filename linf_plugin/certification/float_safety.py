@@ -186,7 +186,9 @@ def _magnitude(node, mags, kind: str):
         if not math.isinf(node.p):
             raise _Unsupported(f"an l_p-dist layer at p = {node.p:g} (only p = inf is covered)")
         # max_i |z_i - w_ni| <= max_i (|z_i| + |w_ni|); the p = inf planes have l1-norm <= 1 coefficients.
-        return (mags[0].unsqueeze(-2) + mags[1]).amax(dim=-1)
+        # alpha-CROWN's threshold planes keep their absolute terms under far_max + 2 max_i |z_i| (the cap in
+        # lirpa.alpha_planes), which can be ~3x the first bound: count both, for every method.
+        return (mags[0].unsqueeze(-2) + mags[1]).amax(dim=-1) + 2 * mags[0].amax(dim=-1, keepdim=True)
     raise _Unsupported(f"operator {kind}")
 
 

@@ -215,3 +215,42 @@ def test_fuzz_no_certificate_past_the_radius(seed, scale, method):
     for i in _bounded(radius):
         res = certify(model, (x[i:i + 1], y[i:i + 1]), float(radius[i]) * (1 + 1e-6), method)
         assert not res.certified[0]
+
+
+
+def test_the_magnitude_pass_covers_alpha_crowns_threshold_planes():
+    """The float64 re-check bounds rounding by the |W| pass.  An optimised upper plane of an l_inf-dist
+    neuron (w = 0, box [0,1]^3 x [0,0.1], r = 0, theta = 1: 2/3 + (x0 + x1 + x2)/3) has absolute terms
+    5/3 where max_i (|z_i| + |w_i|) is 1, so the pass must count more than that: the plane's terms on
+    the box stay under what it counts, for any parameters."""
+    import math
+    from types import SimpleNamespace
+
+    from linf_plugin.certification.float_safety import _magnitude
+    from linf_plugin.lirpa.alpha_planes import default_params, plane_support, planes_from_params
+    from linf_plugin.ops import linf_box_argmax
+
+    f64 = torch.float64
+    gen = torch.Generator().manual_seed(0)
+    cases = [(torch.tensor([[0.0, 0, 0, 0]], dtype=f64), torch.tensor([[1.0, 1, 1, 0.1]], dtype=f64),
+              torch.zeros(1, 4, dtype=f64))]
+    for _ in range(100):
+        c = torch.randn(2, 6, generator=gen, dtype=f64)
+        r = torch.rand(2, 6, generator=gen, dtype=f64) * 2
+        cases.append((c - r, c + r, torch.randn(3, 6, generator=gen, dtype=f64)))
+    node = SimpleNamespace(p=math.inf)
+    worst = 0.0
+    for lower, upper, w in cases:
+        support = plane_support(lower, upper, w, linf_box_argmax(lower, upper, w)[0])
+        mag = _magnitude(node, [torch.maximum(lower.abs(), upper.abs()), w.abs()], "BoundLpDist")
+        slots = support.index.shape[-1]
+        reach = torch.maximum(support.lo.abs(), support.hi.abs())
+        for r, theta in ((0.0, 1.0), (1.0, 1.0), (0.5, 0.5), (0.0, 0.3), (0.2, 0.9)):
+            params = default_params(support)
+            params[..., 2 * slots + 1], params[..., 2 * slots + 2] = r, theta
+            _, _, ucoef, ubias = planes_from_params(support, params.unsqueeze(0))
+            terms = (ucoef[0].abs() * reach).sum(-1) + ubias[0].abs()
+            assert (terms <= mag).all(), (lower, upper, w, r, theta, terms, mag)
+            worst = max(worst, float((terms / (w.abs() + torch.maximum(lower.abs(), upper.abs()).unsqueeze(1))
+                                      .amax(-1)).max()))
+    assert worst > 1.5  # the case above: the first bound alone would not cover it
