@@ -52,7 +52,24 @@ def _cnn(seed, bn, scale=30.0):
     return m.eval()
 
 
-NETS = {"mlp": lambda: _mlp(0), "cnn": lambda: _cnn(1, bn=False), "cnn_bn": lambda: _cnn(2, bn=True)}
+def _lp_net(seed, name, **kwargs):
+    """An l_inf-dist net (or hybrid) whose first layer sees inputs normalised to about [1000, 1100] and
+    weights near them: distances of order 10-100 computed from operands of order 1e3, so float32
+    rounding of the bounds matters as in the ReLU nets above."""
+    from linf_plugin.models import create_model
+    from linf_plugin.nn import lp_dist_layers
+
+    torch.manual_seed(seed)
+    m = create_model(name, input_shape=(1, 8, 8), num_classes=10, mean=(-10.0,), std=0.01, **kwargs)
+    with torch.no_grad():
+        first = next(iter(lp_dist_layers(m)))
+        first.weight.mul_(30).add_(1050)
+    return m.eval()
+
+
+NETS = {"mlp": lambda: _mlp(0), "cnn": lambda: _cnn(1, bn=False), "cnn_bn": lambda: _cnn(2, bn=True),
+        "linf": lambda: _lp_net(3, "linf_dist_mlp", depth=3, width=32),
+        "hybrid": lambda: _lp_net(4, "linf_dist_hybrid", depth=2, width=32, head_hidden=16)}
 
 
 RADIUS_CAP = 0.5
