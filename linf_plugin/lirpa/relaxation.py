@@ -99,12 +99,13 @@ Both relaxations are exactly sound in real arithmetic.  In floating point:
 * The lower plane's ``a`` is renormalised so that the computed ``||a||_q``
   does not exceed 1.
 * Each plane is then moved outward by a slack of
-  ``c * eps * (magnitude of the terms)`` (``eps`` the dtype's machine epsilon,
-  ``c = 4 + D_eff``, ``D_eff = 1`` for the sparse planes and ``D`` for the
-  dense ones), which covers the rounding of our own coefficients and of one
-  evaluation of the plane.  Rounding in the rest of auto_LiRPA's arithmetic is
-  not controlled (as for every auto_LiRPA operator), so certificates from
-  float bounds carry the usual float caveat.
+  ``c * eps * (magnitude of the terms)`` (``eps`` the dtype's machine epsilon;
+  ``c`` = 5 for the p = inf lower plane, 4 for the p = inf upper plane,
+  ``4 + D`` for the finite-p lower plane and the p = 1 upper plane, ``8 + D``
+  for the finite-p upper plane; derived in ``docs/relaxations.md``), which
+  covers the rounding of our own coefficients and of one evaluation of the
+  plane.  The rest of auto_LiRPA's arithmetic is covered by the float64
+  re-check of the certificate (``docs/certificates.md``).
 """
 from __future__ import annotations
 
