@@ -47,40 +47,40 @@ template <typename T> static T reference_output(const T* xr, const T* w, i64 Np,
     return m * root_of<T>(pv, s, p);
 }
 
-// sign(t) |t|^(p - 1); for p = 1, torch.sign(t) (0 for zeros and NaN, as torch has it).
-template <typename T, int PV> static inline typename S<T>::V grad_factor(typename S<T>::V t, T pm1) {
+// t^(p - 1) for p = 2 and 8 (odd powers: the sign of t kept); |t|^(p - 1) for other p (PV = 0).
+template <typename T, int PV> static inline typename S<T>::V pow_pm1(typename S<T>::V t, T pm1) {
     typedef typename S<T>::V V;
-    if constexpr (PV == 1) {
-        const V one = splat<V>(T(1));
-        return t > T(0) ? one : (t < T(0) ? -one : V{});
-    } else if constexpr (PV == 2) {
+    if constexpr (PV == 2) {
         return t;
     } else if constexpr (PV == 8) {
         const V t2 = t * t;
         const V t3 = t2 * t;
         return t3 * t3 * t;
     } else {
-        const V mag = exp2_of<T, true>(log2_abs<T, true>(t) * pm1);
-        return from_bits<T>(bits<T>(mag) | (bits<T>(t) & S<T>::SIGN));
+        static_assert(PV == 0, "p = 1 has no power chain (its factors are signs)");
+        return exp2_of<T, true>(log2_abs<T, true>(t) * pm1);
+    }
+}
+
+// sign(t) |t|^(p - 1); for p = 1, torch.sign(t) (0 for zeros and NaN, as torch has it).
+template <typename T, int PV> static inline typename S<T>::V grad_factor(typename S<T>::V t, T pm1) {
+    typedef typename S<T>::V V;
+    if constexpr (PV == 1) {
+        const V one = splat<V>(T(1));
+        return t > T(0) ? one : (t < T(0) ? -one : V{});
+    } else if constexpr (PV == 0) {
+        return from_bits<T>(bits<T>(pow_pm1<T, PV>(t, pm1)) | (bits<T>(t) & S<T>::SIGN));
+    } else {
+        return pow_pm1<T, PV>(t, pm1);
     }
 }
 
 // (v r)^(p - 1) for v >= 0 (the interval's ends); for p = 1, [r > 0] (an end of 0 passes no gradient).
 template <typename T, int PV> static inline typename S<T>::V end_factor(typename S<T>::V v, T r, T pm1) {
-    typedef typename S<T>::V V;
     if constexpr (PV == 1) {
-        return splat<V>(r > T(0) ? T(1) : T(0));
+        return splat<typename S<T>::V>(r > T(0) ? T(1) : T(0));
     } else {
-        const V t = v * r;
-        if constexpr (PV == 2) {
-            return t;
-        } else if constexpr (PV == 8) {
-            const V t2 = t * t;
-            const V t3 = t2 * t;
-            return t3 * t3 * t;
-        } else {
-            return exp2_of<T, true>(log2_abs<T, true>(t) * pm1);
-        }
+        return pow_pm1<T, PV>(v * r, pm1);
     }
 }
 
