@@ -71,9 +71,8 @@ constexpr int LINF_RB = 3, LINF_NV = 3, LINF_ARG_RB = 2, LINF_ARG_NV = 2;
 
 template <typename T, int RB, int NV, bool ARG>
 static void linf_forward(const T* x, const T* wt, i64 B, i64 N, i64 Np, i64 D, T* y, int32_t* idx, int nthreads) {
-    forward_tasks<RB, NV, S<T>::W>(B, N, nthreads, [&](i64 b0, i64 n0, int nv) {
-        LinfTile<T, RB, NV, ARG> tile{x, wt, B, N, Np, D, y, idx, b0};
-        with_width<NV, S<T>::W>(nv, n0, tile);
+    forward_tiles<RB, NV, S<T>::W>(B, N, nthreads, [&](i64 b0) {
+        return LinfTile<T, RB, NV, ARG>{x, wt, B, N, Np, D, y, idx, b0};
     });
 }
 
@@ -206,9 +205,8 @@ constexpr int IVAL_RB = 2, IVAL_NV = 2, IVAL_ARG_RB = 1, IVAL_ARG_NV = 2;
 template <typename T, int RB, int NV, bool ARG>
 static void ival_inf_forward(const T* lower, const T* upper, const T* wt, i64 B, i64 N, i64 Np, i64 D, T* lo, T* hi,
                              int32_t* idx, int nthreads) {
-    forward_tasks<RB, NV, S<T>::W>(B, N, nthreads, [&](i64 b0, i64 n0, int nv) {
-        IvalInfTile<T, RB, NV, ARG> tile{lower, upper, wt, B, N, Np, D, lo, hi, idx, b0};
-        with_width<NV, S<T>::W>(nv, n0, tile);
+    forward_tiles<RB, NV, S<T>::W>(B, N, nthreads, [&](i64 b0) {
+        return IvalInfTile<T, RB, NV, ARG>{lower, upper, wt, B, N, Np, D, lo, hi, idx, b0};
     });
 }
 

@@ -58,7 +58,7 @@ static void reference_ends(const T* lr, const T* ur, const T* wt, i64 Np, i64 n,
 template <typename T, int PV> struct IvalForward {
     typedef typename S<T>::V V;
     typedef typename S<T>::I I;
-    static constexpr int W = S<T>::W;
+    static constexpr int W = S<T>::W, VARIANT = PV;
     const T* lower;
     const T* upper;
     const T* wt;
@@ -184,41 +184,6 @@ constexpr int IRAW_RB = 3, IRAW_NV = 4, INORM_RB = 2, INORM_NV = 2;
 constexpr int IRAW_RB = 2, IRAW_NV = 2, INORM_RB = 1, INORM_NV = 2;
 #endif
 
-template <typename T, int PV> struct IvalNormTile {
-    const IvalForward<T, PV>& f;
-    i64 b0;
-    template <int NVV> void run(i64 n0) { f.template normalised<INORM_RB, NVV>(b0, n0); }
-};
-template <typename T, int PV> struct IvalRawTile {
-    const IvalForward<T, PV>& f;
-    i64 b0;
-    template <int NVV> void run(i64 n0) {
-        if (f.template raw<IRAW_RB, NVV>(b0, n0)) return;
-        constexpr int W = S<T>::W;
-        const i64 b_end = std::min<i64>(f.B, b0 + IRAW_RB), n_end = std::min<i64>(f.N, n0 + (i64)NVV * W);
-        for (i64 b = b0; b < b_end; b += INORM_RB)
-            for (i64 n = n0; n < n_end; n += (i64)INORM_NV * W) {
-                IvalNormTile<T, PV> tile{f, b};
-                with_width<INORM_NV, W>((int)std::min<i64>(INORM_NV, (n_end - n + W - 1) / W), n, tile);
-            }
-    }
-};
-
-template <typename T, int PV> static void ival_forward(const IvalForward<T, PV>& f, int nthreads) {
-    constexpr int W = S<T>::W;
-    if constexpr (PV == 0) {
-        forward_tasks<INORM_RB, INORM_NV, W>(f.B, f.N, nthreads, [&](i64 b0, i64 n0, int nv) {
-            IvalNormTile<T, PV> tile{f, b0};
-            with_width<INORM_NV, W>(nv, n0, tile);
-        });
-    } else {
-        forward_tasks<IRAW_RB, IRAW_NV, W>(f.B, f.N, nthreads, [&](i64 b0, i64 n0, int nv) {
-            IvalRawTile<T, PV> tile{f, b0};
-            with_width<IRAW_NV, W>(nv, n0, tile);
-        });
-    }
-}
-
 // ---- backward -------------------------------------------------------------------
 
 #if LP_NREG >= 32
@@ -307,24 +272,19 @@ template <typename T, int PV> struct IvalBackward {
 template <typename T>
 static void lp_ival_forward(const T* lower, const T* upper, const T* wt, i64 B, i64 N, i64 Np, i64 D, T p, int pv,
                             T* lo, T* hi, int nt) {
-    switch (pv) {
-        case 1: ival_forward(IvalForward<T, 1>{lower, upper, wt, B, N, Np, D, lo, hi, p}, nt); break;
-        case 2: ival_forward(IvalForward<T, 2>{lower, upper, wt, B, N, Np, D, lo, hi, p}, nt); break;
-        case 8: ival_forward(IvalForward<T, 8>{lower, upper, wt, B, N, Np, D, lo, hi, p}, nt); break;
-        default: ival_forward(IvalForward<T, 0>{lower, upper, wt, B, N, Np, D, lo, hi, p}, nt); break;
-    }
+    with_variant(pv, [&](auto v) {
+        finite_forward<IRAW_RB, IRAW_NV, INORM_RB, INORM_NV>(
+            IvalForward<T, decltype(v)::value>{lower, upper, wt, B, N, Np, D, lo, hi, p}, nt);
+    });
 }
 
 template <typename T>
 static void lp_ival_backward(const T* lower, const T* upper, const T* w, const T* glo, const T* ghi, const T* rlo,
                              const T* rhi, i64 B, i64 N, i64 Dp, T p, int pv, T* gl, T* gu, T* gw, int nt) {
     const T pm1 = p - T(1);
-    switch (pv) {
-        case 1: IvalBackward<T, 1>{lower, upper, w, glo, ghi, rlo, rhi, B, N, Dp, pm1, gl, gu, gw}.run(nt); break;
-        case 2: IvalBackward<T, 2>{lower, upper, w, glo, ghi, rlo, rhi, B, N, Dp, pm1, gl, gu, gw}.run(nt); break;
-        case 8: IvalBackward<T, 8>{lower, upper, w, glo, ghi, rlo, rhi, B, N, Dp, pm1, gl, gu, gw}.run(nt); break;
-        default: IvalBackward<T, 0>{lower, upper, w, glo, ghi, rlo, rhi, B, N, Dp, pm1, gl, gu, gw}.run(nt); break;
-    }
+    with_variant(pv, [&](auto v) {
+        IvalBackward<T, decltype(v)::value>{lower, upper, w, glo, ghi, rlo, rhi, B, N, Dp, pm1, gl, gu, gw}.run(nt);
+    });
 }
 
 }  // namespace lp

@@ -45,7 +45,7 @@ namespace lp {
 template <typename T, int PV> struct Forward {
     typedef typename S<T>::V V;
     typedef typename S<T>::I I;
-    static constexpr int W = S<T>::W;
+    static constexpr int W = S<T>::W, VARIANT = PV;
     const T* x;
     const T* wt;
     i64 B, N, Np, D;
@@ -159,50 +159,11 @@ constexpr int RAW_RB = 4, RAW_NV = 5, NORM_RB = 2, NORM_NV = 4;
 constexpr int RAW_RB = 3, RAW_NV = 3, NORM_RB = 2, NORM_NV = 2;
 #endif
 
-template <typename T, int PV> struct NormTile {
-    const Forward<T, PV>& f;
-    i64 b0;
-    template <int NVV> void run(i64 n0) { f.template normalised<NORM_RB, NVV>(b0, n0); }
-};
-template <typename T, int PV> struct RawTile {
-    const Forward<T, PV>& f;
-    i64 b0;
-    template <int NVV> void run(i64 n0) {
-        if (f.template raw<RAW_RB, NVV>(b0, n0)) return;
-        // the fixup: the same rectangle, max-normalised
-        constexpr int W = S<T>::W;
-        const i64 b_end = std::min<i64>(f.B, b0 + RAW_RB), n_end = std::min<i64>(f.N, n0 + (i64)NVV * W);
-        for (i64 b = b0; b < b_end; b += NORM_RB)
-            for (i64 n = n0; n < n_end; n += (i64)NORM_NV * W) {
-                NormTile<T, PV> tile{f, b};
-                with_width<NORM_NV, W>((int)std::min<i64>(NORM_NV, (n_end - n + W - 1) / W), n, tile);
-            }
-    }
-};
-
-template <typename T, int PV> static void forward(const Forward<T, PV>& f, int nthreads) {
-    constexpr int W = S<T>::W;
-    if constexpr (PV == 0) {
-        forward_tasks<NORM_RB, NORM_NV, W>(f.B, f.N, nthreads, [&](i64 b0, i64 n0, int nv) {
-            NormTile<T, PV> tile{f, b0};
-            with_width<NORM_NV, W>(nv, n0, tile);
-        });
-    } else {
-        forward_tasks<RAW_RB, RAW_NV, W>(f.B, f.N, nthreads, [&](i64 b0, i64 n0, int nv) {
-            RawTile<T, PV> tile{f, b0};
-            with_width<RAW_NV, W>(nv, n0, tile);
-        });
-    }
-}
-
 template <typename T>
 static void lp_forward(const T* x, const T* wt, i64 B, i64 N, i64 Np, i64 D, T p, int pv, T* y, int nt) {
-    switch (pv) {
-        case 1: forward(Forward<T, 1>{x, wt, B, N, Np, D, y, p}, nt); break;
-        case 2: forward(Forward<T, 2>{x, wt, B, N, Np, D, y, p}, nt); break;
-        case 8: forward(Forward<T, 8>{x, wt, B, N, Np, D, y, p}, nt); break;
-        default: forward(Forward<T, 0>{x, wt, B, N, Np, D, y, p}, nt); break;
-    }
+    with_variant(pv, [&](auto v) {
+        finite_forward<RAW_RB, RAW_NV, NORM_RB, NORM_NV>(Forward<T, decltype(v)::value>{x, wt, B, N, Np, D, y, p}, nt);
+    });
 }
 
 // ---- backward -------------------------------------------------------------------
@@ -280,12 +241,7 @@ template <typename T>
 static void lp_backward(const T* x, const T* w, const T* g, const T* r, i64 B, i64 N, i64 Dp, T p, int pv, T* gx, T* gw,
                         int nt) {
     const T pm1 = p - T(1);
-    switch (pv) {
-        case 1: Backward<T, 1>{x, w, g, r, B, N, Dp, pm1, gx, gw}.run(nt); break;
-        case 2: Backward<T, 2>{x, w, g, r, B, N, Dp, pm1, gx, gw}.run(nt); break;
-        case 8: Backward<T, 8>{x, w, g, r, B, N, Dp, pm1, gx, gw}.run(nt); break;
-        default: Backward<T, 0>{x, w, g, r, B, N, Dp, pm1, gx, gw}.run(nt); break;
-    }
+    with_variant(pv, [&](auto v) { Backward<T, decltype(v)::value>{x, w, g, r, B, N, Dp, pm1, gx, gw}.run(nt); });
 }
 
 }  // namespace lp

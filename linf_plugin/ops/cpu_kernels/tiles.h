@@ -52,9 +52,10 @@ template <typename T, typename V> static inline void store_cols(T* yrow, i64 n, 
     }
 }
 
-// The forward task loop: tile(b0, n0, nv) for every (neuron tile, row tile).
-template <int RB, int NV, int W, typename Tile>
-static void forward_tasks(i64 B, i64 N, int nthreads, const Tile& tile) {
+// The forward task loop: for every (neuron tile, row tile), make(b0) builds the row tile at b0 (a
+// functor with run<NVV>(n0)) and with_width runs it on the neuron tile.
+template <int RB, int NV, int W, typename Make>
+static void forward_tiles(i64 B, i64 N, int nthreads, const Make& make) {
     const i64 nt_cols = (i64)NV * W;
     const i64 n_tiles = (N + nt_cols - 1) / nt_cols;
     const i64 b_tiles = (B + RB - 1) / RB;
@@ -63,8 +64,8 @@ static void forward_tasks(i64 B, i64 N, int nthreads, const Tile& tile) {
     for (i64 t = 0; t < tasks; ++t) {
         const i64 jn = t / b_tiles, ib = t % b_tiles;
         const i64 n0 = jn * nt_cols;
-        const int nv = (int)std::min<i64>(NV, (N - n0 + W - 1) / W);
-        tile(ib * RB, n0, nv);
+        auto tile = make(ib * RB);
+        with_width<NV, W>((int)std::min<i64>(NV, (N - n0 + W - 1) / W), n0, tile);
     }
 }
 
