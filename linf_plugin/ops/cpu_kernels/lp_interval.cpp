@@ -20,8 +20,6 @@
 // lower - w where a < 0, w - upper where c < 0, constant otherwise.
 // gl, gu sum the neurons in order and gw the rows in order, whatever the
 // thread count.
-#include <vector>
-
 #include "powers.h"
 
 namespace lp {
@@ -249,24 +247,7 @@ template <typename T, int PV> struct IvalBackward {
         }
     }
 
-    void run(int nthreads) const {
-        const i64 chunks = Dp / W, block = row_block(4 * N * (i64)sizeof(T), IBWD_RB);
-#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && chunks > 1)
-        {
-            std::vector<T> scratch(gw == nullptr ? (size_t)(N * Dp) : 0);
-            for (i64 r0 = 0; r0 < B; r0 += block) {
-                const i64 r1 = std::min(B, r0 + block);
-#pragma omp for schedule(static) nowait
-                for (i64 ch = 0; ch < chunks; ++ch) {
-                    const i64 c = ch * W;
-                    T* gwc = (gw != nullptr ? gw : scratch.data()) + c;
-                    i64 b0 = r0;
-                    for (; b0 + IBWD_RB <= r1; b0 += IBWD_RB) rows<IBWD_RB>(b0, c, gwc);
-                    for (; b0 < r1; ++b0) rows<1>(b0, c, gwc);
-                }
-            }
-        }
-    }
+    void run(int nthreads) const { backward_chunks<IBWD_RB>(*this, 4 * N * (i64)sizeof(T), nthreads); }
 };
 
 template <typename T>

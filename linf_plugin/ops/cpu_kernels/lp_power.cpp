@@ -36,8 +36,6 @@
 // rows in blocks, tiles.h); gx[b, i] sums n = 0, 1, ... and gw[n, i] sums
 // b = 0, 1, ... in order, so the result does not depend on the tiling or
 // the thread count.
-#include <vector>
-
 #include "powers.h"
 
 namespace lp {
@@ -216,25 +214,7 @@ template <typename T, int PV> struct Backward {
             for (int i = 0; i < RB; ++i) storeu(gx + (b0 + i) * Dp + c, gxa[i]);
     }
 
-    void run(int nthreads) const {
-        const i64 chunks = Dp / W, block = row_block(2 * N * (i64)sizeof(T), BWD_RB);
-#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && chunks > 1)
-        {
-            // without gw wanted, each thread accumulates into a scratch column block of its own
-            std::vector<T> scratch(gw == nullptr ? (size_t)(N * Dp) : 0);
-            for (i64 r0 = 0; r0 < B; r0 += block) {
-                const i64 r1 = std::min(B, r0 + block);
-#pragma omp for schedule(static) nowait
-                for (i64 ch = 0; ch < chunks; ++ch) {
-                    const i64 c = ch * W;
-                    T* gwc = (gw != nullptr ? gw : scratch.data()) + c;
-                    i64 b0 = r0;
-                    for (; b0 + BWD_RB <= r1; b0 += BWD_RB) rows<BWD_RB>(b0, c, gwc);
-                    for (; b0 < r1; ++b0) rows<1>(b0, c, gwc);
-                }
-            }
-        }
-    }
+    void run(int nthreads) const { backward_chunks<BWD_RB>(*this, 2 * N * (i64)sizeof(T), nthreads); }
 };
 
 template <typename T>

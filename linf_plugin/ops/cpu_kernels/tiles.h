@@ -15,6 +15,8 @@
 #pragma once
 
 #include <algorithm>
+#include <type_traits>
+#include <vector>
 
 #include "simd.h"
 
@@ -78,6 +80,31 @@ static void forward_tiles(i64 B, i64 N, int nthreads, const Make& make) {
 static inline i64 row_block(i64 row_bytes, int rb) {
     const i64 budget = 256 * 1024;
     return std::max<i64>(rb, budget / std::max<i64>(row_bytes, 1) / rb * rb);
+}
+
+// The backward task loop over f (f.B rows, f.N neurons, f.Dp padded coordinates, f.gw (N, Dp) or
+// null): f.rows<RB>(b0, c, gwc) (then f.rows<1> for a block's last rows) for every row block and every
+// chunk c, gwc being gw's column block at c.  Without gw (grad_w not wanted) each thread accumulates
+// into a scratch column block of its own.
+template <int RB, typename F> static void backward_chunks(const F& f, i64 row_bytes, int nthreads) {
+    typedef typename std::remove_pointer<decltype(f.gw)>::type T;
+    constexpr int W = F::W;
+    const i64 chunks = f.Dp / W, block = row_block(row_bytes, RB);
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && chunks > 1)
+    {
+        std::vector<T> scratch(f.gw == nullptr ? (size_t)(f.N * f.Dp) : 0);
+        for (i64 r0 = 0; r0 < f.B; r0 += block) {
+            const i64 r1 = std::min(f.B, r0 + block);
+#pragma omp for schedule(static) nowait
+            for (i64 ch = 0; ch < chunks; ++ch) {
+                const i64 c = ch * W;
+                T* gwc = (f.gw != nullptr ? f.gw : scratch.data()) + c;
+                i64 b0 = r0;
+                for (; b0 + RB <= r1; b0 += RB) f.template rows<RB>(b0, c, gwc);
+                for (; b0 < r1; ++b0) f.template rows<1>(b0, c, gwc);
+            }
+        }
+    }
 }
 
 }  // namespace lp
