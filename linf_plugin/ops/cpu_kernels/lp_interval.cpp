@@ -20,16 +20,10 @@
 // lower - w where a < 0, w - upper where c < 0, constant otherwise.
 // gl, gu sum the neurons in order and gw the rows in order, whatever the
 // thread count.
+#include "ends.h"
 #include "powers.h"
 
 namespace lp {
-
-template <typename V, typename T> static inline void ends(const V& wv, T ls, T us, V& near, V& far) {
-    const V a = wv - ls, c = us - wv;
-    far = a > c ? a : c;
-    const V neg = -(a < c ? a : c);
-    near = neg > T(0) ? neg : V{};
-}
 
 // The reference formula for one output's two ends (scalar, with divisions).
 template <typename T>
@@ -220,9 +214,8 @@ template <typename T, int PV> struct IvalBackward {
             const i64 o = (b0 + i) * N + n0;
             for (int j = 0; j < RN; ++j) {
                 const V a = wv[j] - lv[i], cc = uv[i] - wv[j];
-                const V far = a > cc ? a : cc;
-                const V neg = -(a < cc ? a : cc);
-                const V near = neg > T(0) ? neg : V{};
+                V near, far;
+                ends_of<T>(a, cc, near, far);
                 const V cf = end_factor<T, PV>(far, rhi[o + j], pm1) * ghi[o + j];
                 const V cn = end_factor<T, PV>(near, rlo[o + j], pm1) * glo[o + j];
                 const auto up = cc >= a, below = a < T(0), above = cc < T(0);
