@@ -99,7 +99,7 @@ template <typename T, int PV> struct IvalForward {
                     sl[i][j] += power(near * il[i][j], p);
                     sh[i][j] += power(far * ih[i][j], p);
                 }
-        constexpr T lo_ok = Lim<T>::MIN * 4, hi_ok = Lim<T>::MAX / 4;
+        constexpr T lo_ok = Lim<T>::SCALE_LO, hi_ok = Lim<T>::SCALE_HI;
         for (int i = 0; i < rl.valid; ++i) {
             const i64 row = (b0 + i) * N;
             for (int j = 0; j < NVV; ++j) {
@@ -144,7 +144,7 @@ template <typename T, int PV> struct IvalForward {
             }
         }
         if constexpr (PV != 1) {
-            const T lo_s = T(D) * Lim<T>::MIN * std::ldexp(T(1), Lim<T>::PREC + 2), hi_s = Lim<T>::MAX;
+            const T lo_s = raw_floor<T>(D), hi_s = Lim<T>::MAX;
             for (int i = 0; i < rl.valid; ++i)
                 for (int j = 0; j < NVV; ++j)
                     for (int l = 0; l < W && n0 + j * W + l < N; ++l) {

@@ -90,7 +90,7 @@ template <typename T, int PV> struct Forward {
                 }
             }
         }
-        constexpr T lo = Lim<T>::MIN * 4, hi = Lim<T>::MAX / 4;   // m and 1 / m normal
+        constexpr T lo = Lim<T>::SCALE_LO, hi = Lim<T>::SCALE_HI;
         for (int i = 0; i < rows.valid; ++i) {
             T* yrow = y + (b0 + i) * N;
             for (int j = 0; j < NVV; ++j) {
@@ -129,7 +129,7 @@ template <typename T, int PV> struct Forward {
             }
         }
         if constexpr (PV != 1) {
-            const T lo = T(D) * Lim<T>::MIN * std::ldexp(T(1), Lim<T>::PREC + 2), hi = Lim<T>::MAX;
+            const T lo = raw_floor<T>(D), hi = Lim<T>::MAX;
             for (int i = 0; i < rows.valid; ++i)
                 for (int j = 0; j < NVV; ++j)
                     for (int l = 0; l < W && n0 + j * W + l < N; ++l) {

@@ -14,7 +14,14 @@ template <typename T> struct Lim {
     static constexpr T MIN = std::numeric_limits<T>::min();
     static constexpr T MAX = std::numeric_limits<T>::max();
     static constexpr int PREC = std::numeric_limits<T>::digits;
+    // the maxima m that a max-normalised output scales by: m and 1 / m are normal numbers
+    static constexpr T SCALE_LO = MIN * 4, SCALE_HI = MAX / 4;
 };
+
+// The lower end of a raw sum's safe range over D terms (lp_power.cpp; the upper end is Lim<T>::MAX).
+template <typename T> static inline T raw_floor(i64 D) {
+    return T(D) * Lim<T>::MIN * std::ldexp(T(1), Lim<T>::PREC + 2);
+}
 
 // fn(std::integral_constant<int, PV>{}) for the p variant pv (native_backend.p_variant): 1, 2 and 8
 // have exact multiplication chains, anything else is 0 (2^(p log2 t)).
