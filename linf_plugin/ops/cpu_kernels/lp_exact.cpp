@@ -43,10 +43,7 @@ template <typename T, int RB, int NV, bool ARG> struct LinfTile {
         I acc[RB][NVV], ix[RB][NVV];
         for (int i = 0; i < RB; ++i)
             for (int j = 0; j < NVV; ++j) acc[i][j] = ix[i][j] = I{};
-        const T* wp = wt + n0;
-        for (i64 d = 0; d < D; ++d, wp += Np) {
-            V wv[NVV];
-            for (int j = 0; j < NVV; ++j) wv[j] = loadu<V>(wp + j * W);
+        over_coords<NVV>(wt + n0, Np, D, [&](i64 d, const V* wv) {
             const I dv = splat<I>((Int)d);
             for (int i = 0; i < RB; ++i) {
                 const T xs = rows.p[i][d];
@@ -54,7 +51,7 @@ template <typename T, int RB, int NV, bool ARG> struct LinfTile {
                     max_step<ARG>(acc[i][j], ix[i][j], bits<T>(xs - wv[j]) & S<T>::ABS, dv);
                 }
             }
-        }
+        });
         for (int i = 0; i < rows.valid; ++i) {
             T* yrow = y + (b0 + i) * N;
             for (int j = 0; j < NVV; ++j) {
@@ -168,10 +165,7 @@ template <typename T, int RB, int NV, bool ARG> struct IvalInfTile {
         I mn[RB][NVV], mf[RB][NVV], in_[RB][NVV], if_[RB][NVV];
         for (int i = 0; i < RB; ++i)
             for (int j = 0; j < NVV; ++j) mn[i][j] = mf[i][j] = in_[i][j] = if_[i][j] = I{};
-        const T* wp = wt + n0;
-        for (i64 d = 0; d < D; ++d, wp += Np) {
-            V wv[NVV];
-            for (int j = 0; j < NVV; ++j) wv[j] = loadu<V>(wp + j * W);
+        over_coords<NVV>(wt + n0, Np, D, [&](i64 d, const V* wv) {
             const I dv = splat<I>((Int)d);
             for (int i = 0; i < RB; ++i) {
                 const T ls = rl.p[i][d], us = ru.p[i][d];
@@ -182,7 +176,7 @@ template <typename T, int RB, int NV, bool ARG> struct IvalInfTile {
                     max_step<ARG>(mn[i][j], in_[i][j], bits<T>(near), dv);
                 }
             }
-        }
+        });
         for (int i = 0; i < rl.valid; ++i) {
             const i64 row = (b0 + i) * N;
             for (int j = 0; j < NVV; ++j) {

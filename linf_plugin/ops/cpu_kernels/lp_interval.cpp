@@ -72,16 +72,16 @@ template <typename T, int PV> struct IvalForward {
         I ml[RB][NVV], mh[RB][NVV];
         for (int i = 0; i < RB; ++i)
             for (int j = 0; j < NVV; ++j) ml[i][j] = mh[i][j] = I{};
-        const T* wp = wt + n0;
-        for (i64 d = 0; d < D; ++d, wp += Np)
+        over_coords<NVV>(wt + n0, Np, D, [&](i64 d, const V* wv) {
             for (int i = 0; i < RB; ++i)
                 for (int j = 0; j < NVV; ++j) {
                     V near, far;
-                    ends(loadu<V>(wp + j * W), rl.p[i][d], ru.p[i][d], near, far);
+                    ends(wv[j], rl.p[i][d], ru.p[i][d], near, far);
                     const I kn = bits<T>(near), kf = bits<T>(far);
                     ml[i][j] = kn > ml[i][j] ? kn : ml[i][j];
                     mh[i][j] = kf > mh[i][j] ? kf : mh[i][j];
                 }
+        });
         V il[RB][NVV], ih[RB][NVV], sl[RB][NVV], sh[RB][NVV];
         for (int i = 0; i < RB; ++i)
             for (int j = 0; j < NVV; ++j) {
@@ -90,15 +90,15 @@ template <typename T, int PV> struct IvalForward {
                 ih[i][j] = b > T(0) ? T(1) / b : V{};
                 sl[i][j] = sh[i][j] = V{};
             }
-        wp = wt + n0;
-        for (i64 d = 0; d < D; ++d, wp += Np)
+        over_coords<NVV>(wt + n0, Np, D, [&](i64 d, const V* wv) {
             for (int i = 0; i < RB; ++i)
                 for (int j = 0; j < NVV; ++j) {
                     V near, far;
-                    ends(loadu<V>(wp + j * W), rl.p[i][d], ru.p[i][d], near, far);
+                    ends(wv[j], rl.p[i][d], ru.p[i][d], near, far);
                     sl[i][j] += power(near * il[i][j], p);
                     sh[i][j] += power(far * ih[i][j], p);
                 }
+        });
         constexpr T lo_ok = Lim<T>::SCALE_LO, hi_ok = Lim<T>::SCALE_HI;
         for (int i = 0; i < rl.valid; ++i) {
             const i64 row = (b0 + i) * N;
@@ -129,10 +129,7 @@ template <typename T, int PV> struct IvalForward {
         V sl[RB][NVV], sh[RB][NVV];
         for (int i = 0; i < RB; ++i)
             for (int j = 0; j < NVV; ++j) sl[i][j] = sh[i][j] = V{};
-        const T* wp = wt + n0;
-        for (i64 d = 0; d < D; ++d, wp += Np) {
-            V wv[NVV];
-            for (int j = 0; j < NVV; ++j) wv[j] = loadu<V>(wp + j * W);
+        over_coords<NVV>(wt + n0, Np, D, [&](i64 d, const V* wv) {
             for (int i = 0; i < RB; ++i) {
                 const T ls = rl.p[i][d], us = ru.p[i][d];
                 for (int j = 0; j < NVV; ++j) {
@@ -142,7 +139,7 @@ template <typename T, int PV> struct IvalForward {
                     sh[i][j] += pow_chain<PV>(far);
                 }
             }
-        }
+        });
         if constexpr (PV != 1) {
             const T lo_s = raw_floor<T>(D), hi_s = Lim<T>::MAX;
             for (int i = 0; i < rl.valid; ++i)

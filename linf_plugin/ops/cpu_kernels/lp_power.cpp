@@ -56,16 +56,15 @@ template <typename T, int PV> struct Forward {
         I mx[RB][NVV];
         for (int i = 0; i < RB; ++i)
             for (int j = 0; j < NVV; ++j) mx[i][j] = I{};
-        const T* wp = wt + n0;
-        for (i64 d = 0; d < D; ++d, wp += Np) {
+        over_coords<NVV>(wt + n0, Np, D, [&](i64 d, const V* wv) {
             for (int i = 0; i < RB; ++i) {
                 const T xs = rows.p[i][d];
                 for (int j = 0; j < NVV; ++j) {
-                    const I k = bits<T>(xs - loadu<V>(wp + j * W)) & S<T>::ABS;
+                    const I k = bits<T>(xs - wv[j]) & S<T>::ABS;
                     mx[i][j] = k > mx[i][j] ? k : mx[i][j];
                 }
             }
-        }
+        });
         V inv[RB][NVV], acc[RB][NVV];
         for (int i = 0; i < RB; ++i)
             for (int j = 0; j < NVV; ++j) {
@@ -73,12 +72,11 @@ template <typename T, int PV> struct Forward {
                 inv[i][j] = m > T(0) ? T(1) / m : V{};
                 acc[i][j] = V{};
             }
-        wp = wt + n0;
-        for (i64 d = 0; d < D; ++d, wp += Np) {
+        over_coords<NVV>(wt + n0, Np, D, [&](i64 d, const V* wv) {
             for (int i = 0; i < RB; ++i) {
                 const T xs = rows.p[i][d];
                 for (int j = 0; j < NVV; ++j) {
-                    const V t = (xs - loadu<V>(wp + j * W)) * inv[i][j];
+                    const V t = (xs - wv[j]) * inv[i][j];
                     if constexpr (PV == 0) {
                         // |t| <= 1: log2 needs no inf/NaN case, exp2 no upper clamp
                         acc[i][j] += exp2_of<T, false>(log2_abs<T, false>(t) * p);
@@ -89,7 +87,7 @@ template <typename T, int PV> struct Forward {
                     }
                 }
             }
-        }
+        });
         constexpr T lo = Lim<T>::SCALE_LO, hi = Lim<T>::SCALE_HI;
         for (int i = 0; i < rows.valid; ++i) {
             T* yrow = y + (b0 + i) * N;
@@ -113,10 +111,7 @@ template <typename T, int PV> struct Forward {
         V acc[RB][NVV];
         for (int i = 0; i < RB; ++i)
             for (int j = 0; j < NVV; ++j) acc[i][j] = V{};
-        const T* wp = wt + n0;
-        for (i64 d = 0; d < D; ++d, wp += Np) {
-            V wv[NVV];
-            for (int j = 0; j < NVV; ++j) wv[j] = loadu<V>(wp + j * W);
+        over_coords<NVV>(wt + n0, Np, D, [&](i64 d, const V* wv) {
             for (int i = 0; i < RB; ++i) {
                 const T xs = rows.p[i][d];
                 for (int j = 0; j < NVV; ++j) {
@@ -127,7 +122,7 @@ template <typename T, int PV> struct Forward {
                     }
                 }
             }
-        }
+        });
         if constexpr (PV != 1) {
             const T lo = raw_floor<T>(D), hi = Lim<T>::MAX;
             for (int i = 0; i < rows.valid; ++i)

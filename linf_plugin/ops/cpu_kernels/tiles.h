@@ -34,6 +34,19 @@ template <typename T, int RB> struct Rows {
     }
 };
 
+// The coordinate loop of a forward tile: body(d, wv) for d = 0, 1, ..., D - 1, in that order (every
+// output's reduction order), wv the tile's NVV weight vectors at d (row d of wt from the tile's column).
+template <int NVV, typename T, typename Body>
+static inline void over_coords(const T* wt, i64 Np, i64 D, const Body& body) {
+    typedef typename S<T>::V V;
+    const T* wp = wt;
+    for (i64 d = 0; d < D; ++d, wp += Np) {
+        V wv[NVV];
+        for (int j = 0; j < NVV; ++j) wv[j] = loadu<V>(wp + j * S<T>::W);
+        body(d, wv);
+    }
+}
+
 // Runs the neuron tile at n0 that has nv vectors: f.run<NV>(n0) when it is
 // whole, else f.run<1> per vector (few instantiations: fast builds).
 template <int NV, int W, typename F> static inline void with_width(int nv, i64 n0, F& f) {
