@@ -108,7 +108,9 @@ template <typename T, int PV> static inline typename S<T>::V end_factor(typename
 // F::VARIANT, F::W, f.B, f.N, f.normalised<RB, NVV>(b0, n0) and, for p = 1, 2, 8, f.raw<RB, NVV>(b0, n0)
 // (false, with nothing stored, when an output left the raw sums' safe range).  Other p: max-normalised
 // tiles of NORM_RB x NORM_NV; p = 1, 2, 8: raw tiles of RAW_RB x RAW_NV, one that refuses recomputed
-// max-normalised over the same rectangle.
+// max-normalised over the same rectangle.  (Class templates have one instantiation per type across the
+// library; these are only ever instantiated with a source's own F, so no two sources, compiled with
+// different -ffp-contract, share one.)
 template <typename F, int NORM_RB, int NORM_NV> struct NormalisedTile {
     const F& f;
     i64 b0;
