@@ -7,9 +7,10 @@ seconds per source file, and cached:
 * cache folder: ``$LINF_LP_DIST_CACHE``, else ``$XDG_CACHE_HOME/linf_plugin/cpu_kernels``,
   else ``~/.cache/linf_plugin/cpu_kernels`` (a per-user temporary folder when
   that is not writable);
-* cache key: a hash of the sources, the compiler (its path and ``--version``),
-  the flags, the CPU (model and feature flags) and the OpenMP runtime, so a
-  new compiler, CPU or source builds a new library;
+* cache key: a hash of the sources (every ``.cpp`` built and every ``.h`` in
+  the folder), the compiler (its path and ``--version``), the flags, the CPU
+  (model and feature flags) and the OpenMP runtime, so a new compiler, CPU,
+  source or header builds a new library;
 * built atomically (objects and library in a private temporary folder, then
   renamed into place) under an exclusive file lock, so processes that build
   at the same time (pytest-xdist workers) wait for one build and reuse it.
@@ -53,7 +54,6 @@ ARCH_ENV = "LINF_LP_DIST_MARCH"
 SOURCE_DIR = Path(__file__).resolve().parent / "cpu_kernels"
 _SOURCES = {"lp_exact.cpp": ["-ffp-contract=off"], "lp_power.cpp": ["-ffp-contract=fast"],
             "lp_interval.cpp": ["-ffp-contract=fast"]}
-_HEADERS = ("simd.h", "tiles.h", "powers.h")
 _COMMON = ["-O3", "-std=c++17", "-fPIC", "-fno-math-errno", "-Wno-unknown-pragmas"]
 _OMP_NAME = re.compile(r"lib(g|i|)omp[\w.+-]*\.(so|dylib)[\d.]*$")
 
@@ -141,7 +141,8 @@ def _plan():
     omp = openmp_runtime()
     march = _march()
     digest = hashlib.sha256()
-    for name in (*_SOURCES, *_HEADERS):
+    # every header in the folder, not a list of them: a header added later is in the key without a second edit
+    for name in (*_SOURCES, *sorted(path.name for path in SOURCE_DIR.glob("*.h"))):
         digest.update(name.encode() + b"\0" + (SOURCE_DIR / name).read_bytes() + b"\0")
     for part in (" ".join(cxx), version.stdout, repr(_COMMON), repr(_SOURCES), march, _cpu_signature(),
                  platform.machine(), omp or "no openmp"):

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -389,3 +390,26 @@ def test_concurrent_builds_make_one_library(tmp_path):
     assert len(libs) == 1
     assert sum("built the CPU kernels" in err for _, err in outs) == 1
     assert len(list(tmp_path.glob("*.so"))) == 1 and not list(tmp_path.glob(".build-*"))
+
+
+def test_every_source_and_header_is_in_the_cache_key(tmp_path, monkeypatch):
+    """A changed .cpp or .h, or a header added to the folder (a source may include it), names a new library:
+    a stale build is never loaded for new code."""
+    import linf_plugin.ops.native_build as nb
+
+    folder = tmp_path / "cpu_kernels"
+    shutil.copytree(nb.SOURCE_DIR, folder)
+    monkeypatch.setattr(nb, "SOURCE_DIR", folder)
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    keys = {nb.library_path()}
+    files = sorted(folder.glob("*.cpp")) + sorted(folder.glob("*.h"))
+    assert {f.name for f in files} >= {"lp_exact.cpp", "lp_power.cpp", "lp_interval.cpp", "simd.h", "tiles.h"}
+    for path in files:
+        text = path.read_text()
+        path.write_text(text + "\n// edited\n")
+        keys.add(nb.library_path())
+        path.write_text(text)
+        assert nb.library_path() in keys
+    (folder / "added.h").write_text("#pragma once\n")
+    keys.add(nb.library_path())
+    assert len(keys) == len(files) + 2

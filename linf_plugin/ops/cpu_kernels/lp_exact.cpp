@@ -8,9 +8,23 @@
 // argmax (strictly greater, coordinates in increasing order; NaN wins like
 // the torch backend's packed float32 key).  Integer max and compare run on
 // the vector integer units beside the floating-point ones.
+#include "ends.h"
 #include "tiles.h"
 
 namespace lp {
+
+// One step of a running max of keys (IEEE bits) m and, with ARG, its lowest argmax ix: both move only
+// for a strictly larger key k (at coordinate dv).  k and dv by value: by reference, GCC 12 rebuilds
+// dv with a masked broadcast from a general register at every update (p = inf forward ~10% slower).
+template <bool ARG, typename I> static inline void max_step(I& m, I& ix, I k, I dv) {
+    if constexpr (ARG) {
+        const I gt = k > m;
+        m = gt ? k : m;
+        ix = gt ? dv : ix;
+    } else {
+        m = k > m ? k : m;
+    }
+}
 
 template <typename T, int RB, int NV, bool ARG> struct LinfTile {
     const T* x;
@@ -29,25 +43,15 @@ template <typename T, int RB, int NV, bool ARG> struct LinfTile {
         I acc[RB][NVV], ix[RB][NVV];
         for (int i = 0; i < RB; ++i)
             for (int j = 0; j < NVV; ++j) acc[i][j] = ix[i][j] = I{};
-        const T* wp = wt + n0;
-        for (i64 d = 0; d < D; ++d, wp += Np) {
-            V wv[NVV];
-            for (int j = 0; j < NVV; ++j) wv[j] = loadu<V>(wp + j * W);
+        over_coords<NVV>(wt + n0, Np, D, [&](i64 d, const V* wv) {
             const I dv = splat<I>((Int)d);
             for (int i = 0; i < RB; ++i) {
                 const T xs = rows.p[i][d];
                 for (int j = 0; j < NVV; ++j) {
-                    const I k = bits<T>(xs - wv[j]) & S<T>::ABS;
-                    if constexpr (ARG) {
-                        const I gt = k > acc[i][j];
-                        acc[i][j] = gt ? k : acc[i][j];
-                        ix[i][j] = gt ? dv : ix[i][j];
-                    } else {
-                        acc[i][j] = k > acc[i][j] ? k : acc[i][j];
-                    }
+                    max_step<ARG>(acc[i][j], ix[i][j], bits<T>(xs - wv[j]) & S<T>::ABS, dv);
                 }
             }
-        }
+        });
         for (int i = 0; i < rows.valid; ++i) {
             T* yrow = y + (b0 + i) * N;
             for (int j = 0; j < NVV; ++j) {
@@ -71,9 +75,8 @@ constexpr int LINF_RB = 3, LINF_NV = 3, LINF_ARG_RB = 2, LINF_ARG_NV = 2;
 
 template <typename T, int RB, int NV, bool ARG>
 static void linf_forward(const T* x, const T* wt, i64 B, i64 N, i64 Np, i64 D, T* y, int32_t* idx, int nthreads) {
-    forward_tasks<RB, NV, S<T>::W>(B, N, nthreads, [&](i64 b0, i64 n0, int nv) {
-        LinfTile<T, RB, NV, ARG> tile{x, wt, B, N, Np, D, y, idx, b0};
-        with_width<NV, S<T>::W>(nv, n0, tile);
+    forward_tiles<RB, NV, S<T>::W>(B, N, nthreads, [&](i64 b0) {
+        return LinfTile<T, RB, NV, ARG>{x, wt, B, N, Np, D, y, idx, b0};
     });
 }
 
@@ -84,6 +87,19 @@ static void linf_forward_any(const T* x, const T* wt, i64 B, i64 N, i64 Np, i64 
     } else {
         linf_forward<T, LINF_RB, LINF_NV, false>(x, wt, B, N, Np, D, y, idx, nt);
     }
+}
+
+// The sparse backwards' thread split: row(b) for every row, rows split over threads (each writes its
+// own rows of the row-side gradients); then neurons(n_lo, n_hi) for one contiguous neuron range per
+// thread (each writes its own rows of gw, summing the batch rows in order).
+template <typename Fn> static void over_rows(i64 B, int nthreads, const Fn& row) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && B > 1)
+    for (i64 b = 0; b < B; ++b) row(b);
+}
+template <typename Fn> static void over_neuron_ranges(i64 N, int nthreads, const Fn& neurons) {
+    const int parts = (int)std::min<i64>(nthreads, N);
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (parts > 1)
+    for (int part = 0; part < parts; ++part) neurons(N * part / parts, N * (part + 1) / parts);
 }
 
 // torch.sign: 1, -1, or 0 for zeros and NaN.
@@ -98,21 +114,17 @@ template <typename T>
 static void linf_backward(const T* x, const T* w, const T* g, const int32_t* idx, i64 B, i64 N, i64 D, T* gx, T* gw,
                           int nthreads) {
     if (gx != nullptr) {
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && B > 1)
-        for (i64 b = 0; b < B; ++b) {
+        over_rows(B, nthreads, [&](i64 b) {
             const T* xr = x + b * D;
             T* gr = gx + b * D;
             for (i64 n = 0; n < N; ++n) {
                 const i64 k = idx[b * N + n];
                 gr[k] += g[b * N + n] * sign_of<T>(xr[k] - w[n * D + k]);
             }
-        }
+        });
     }
     if (gw != nullptr) {
-        const int parts = (int)std::min<i64>(nthreads, N);
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (parts > 1)
-        for (int part = 0; part < parts; ++part) {
-            const i64 n_lo = N * part / parts, n_hi = N * (part + 1) / parts;
+        over_neuron_ranges(N, nthreads, [&](i64 n_lo, i64 n_hi) {
             for (i64 b = 0; b < B; ++b) {
                 const T* xr = x + b * D;
                 for (i64 n = n_lo; n < n_hi; ++n) {
@@ -120,18 +132,17 @@ static void linf_backward(const T* x, const T* w, const T* g, const int32_t* idx
                     gw[n * D + k] -= g[b * N + n] * sign_of<T>(xr[k] - w[n * D + k]);
                 }
             }
-        }
+        });
     }
 }
 
 // ---- the interval, p = inf ------------------------------------------------------
 //
-// Per coordinate a = w - lower, c = upper - w (one rounding each, as the
-// torch backend), far = max(a, c), near = max(-min(a, c), 0), and the
-// lowest argmax of each over i; the caller passes finite inputs only.  Then
-// a and c are never NaN and both ends are >= 0 (a + c = upper - lower >= 0
-// exactly, so one of a, c is): their bits order like their values, except
-// that an end of -0 orders below everything.  That changes nothing: the
+// Per coordinate the ends near and far (ends.h: a = w - lower, c = upper -
+// w), and the lowest argmax of each over i; the caller passes finite inputs
+// only.  Then a and c are never NaN and both ends are >= 0 (a + c = upper -
+// lower >= 0 exactly, so one of a, c is): their bits order like their
+// values, except that an end of -0 orders below everything.  That changes nothing: the
 // running max starts at +0 with index 0 and moves only for a strictly
 // larger key, so an end that is zero everywhere gives +0 at index 0, as the
 // reference's max does.
@@ -154,32 +165,18 @@ template <typename T, int RB, int NV, bool ARG> struct IvalInfTile {
         I mn[RB][NVV], mf[RB][NVV], in_[RB][NVV], if_[RB][NVV];
         for (int i = 0; i < RB; ++i)
             for (int j = 0; j < NVV; ++j) mn[i][j] = mf[i][j] = in_[i][j] = if_[i][j] = I{};
-        const T* wp = wt + n0;
-        for (i64 d = 0; d < D; ++d, wp += Np) {
-            V wv[NVV];
-            for (int j = 0; j < NVV; ++j) wv[j] = loadu<V>(wp + j * W);
+        over_coords<NVV>(wt + n0, Np, D, [&](i64 d, const V* wv) {
             const I dv = splat<I>((Int)d);
             for (int i = 0; i < RB; ++i) {
                 const T ls = rl.p[i][d], us = ru.p[i][d];
                 for (int j = 0; j < NVV; ++j) {
-                    const V a = wv[j] - ls, c = us - wv[j];
-                    const V mx = a > c ? a : c, mi = a < c ? a : c;
-                    const V neg = -mi;
-                    const I kf = bits<T>(mx);
-                    const I kn = bits<T>(neg > T(0) ? neg : V{});
-                    if constexpr (ARG) {
-                        const I gf = kf > mf[i][j], gn = kn > mn[i][j];
-                        mf[i][j] = gf ? kf : mf[i][j];
-                        if_[i][j] = gf ? dv : if_[i][j];
-                        mn[i][j] = gn ? kn : mn[i][j];
-                        in_[i][j] = gn ? dv : in_[i][j];
-                    } else {
-                        mf[i][j] = kf > mf[i][j] ? kf : mf[i][j];
-                        mn[i][j] = kn > mn[i][j] ? kn : mn[i][j];
-                    }
+                    V near, far;
+                    ends(wv[j], ls, us, near, far);
+                    max_step<ARG>(mf[i][j], if_[i][j], bits<T>(far), dv);
+                    max_step<ARG>(mn[i][j], in_[i][j], bits<T>(near), dv);
                 }
             }
-        }
+        });
         for (int i = 0; i < rl.valid; ++i) {
             const i64 row = (b0 + i) * N;
             for (int j = 0; j < NVV; ++j) {
@@ -206,9 +203,8 @@ constexpr int IVAL_RB = 2, IVAL_NV = 2, IVAL_ARG_RB = 1, IVAL_ARG_NV = 2;
 template <typename T, int RB, int NV, bool ARG>
 static void ival_inf_forward(const T* lower, const T* upper, const T* wt, i64 B, i64 N, i64 Np, i64 D, T* lo, T* hi,
                              int32_t* idx, int nthreads) {
-    forward_tasks<RB, NV, S<T>::W>(B, N, nthreads, [&](i64 b0, i64 n0, int nv) {
-        IvalInfTile<T, RB, NV, ARG> tile{lower, upper, wt, B, N, Np, D, lo, hi, idx, b0};
-        with_width<NV, S<T>::W>(nv, n0, tile);
+    forward_tiles<RB, NV, S<T>::W>(B, N, nthreads, [&](i64 b0) {
+        return IvalInfTile<T, RB, NV, ARG>{lower, upper, wt, B, N, Np, D, lo, hi, idx, b0};
     });
 }
 
@@ -227,8 +223,7 @@ static void ival_inf_backward(const T* glo, const T* ghi, const T* lower, const 
     auto far_up = [&](i64 b, i64 n, i64 k) { return upper[b * D + k] - w[n * D + k] >= w[n * D + k] - lower[b * D + k]; };
     auto near_below = [&](i64 b, i64 n, i64 k) { return -(w[n * D + k] - lower[b * D + k]) > T(0); };
     if (gl != nullptr || gu != nullptr) {
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && B > 1)
-        for (i64 b = 0; b < B; ++b) {
+        over_rows(B, nthreads, [&](i64 b) {
             for (i64 n = 0; n < N; ++n) {
                 const i64 o = b * N + n;
                 const T vh = (ghi != nullptr && hi[o] > T(0)) ? ghi[o] : T(0);
@@ -246,13 +241,10 @@ static void ival_inf_backward(const T* glo, const T* ghi, const T* lower, const 
                     gu[b * D + kl] += -vl;
                 }
             }
-        }
+        });
     }
     if (gw != nullptr) {
-        const int parts = (int)std::min<i64>(nthreads, N);
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (parts > 1)
-        for (int part = 0; part < parts; ++part) {
-            const i64 n_lo = N * part / parts, n_hi = N * (part + 1) / parts;
+        over_neuron_ranges(N, nthreads, [&](i64 n_lo, i64 n_hi) {
             for (i64 b = 0; b < B; ++b) {
                 for (i64 n = n_lo; n < n_hi; ++n) {
                     const i64 o = b * N + n;
@@ -264,7 +256,7 @@ static void ival_inf_backward(const T* glo, const T* ghi, const T* lower, const 
                     gw[n * D + kl] += near_below(b, n, kl) ? -vl : vl;
                 }
             }
-        }
+        });
     }
 }
 

@@ -20,18 +20,10 @@
 // lower - w where a < 0, w - upper where c < 0, constant otherwise.
 // gl, gu sum the neurons in order and gw the rows in order, whatever the
 // thread count.
-#include <vector>
-
+#include "ends.h"
 #include "powers.h"
 
 namespace lp {
-
-template <typename V, typename T> static inline void ends(const V& wv, T ls, T us, V& near, V& far) {
-    const V a = wv - ls, c = us - wv;
-    far = a > c ? a : c;
-    const V neg = -(a < c ? a : c);
-    near = neg > T(0) ? neg : V{};
-}
 
 // The reference formula for one output's two ends (scalar, with divisions).
 template <typename T>
@@ -58,7 +50,7 @@ static void reference_ends(const T* lr, const T* ur, const T* wt, i64 Np, i64 n,
 template <typename T, int PV> struct IvalForward {
     typedef typename S<T>::V V;
     typedef typename S<T>::I I;
-    static constexpr int W = S<T>::W;
+    static constexpr int W = S<T>::W, VARIANT = PV;
     const T* lower;
     const T* upper;
     const T* wt;
@@ -80,16 +72,16 @@ template <typename T, int PV> struct IvalForward {
         I ml[RB][NVV], mh[RB][NVV];
         for (int i = 0; i < RB; ++i)
             for (int j = 0; j < NVV; ++j) ml[i][j] = mh[i][j] = I{};
-        const T* wp = wt + n0;
-        for (i64 d = 0; d < D; ++d, wp += Np)
+        over_coords<NVV>(wt + n0, Np, D, [&](i64 d, const V* wv) {
             for (int i = 0; i < RB; ++i)
                 for (int j = 0; j < NVV; ++j) {
                     V near, far;
-                    ends(loadu<V>(wp + j * W), rl.p[i][d], ru.p[i][d], near, far);
+                    ends(wv[j], rl.p[i][d], ru.p[i][d], near, far);
                     const I kn = bits<T>(near), kf = bits<T>(far);
                     ml[i][j] = kn > ml[i][j] ? kn : ml[i][j];
                     mh[i][j] = kf > mh[i][j] ? kf : mh[i][j];
                 }
+        });
         V il[RB][NVV], ih[RB][NVV], sl[RB][NVV], sh[RB][NVV];
         for (int i = 0; i < RB; ++i)
             for (int j = 0; j < NVV; ++j) {
@@ -98,16 +90,16 @@ template <typename T, int PV> struct IvalForward {
                 ih[i][j] = b > T(0) ? T(1) / b : V{};
                 sl[i][j] = sh[i][j] = V{};
             }
-        wp = wt + n0;
-        for (i64 d = 0; d < D; ++d, wp += Np)
+        over_coords<NVV>(wt + n0, Np, D, [&](i64 d, const V* wv) {
             for (int i = 0; i < RB; ++i)
                 for (int j = 0; j < NVV; ++j) {
                     V near, far;
-                    ends(loadu<V>(wp + j * W), rl.p[i][d], ru.p[i][d], near, far);
+                    ends(wv[j], rl.p[i][d], ru.p[i][d], near, far);
                     sl[i][j] += power(near * il[i][j], p);
                     sh[i][j] += power(far * ih[i][j], p);
                 }
-        constexpr T lo_ok = Lim<T>::MIN * 4, hi_ok = Lim<T>::MAX / 4;
+        });
+        constexpr T lo_ok = Lim<T>::SCALE_LO, hi_ok = Lim<T>::SCALE_HI;
         for (int i = 0; i < rl.valid; ++i) {
             const i64 row = (b0 + i) * N;
             for (int j = 0; j < NVV; ++j) {
@@ -137,10 +129,7 @@ template <typename T, int PV> struct IvalForward {
         V sl[RB][NVV], sh[RB][NVV];
         for (int i = 0; i < RB; ++i)
             for (int j = 0; j < NVV; ++j) sl[i][j] = sh[i][j] = V{};
-        const T* wp = wt + n0;
-        for (i64 d = 0; d < D; ++d, wp += Np) {
-            V wv[NVV];
-            for (int j = 0; j < NVV; ++j) wv[j] = loadu<V>(wp + j * W);
+        over_coords<NVV>(wt + n0, Np, D, [&](i64 d, const V* wv) {
             for (int i = 0; i < RB; ++i) {
                 const T ls = rl.p[i][d], us = ru.p[i][d];
                 for (int j = 0; j < NVV; ++j) {
@@ -150,9 +139,9 @@ template <typename T, int PV> struct IvalForward {
                     sh[i][j] += pow_chain<PV>(far);
                 }
             }
-        }
+        });
         if constexpr (PV != 1) {
-            const T lo_s = T(D) * Lim<T>::MIN * std::ldexp(T(1), Lim<T>::PREC + 2), hi_s = Lim<T>::MAX;
+            const T lo_s = raw_floor<T>(D), hi_s = Lim<T>::MAX;
             for (int i = 0; i < rl.valid; ++i)
                 for (int j = 0; j < NVV; ++j)
                     for (int l = 0; l < W && n0 + j * W + l < N; ++l) {
@@ -183,41 +172,6 @@ constexpr int IRAW_RB = 3, IRAW_NV = 4, INORM_RB = 2, INORM_NV = 2;
 #else
 constexpr int IRAW_RB = 2, IRAW_NV = 2, INORM_RB = 1, INORM_NV = 2;
 #endif
-
-template <typename T, int PV> struct IvalNormTile {
-    const IvalForward<T, PV>& f;
-    i64 b0;
-    template <int NVV> void run(i64 n0) { f.template normalised<INORM_RB, NVV>(b0, n0); }
-};
-template <typename T, int PV> struct IvalRawTile {
-    const IvalForward<T, PV>& f;
-    i64 b0;
-    template <int NVV> void run(i64 n0) {
-        if (f.template raw<IRAW_RB, NVV>(b0, n0)) return;
-        constexpr int W = S<T>::W;
-        const i64 b_end = std::min<i64>(f.B, b0 + IRAW_RB), n_end = std::min<i64>(f.N, n0 + (i64)NVV * W);
-        for (i64 b = b0; b < b_end; b += INORM_RB)
-            for (i64 n = n0; n < n_end; n += (i64)INORM_NV * W) {
-                IvalNormTile<T, PV> tile{f, b};
-                with_width<INORM_NV, W>((int)std::min<i64>(INORM_NV, (n_end - n + W - 1) / W), n, tile);
-            }
-    }
-};
-
-template <typename T, int PV> static void ival_forward(const IvalForward<T, PV>& f, int nthreads) {
-    constexpr int W = S<T>::W;
-    if constexpr (PV == 0) {
-        forward_tasks<INORM_RB, INORM_NV, W>(f.B, f.N, nthreads, [&](i64 b0, i64 n0, int nv) {
-            IvalNormTile<T, PV> tile{f, b0};
-            with_width<INORM_NV, W>(nv, n0, tile);
-        });
-    } else {
-        forward_tasks<IRAW_RB, IRAW_NV, W>(f.B, f.N, nthreads, [&](i64 b0, i64 n0, int nv) {
-            IvalRawTile<T, PV> tile{f, b0};
-            with_width<IRAW_NV, W>(nv, n0, tile);
-        });
-    }
-}
 
 // ---- backward -------------------------------------------------------------------
 
@@ -257,9 +211,8 @@ template <typename T, int PV> struct IvalBackward {
             const i64 o = (b0 + i) * N + n0;
             for (int j = 0; j < RN; ++j) {
                 const V a = wv[j] - lv[i], cc = uv[i] - wv[j];
-                const V far = a > cc ? a : cc;
-                const V neg = -(a < cc ? a : cc);
-                const V near = neg > T(0) ? neg : V{};
+                V near, far;
+                ends_of<T>(a, cc, near, far);
                 const V cf = end_factor<T, PV>(far, rhi[o + j], pm1) * ghi[o + j];
                 const V cn = end_factor<T, PV>(near, rlo[o + j], pm1) * glo[o + j];
                 const auto up = cc >= a, below = a < T(0), above = cc < T(0);
@@ -284,47 +237,25 @@ template <typename T, int PV> struct IvalBackward {
         }
     }
 
-    void run(int nthreads) const {
-        const i64 chunks = Dp / W, block = row_block(4 * N * (i64)sizeof(T), IBWD_RB);
-#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && chunks > 1)
-        {
-            std::vector<T> scratch(gw == nullptr ? (size_t)(N * Dp) : 0);
-            for (i64 r0 = 0; r0 < B; r0 += block) {
-                const i64 r1 = std::min(B, r0 + block);
-#pragma omp for schedule(static) nowait
-                for (i64 ch = 0; ch < chunks; ++ch) {
-                    const i64 c = ch * W;
-                    T* gwc = (gw != nullptr ? gw : scratch.data()) + c;
-                    i64 b0 = r0;
-                    for (; b0 + IBWD_RB <= r1; b0 += IBWD_RB) rows<IBWD_RB>(b0, c, gwc);
-                    for (; b0 < r1; ++b0) rows<1>(b0, c, gwc);
-                }
-            }
-        }
-    }
+    void run(int nthreads) const { backward_chunks<IBWD_RB>(*this, 4 * N * (i64)sizeof(T), nthreads); }
 };
 
 template <typename T>
 static void lp_ival_forward(const T* lower, const T* upper, const T* wt, i64 B, i64 N, i64 Np, i64 D, T p, int pv,
                             T* lo, T* hi, int nt) {
-    switch (pv) {
-        case 1: ival_forward(IvalForward<T, 1>{lower, upper, wt, B, N, Np, D, lo, hi, p}, nt); break;
-        case 2: ival_forward(IvalForward<T, 2>{lower, upper, wt, B, N, Np, D, lo, hi, p}, nt); break;
-        case 8: ival_forward(IvalForward<T, 8>{lower, upper, wt, B, N, Np, D, lo, hi, p}, nt); break;
-        default: ival_forward(IvalForward<T, 0>{lower, upper, wt, B, N, Np, D, lo, hi, p}, nt); break;
-    }
+    with_variant(pv, [&](auto v) {
+        finite_forward<IRAW_RB, IRAW_NV, INORM_RB, INORM_NV>(
+            IvalForward<T, decltype(v)::value>{lower, upper, wt, B, N, Np, D, lo, hi, p}, nt);
+    });
 }
 
 template <typename T>
 static void lp_ival_backward(const T* lower, const T* upper, const T* w, const T* glo, const T* ghi, const T* rlo,
                              const T* rhi, i64 B, i64 N, i64 Dp, T p, int pv, T* gl, T* gu, T* gw, int nt) {
     const T pm1 = p - T(1);
-    switch (pv) {
-        case 1: IvalBackward<T, 1>{lower, upper, w, glo, ghi, rlo, rhi, B, N, Dp, pm1, gl, gu, gw}.run(nt); break;
-        case 2: IvalBackward<T, 2>{lower, upper, w, glo, ghi, rlo, rhi, B, N, Dp, pm1, gl, gu, gw}.run(nt); break;
-        case 8: IvalBackward<T, 8>{lower, upper, w, glo, ghi, rlo, rhi, B, N, Dp, pm1, gl, gu, gw}.run(nt); break;
-        default: IvalBackward<T, 0>{lower, upper, w, glo, ghi, rlo, rhi, B, N, Dp, pm1, gl, gu, gw}.run(nt); break;
-    }
+    with_variant(pv, [&](auto v) {
+        IvalBackward<T, decltype(v)::value>{lower, upper, w, glo, ghi, rlo, rhi, B, N, Dp, pm1, gl, gu, gw}.run(nt);
+    });
 }
 
 }  // namespace lp

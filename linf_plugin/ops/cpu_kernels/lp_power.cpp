@@ -36,8 +36,6 @@
 // rows in blocks, tiles.h); gx[b, i] sums n = 0, 1, ... and gw[n, i] sums
 // b = 0, 1, ... in order, so the result does not depend on the tiling or
 // the thread count.
-#include <vector>
-
 #include "powers.h"
 
 namespace lp {
@@ -45,7 +43,7 @@ namespace lp {
 template <typename T, int PV> struct Forward {
     typedef typename S<T>::V V;
     typedef typename S<T>::I I;
-    static constexpr int W = S<T>::W;
+    static constexpr int W = S<T>::W, VARIANT = PV;
     const T* x;
     const T* wt;
     i64 B, N, Np, D;
@@ -58,16 +56,15 @@ template <typename T, int PV> struct Forward {
         I mx[RB][NVV];
         for (int i = 0; i < RB; ++i)
             for (int j = 0; j < NVV; ++j) mx[i][j] = I{};
-        const T* wp = wt + n0;
-        for (i64 d = 0; d < D; ++d, wp += Np) {
+        over_coords<NVV>(wt + n0, Np, D, [&](i64 d, const V* wv) {
             for (int i = 0; i < RB; ++i) {
                 const T xs = rows.p[i][d];
                 for (int j = 0; j < NVV; ++j) {
-                    const I k = bits<T>(xs - loadu<V>(wp + j * W)) & S<T>::ABS;
+                    const I k = bits<T>(xs - wv[j]) & S<T>::ABS;
                     mx[i][j] = k > mx[i][j] ? k : mx[i][j];
                 }
             }
-        }
+        });
         V inv[RB][NVV], acc[RB][NVV];
         for (int i = 0; i < RB; ++i)
             for (int j = 0; j < NVV; ++j) {
@@ -75,12 +72,11 @@ template <typename T, int PV> struct Forward {
                 inv[i][j] = m > T(0) ? T(1) / m : V{};
                 acc[i][j] = V{};
             }
-        wp = wt + n0;
-        for (i64 d = 0; d < D; ++d, wp += Np) {
+        over_coords<NVV>(wt + n0, Np, D, [&](i64 d, const V* wv) {
             for (int i = 0; i < RB; ++i) {
                 const T xs = rows.p[i][d];
                 for (int j = 0; j < NVV; ++j) {
-                    const V t = (xs - loadu<V>(wp + j * W)) * inv[i][j];
+                    const V t = (xs - wv[j]) * inv[i][j];
                     if constexpr (PV == 0) {
                         // |t| <= 1: log2 needs no inf/NaN case, exp2 no upper clamp
                         acc[i][j] += exp2_of<T, false>(log2_abs<T, false>(t) * p);
@@ -91,8 +87,8 @@ template <typename T, int PV> struct Forward {
                     }
                 }
             }
-        }
-        constexpr T lo = Lim<T>::MIN * 4, hi = Lim<T>::MAX / 4;   // m and 1 / m normal
+        });
+        constexpr T lo = Lim<T>::SCALE_LO, hi = Lim<T>::SCALE_HI;
         for (int i = 0; i < rows.valid; ++i) {
             T* yrow = y + (b0 + i) * N;
             for (int j = 0; j < NVV; ++j) {
@@ -115,10 +111,7 @@ template <typename T, int PV> struct Forward {
         V acc[RB][NVV];
         for (int i = 0; i < RB; ++i)
             for (int j = 0; j < NVV; ++j) acc[i][j] = V{};
-        const T* wp = wt + n0;
-        for (i64 d = 0; d < D; ++d, wp += Np) {
-            V wv[NVV];
-            for (int j = 0; j < NVV; ++j) wv[j] = loadu<V>(wp + j * W);
+        over_coords<NVV>(wt + n0, Np, D, [&](i64 d, const V* wv) {
             for (int i = 0; i < RB; ++i) {
                 const T xs = rows.p[i][d];
                 for (int j = 0; j < NVV; ++j) {
@@ -129,9 +122,9 @@ template <typename T, int PV> struct Forward {
                     }
                 }
             }
-        }
+        });
         if constexpr (PV != 1) {
-            const T lo = T(D) * Lim<T>::MIN * std::ldexp(T(1), Lim<T>::PREC + 2), hi = Lim<T>::MAX;
+            const T lo = raw_floor<T>(D), hi = Lim<T>::MAX;
             for (int i = 0; i < rows.valid; ++i)
                 for (int j = 0; j < NVV; ++j)
                     for (int l = 0; l < W && n0 + j * W + l < N; ++l) {
@@ -159,50 +152,11 @@ constexpr int RAW_RB = 4, RAW_NV = 5, NORM_RB = 2, NORM_NV = 4;
 constexpr int RAW_RB = 3, RAW_NV = 3, NORM_RB = 2, NORM_NV = 2;
 #endif
 
-template <typename T, int PV> struct NormTile {
-    const Forward<T, PV>& f;
-    i64 b0;
-    template <int NVV> void run(i64 n0) { f.template normalised<NORM_RB, NVV>(b0, n0); }
-};
-template <typename T, int PV> struct RawTile {
-    const Forward<T, PV>& f;
-    i64 b0;
-    template <int NVV> void run(i64 n0) {
-        if (f.template raw<RAW_RB, NVV>(b0, n0)) return;
-        // the fixup: the same rectangle, max-normalised
-        constexpr int W = S<T>::W;
-        const i64 b_end = std::min<i64>(f.B, b0 + RAW_RB), n_end = std::min<i64>(f.N, n0 + (i64)NVV * W);
-        for (i64 b = b0; b < b_end; b += NORM_RB)
-            for (i64 n = n0; n < n_end; n += (i64)NORM_NV * W) {
-                NormTile<T, PV> tile{f, b};
-                with_width<NORM_NV, W>((int)std::min<i64>(NORM_NV, (n_end - n + W - 1) / W), n, tile);
-            }
-    }
-};
-
-template <typename T, int PV> static void forward(const Forward<T, PV>& f, int nthreads) {
-    constexpr int W = S<T>::W;
-    if constexpr (PV == 0) {
-        forward_tasks<NORM_RB, NORM_NV, W>(f.B, f.N, nthreads, [&](i64 b0, i64 n0, int nv) {
-            NormTile<T, PV> tile{f, b0};
-            with_width<NORM_NV, W>(nv, n0, tile);
-        });
-    } else {
-        forward_tasks<RAW_RB, RAW_NV, W>(f.B, f.N, nthreads, [&](i64 b0, i64 n0, int nv) {
-            RawTile<T, PV> tile{f, b0};
-            with_width<RAW_NV, W>(nv, n0, tile);
-        });
-    }
-}
-
 template <typename T>
 static void lp_forward(const T* x, const T* wt, i64 B, i64 N, i64 Np, i64 D, T p, int pv, T* y, int nt) {
-    switch (pv) {
-        case 1: forward(Forward<T, 1>{x, wt, B, N, Np, D, y, p}, nt); break;
-        case 2: forward(Forward<T, 2>{x, wt, B, N, Np, D, y, p}, nt); break;
-        case 8: forward(Forward<T, 8>{x, wt, B, N, Np, D, y, p}, nt); break;
-        default: forward(Forward<T, 0>{x, wt, B, N, Np, D, y, p}, nt); break;
-    }
+    with_variant(pv, [&](auto v) {
+        finite_forward<RAW_RB, RAW_NV, NORM_RB, NORM_NV>(Forward<T, decltype(v)::value>{x, wt, B, N, Np, D, y, p}, nt);
+    });
 }
 
 // ---- backward -------------------------------------------------------------------
@@ -255,37 +209,14 @@ template <typename T, int PV> struct Backward {
             for (int i = 0; i < RB; ++i) storeu(gx + (b0 + i) * Dp + c, gxa[i]);
     }
 
-    void run(int nthreads) const {
-        const i64 chunks = Dp / W, block = row_block(2 * N * (i64)sizeof(T), BWD_RB);
-#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && chunks > 1)
-        {
-            // without gw wanted, each thread accumulates into a scratch column block of its own
-            std::vector<T> scratch(gw == nullptr ? (size_t)(N * Dp) : 0);
-            for (i64 r0 = 0; r0 < B; r0 += block) {
-                const i64 r1 = std::min(B, r0 + block);
-#pragma omp for schedule(static) nowait
-                for (i64 ch = 0; ch < chunks; ++ch) {
-                    const i64 c = ch * W;
-                    T* gwc = (gw != nullptr ? gw : scratch.data()) + c;
-                    i64 b0 = r0;
-                    for (; b0 + BWD_RB <= r1; b0 += BWD_RB) rows<BWD_RB>(b0, c, gwc);
-                    for (; b0 < r1; ++b0) rows<1>(b0, c, gwc);
-                }
-            }
-        }
-    }
+    void run(int nthreads) const { backward_chunks<BWD_RB>(*this, 2 * N * (i64)sizeof(T), nthreads); }
 };
 
 template <typename T>
 static void lp_backward(const T* x, const T* w, const T* g, const T* r, i64 B, i64 N, i64 Dp, T p, int pv, T* gx, T* gw,
                         int nt) {
     const T pm1 = p - T(1);
-    switch (pv) {
-        case 1: Backward<T, 1>{x, w, g, r, B, N, Dp, pm1, gx, gw}.run(nt); break;
-        case 2: Backward<T, 2>{x, w, g, r, B, N, Dp, pm1, gx, gw}.run(nt); break;
-        case 8: Backward<T, 8>{x, w, g, r, B, N, Dp, pm1, gx, gw}.run(nt); break;
-        default: Backward<T, 0>{x, w, g, r, B, N, Dp, pm1, gx, gw}.run(nt); break;
-    }
+    with_variant(pv, [&](auto v) { Backward<T, decltype(v)::value>{x, w, g, r, B, N, Dp, pm1, gx, gw}.run(nt); });
 }
 
 }  // namespace lp
