@@ -168,6 +168,15 @@ def _magnitude(node, mags, kind: str):
         if (den == 0).any():
             raise _Unsupported("division by zero")
         return mags[0] / den
+    if kind == "BoundReciprocal":
+        # auto_LiRPA 0.7 traces x / c as x * (1 / c): the reciprocal of a constant is one more rounding,
+        # counted like the division's
+        if type(node.inputs[0]).__name__ not in _CONST:
+            raise _Unsupported("reciprocal of a non-constant")
+        den = _value(node.inputs[0]).abs()
+        if (den == 0).any():
+            raise _Unsupported("reciprocal of zero")
+        return 1 / den
     if kind == "BoundLinear":
         # Gemm's scalars: alpha/beta on 0.3, alpha_linear/beta_linear on 0.7 (where alpha is alpha-CROWN's)
         scalars = [getattr(node, name, 1.0) for name in ("alpha_linear", "beta_linear")] if \
@@ -192,6 +201,26 @@ def _magnitude(node, mags, kind: str):
     raise _Unsupported(f"operator {kind}")
 
 
+def _topological(bounded) -> list:
+    """The graph's nodes, each after its inputs (auto_LiRPA 0.7 does not keep ``_modules`` in that order
+    for every graph, e.g. the hybrid's)."""
+    nodes = list(bounded._modules.values())
+    seen, order = set(), []
+    for root in nodes:
+        stack = [(root, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if node.name in seen:
+                continue
+            if expanded:
+                seen.add(node.name)
+                order.append(node)
+                continue
+            stack.append((node, True))
+            stack.extend((i, False) for i in reversed(list(getattr(node, "inputs", []))) if i.name not in seen)
+    return order
+
+
 def rounding_slack(bounded, lower: torch.Tensor, upper: torch.Tensor) -> Tuple[Optional[torch.Tensor], SlackInfo]:
     """A bound ``(B,)`` on the rounding error of every margin lower bound auto_LiRPA computed over the box.
 
@@ -210,7 +239,7 @@ def rounding_slack(bounded, lower: torch.Tensor, upper: torch.Tensor) -> Tuple[O
     dtype = lower.dtype
     u = unit_roundoff_of(dtype)
     mags, chain, nonlinear = {}, 0, 0
-    order = list(bounded._modules.values())
+    order = _topological(bounded)
     try:
         for node in order:
             kind = type(node).__name__
