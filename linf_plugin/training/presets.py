@@ -240,9 +240,9 @@ for _bound in ("ibp", "crown-ibp"):
 def _fashion_cpu_linf() -> TrainConfig:
     return TrainConfig(
         model="linf_dist_mlp", model_kwargs={"depth": 5, "width": 256}, dataset="fashion-mnist", eps=FASHION_EPS,
-        epochs=12, batch_size=256, lr=0.03, adam_betas=(0.9, 0.99), adam_eps=1e-10, lr_schedule="cosine",
-        theta=0.6, lam0=0.05, lam_end=2e-4, scale_lr_factor=0.2, p_start=8.0, p_end=1000.0, p_ramp_start=2,
-        p_ramp_epochs=8, crop_padding=1, eval_every=0)
+        epochs=50, batch_size=256, lr=0.03, adam_betas=(0.9, 0.99), adam_eps=1e-10, lr_schedule="cosine",
+        theta=0.45, lam0=0.05, lam_end=2e-4, scale_lr_factor=0.2, p_start=8.0, p_end=1000.0, p_ramp_start=26,
+        p_ramp_epochs=14, crop_padding=1, eval_every=0)
 
 
 def _fashion_cpu_hybrid() -> TrainConfig:
