@@ -214,9 +214,12 @@ def _phases(cfg: TrainConfig) -> dict:
             "inf": base.replace(p_start=None)}
 
 
-def time_epoch(cfg: TrainConfig, train_x, train_y) -> dict:
-    """Train ``cfg`` for its one epoch and split the time (see the module docstring)."""
+def time_epoch(cfg: TrainConfig, train_x, train_y, backend: str = "auto") -> dict:
+    """Train ``cfg`` for its one epoch with the CPU ℓp-dist ``backend`` and split the time (see the module
+    docstring)."""
     from linf_plugin.nn import lp_dist_layers
+
+    inner = get_backend(resolve_backend(None if backend == "auto" else backend, torch.zeros(1)))
 
     cfg = cfg.replace().validate()
     torch.manual_seed(cfg.seed)
@@ -229,12 +232,12 @@ def time_epoch(cfg: TrainConfig, train_x, train_y) -> dict:
     warm_n = min(n, 2 * b + n % b)
     c0 = _compiles()
     tw = time.perf_counter()
-    train(cfg.replace(train_subset=warm_n if cfg.train_subset is None else min(warm_n, cfg.train_subset),
-                      eval_subset=min(cfg.eval_subset or 10 ** 9, 2 * cfg.eval_batch_size)), model=model)
+    with use_backend(inner, "cpu"):
+        train(cfg.replace(train_subset=warm_n if cfg.train_subset is None else min(warm_n, cfg.train_subset),
+                          eval_subset=min(cfg.eval_subset or 10 ** 9, 2 * cfg.eval_batch_size)), model=model)
     warm = {"seconds": time.perf_counter() - tw, "compiles": _compiles() - c0, "samples": warm_n}
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, input_shape=data.input_shape, num_classes=data.num_classes, **kwargs)
-    inner = get_backend(resolve_backend(None, torch.zeros(1)))
     timed = TimedBackend(inner)
     steps = math.ceil(len(train_x) / cfg.batch_size)
     load0 = os.getloadavg()
@@ -263,7 +266,7 @@ def time_epoch(cfg: TrainConfig, train_x, train_y) -> dict:
              "loss": loss, "data": data_s, "optimizer": t["optimizer"], "evaluation": evaluation}
     inside = t["objective_forward"] + t["backward"] + t["optimizer"] + data_s
     parts["loop_other"] = epoch - inside
-    return {"epoch_seconds": epoch, "wall_seconds": wall, "phases": parts, "compiles_during_run": compiles,
+    return {"backend": type(inner).__name__, "epoch_seconds": epoch, "wall_seconds": wall, "phases": parts, "compiles_during_run": compiles,
             "warmup": warm,
             "has_lp": any(True for _ in lp_dist_layers(model)), "samples": int(len(train_x)),
             "steps": steps, "load_before": load0, "load_after": os.getloadavg(),
@@ -318,6 +321,9 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default="digits,fashion-mnist")
     ap.add_argument("--presets", default=None, help="comma list of presets (default: the suites' and a reference)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--backends", default="auto",
+                    help="comma list of CPU lp-dist backends to time in this run (e.g. torch,native: the old "
+                         "baseline and the native kernels, back to back)")
     ap.add_argument("--train-subset", type=int, default=None, help="time an epoch of the first N samples only")
     ap.add_argument("--eval-subset", type=int, default=None, help="evaluate on the first N test points")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -325,7 +331,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     names = [n for n in (args.presets or "").split(",") if n]
     rows = []
-    print(f"{'data':14} {'preset':44} {'phase':6} {'epoch s':>8} " + " ".join(f"{p[:11]:>11}" for p in PHASES)
+    print(f"{'data':14} {'preset':36} {'backend':7} {'phase':6} {'epoch s':>8} " + " ".join(f"{p[:11]:>11}" for p in PHASES)
           + "  compiles  load")
     for data in [d for d in args.data.split(",") if d]:
         ctx = fashion_root() if data == "fashion-mnist" else contextlib.nullcontext((None, "embedded"))
@@ -337,12 +343,14 @@ def main(argv=None) -> int:
                 train_set = load_dataset(data, "train", root=root)
                 if args.train_subset:
                     train_set = train_set.subset(args.train_subset)
-                for phase, pcfg in _phases(cfg).items():
-                    r = time_epoch(pcfg, train_set.x, train_set.y)
+                runs = [(phase, pcfg, backend) for phase, pcfg in _phases(cfg).items()
+                        for backend in args.backends.split(",") if backend]
+                for phase, pcfg, backend in runs:
+                    r = time_epoch(pcfg, train_set.x, train_set.y, backend)
                     r.update(data=data, data_source=source, preset=name, phase=phase, batch_size=cfg.batch_size,
                              model=cfg.model, model_kwargs=cfg.model_kwargs, family=cfg.family)
                     rows.append(r)
-                    print(f"{data:14} {name[:44]:44} {phase:6} {r['epoch_seconds']:8.2f} "
+                    print(f"{data:14} {name[:36]:36} {r['backend'][:7]:7} {phase:6} {r['epoch_seconds']:8.2f} "
                           + " ".join(f"{r['phases'][p]:11.2f}" for p in PHASES)
                           + f"  {r['compiles_during_run']:8d}  {r['load_before'][0]:.2f}", flush=True)
     out = Path(args.out) / f"train_epoch-{args.label}.json"
