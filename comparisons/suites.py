@@ -78,7 +78,7 @@ DIGITS_MODELS = (("linf", "ℓ∞-dist net"), ("hybrid", "ℓ∞-dist + MLP hybr
 DIGITS_BUDGETS = (("crown", 20.0), ("alpha-crown", 20.0))
 FASHION_MODELS = (("linf", "ℓ∞-dist net"), ("hybrid", "ℓ∞-dist + MLP hybrid"), ("ibp", "ReLU CNN (IBP)"),
                   ("crown-ibp", "ReLU CNN (CROWN-IBP)"))
-FASHION_BUDGETS = (("crown", 30.0), ("alpha-crown", 30.0))
+FASHION_BUDGETS = (("crown", 20.0), ("alpha-crown", 20.0))
 
 SUITES: Dict[str, Suite] = {
     "digits": Suite(
