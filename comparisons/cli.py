@@ -163,7 +163,7 @@ def _suite_word(suite: Optional[str], alias: Optional[str]) -> str:
                       "release: use --suite NAME (a suite is a data set and its models; --preset now names "
                       "training presets only, as in python -m linf_plugin.training)", FutureWarning, stacklevel=2)
         if suite is not None and suite != alias:
-            raise ValueError(f"--suite {suite} and its deprecated alias --preset {alias} disagree; "
+            raise UsageError(f"--suite {suite} and its deprecated alias --preset {alias} disagree; "
                              f"pass --suite only")
         return alias
     return suite or "digits"

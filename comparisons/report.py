@@ -106,12 +106,15 @@ def _run_markdown(res: dict, figures: List[dict]) -> str:
                 why = (f" (time budget {b['seconds']:g} s for the grid: the first {b['probe_points']} points took "
                        f"{fmt_seconds(b['probe_time'])})" if b else " (--points)")
                 notes.append(f"- † **{m['label']}**, {METHOD_TITLES[k]}: first {rec['n']} test points only{why}")
+    # runs from before the per-point check have no pgd_vs_certified: claim nothing for them
+    checked = any((m.get("evaluation") or {}).get("pgd_vs_certified", {}).get("checked") for m in res["models"])
     out = [f"# Comparison: {s['suite']} ({s['dataset']}, {s['test_points']} test points)", "",
            f"Certified accuracy (%) at ε = {eps_txt} (pixel units) per method, with the method's certification "
            "time for the whole grid in brackets (margin: ONE pass certifies every ε; the other methods: one pass "
            "per ε). `n/a`: the method does not apply to the model; `—`: not requested. "
-           f"PGD-{s['pgd_steps']} accuracy is an upper bound on robust accuracy; on every point both saw, no "
-           "point a method certified was broken by PGD unless a note below says so. A cell measured on fewer than "
+           f"PGD-{s['pgd_steps']} accuracy is an upper bound on robust accuracy"
+           + ("; on every point both saw, no point a method certified was broken by PGD unless a note below says "
+              "so" if checked else "") + ". A cell measured on fewer than "
            f"{MIN_POINTS} points shows counts, not percentages: `1 / 1 / 0 of 1 pt` = certified at the first two "
            "ε on the one point tried.", "", md_table(header, rows), ""]
     if notes:

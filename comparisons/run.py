@@ -529,7 +529,7 @@ def run_comparison(settings: RunSettings):
                if m not in settings.method_points}
     method_points = {m: n for m, n in method_points.items() if m not in settings.budgets}
     if settings.pgd_points is not None and int(settings.pgd_points) < 1:
-        raise ValueError(f"--pgd-points {settings.pgd_points}: need n >= 1 (leave it out to use the suite's)")
+        raise UsageError(f"--pgd-points {settings.pgd_points}: need n >= 1 (leave it out to use the suite's)")
     pgd_points = settings.pgd_points if settings.pgd_points is not None else suite.pgd_points_for(settings.full)
 
     def stage_bar(desc, total):
@@ -538,7 +538,8 @@ def run_comparison(settings: RunSettings):
     run_dir = shared_run_dir("run", settings.out)
     cache = CheckpointCache(settings.cache_dir, enabled=settings.use_cache, scratch=run_dir)
     with torch_threads(settings.num_threads):
-        test = load_dataset(suite.dataset, "test", root=settings.data_root)
+        with usage_errors():  # an argument the data set cannot take, or a corrupt file: the user's to fix
+            test = load_dataset(suite.dataset, "test", root=settings.data_root)
         if settings.test_subset:
             test = test.subset(int(settings.test_subset))
         recorded = nan_to_none({**asdict(settings), "method_points": method_points, "budgets": budgets,
