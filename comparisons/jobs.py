@@ -138,12 +138,13 @@ def bisect_radii(model, data, method: str, eps_max: float, *, saving: Saving, ba
 
 
 def pgd_accuracy(model, x, y, eps: float, *, saving: Saving, steps: int, restarts: int, batch_size: int, data_range,
-                 seed: int, device) -> Tuple[float, float, list, torch.Tensor]:
-    """PGD accuracy at ``eps`` in chunks of ``batch_size`` points.
+                 seed: int, device) -> Tuple[torch.Tensor, float, list]:
+    """PGD at ``eps`` in chunks of ``batch_size`` points.
 
     Returns:
-        ``(accuracy, seconds, oom_retries, broken)``: ``broken`` is the ``(n,)`` bool mask of the points
-        the attack broke (for the check that it breaks no certified point).
+        ``(broken, seconds, oom_retries)``: ``broken`` is the ``(n,)`` bool mask of the points the attack
+        broke (the accuracy is the share not broken; the mask also serves the check that PGD breaks no
+        certified point).
 
     Each batch draws its random starts from a generator seeded with
     ``(seed, first point of the batch)``, so a point's attack does not
@@ -167,8 +168,7 @@ def pgd_accuracy(model, x, y, eps: float, *, saving: Saving, steps: int, restart
                      progress=saving.progress, desc=f"PGD eps={eps:g}", what=f"PGD eps={eps:g}")
     broken = run.values["broken"]
     summary = run.summary()
-    return (float((~broken).sum().item()) / broken.numel(), float(summary["compute_time"]), summary["oom_retries"],
-            broken)
+    return broken, float(summary["compute_time"]), summary["oom_retries"]
 
 
 def resume_command(argv: List[str]) -> str:

@@ -134,9 +134,10 @@ def _check_methods(methods: Optional[List[str]]) -> Optional[List[Method]]:
 def _pgd(model, x, y, eps_grid, steps, restarts, batch_size, data_range, seed, device, bar, saving: Saving) -> dict:
     out = []
     for k, eps in enumerate(eps_grid):
-        acc, seconds, retries, broken = pgd_accuracy(model, x, y, eps, saving=saving.sub(f"eps-{k}"), steps=steps,
-                                                     restarts=restarts, batch_size=batch_size, data_range=data_range,
-                                                     seed=seed, device=device)
+        broken, seconds, retries = pgd_accuracy(model, x, y, eps, saving=saving.sub(f"eps-{k}"), steps=steps,
+                                                restarts=restarts, batch_size=batch_size, data_range=data_range,
+                                                seed=seed, device=device)
+        acc = float((~broken).sum().item()) / broken.numel()
         out.append({"eps": eps, "accuracy": acc, "time": seconds, **({"oom_retries": retries} if retries else {}),
                     "_broken": broken})
         bar.update(1)

@@ -150,6 +150,16 @@ class _Unsupported(Exception):
     pass
 
 
+def _constant_magnitude(node, what: str) -> torch.Tensor:
+    """|value| of a constant divisor (``what``: the operation, for the reason given when it is not one)."""
+    if type(node).__name__ not in _CONST:
+        raise _Unsupported(f"{what} by a non-constant")
+    den = _value(node).abs()
+    if (den == 0).any():
+        raise _Unsupported(f"{what} by zero")
+    return den
+
+
 def _magnitude(node, mags, kind: str):
     """An elementwise bound on |value| and on the sum of |terms| of one node, from its inputs' bounds."""
     if kind in _SAME:
@@ -162,21 +172,11 @@ def _magnitude(node, mags, kind: str):
     if kind == "BoundSub":
         return mags[0] + mags[1]
     if kind == "BoundDiv":
-        if type(node.inputs[1]).__name__ not in _CONST:
-            raise _Unsupported("division by a non-constant")
-        den = _value(node.inputs[1]).abs()
-        if (den == 0).any():
-            raise _Unsupported("division by zero")
-        return mags[0] / den
+        return mags[0] / _constant_magnitude(node.inputs[1], "division")
     if kind == "BoundReciprocal":
         # auto_LiRPA 0.7 traces x / c as x * (1 / c): the reciprocal of a constant is one more rounding,
         # counted like the division's
-        if type(node.inputs[0]).__name__ not in _CONST:
-            raise _Unsupported("reciprocal of a non-constant")
-        den = _value(node.inputs[0]).abs()
-        if (den == 0).any():
-            raise _Unsupported("reciprocal of zero")
-        return 1 / den
+        return 1 / _constant_magnitude(node.inputs[0], "reciprocal")
     if kind == "BoundLinear":
         # Gemm's scalars: alpha/beta on 0.3, alpha_linear/beta_linear on 0.7 (where alpha is alpha-CROWN's)
         scalars = [getattr(node, name, 1.0) for name in ("alpha_linear", "beta_linear")] if \
