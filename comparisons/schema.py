@@ -110,7 +110,7 @@ METHOD_OK = {"status": ("ok",), "one_pass": "bool", "n": "int", "time": "float",
              "curve": _nullable(CURVE), "extra": "any",
              # a method run under a time budget: the points it covered (the leading `points` of `of`)
              "budget?": {"seconds": "float", "probe_points": "int", "probe_time": "float", "points": "int",
-                         "of": "int"}}
+                         "of": "int", "probes?": [["float"]]}}
 METHOD_RECORD = _either(METHOD_OK, ERROR, {"status": ("n/a", "not run")})
 PGD = _either({"status": ("ok",), "steps": "int", "restarts": "int",
                "results": [{"eps": "float", "accuracy": "float", "time": "float"}]}, ERROR)

@@ -163,6 +163,69 @@ def test_budgeted_points_fit_the_budget():
     assert budgeted_points(probe_time=5.0, probe_n=16, total=10, budget=1.0) == 10  # the probe was everything
 
 
+def test_next_probe_grows_while_it_pays():
+    from comparisons.run import PROBE_GROWTH, next_probe
+
+    # α-CROWN on the digits hybrid: one point 0.23 s for the grid; 5 s buy 21 points at that rate
+    assert next_probe(0.23, 1, 360, 5.0, 256) == PROBE_GROWTH
+    assert next_probe(0.8, 16, 360, 5.0, 256) == 64
+    assert next_probe(0.8, 16, 360, 5.0, 32) == 32  # never past the requested batch size
+    assert next_probe(2.0, 64, 100, 1e9, 256) == 100  # never past the data
+    assert next_probe(8.7, 1, 360, 5.0, 256) == 0  # α-CROWN on a ReLU CNN: not even 2 points in 5 s
+    assert next_probe(1.7, 16, 360, 5.0, 256) == 47  # what 5 s buy at the last rate
+    assert next_probe(1.7, 32, 360, 2.5, 256) == 0  # 47 points: less than twice the last probe
+    assert next_probe(1.0, 360, 360, 5.0, 512) == 0  # the probe had every point
+
+
+def _cost_model(monkeypatch, seconds_per_batch):
+    """``_timed_method`` replaced by a cost model: the planner's decisions only, no certification."""
+    import comparisons.run as run
+
+    calls = []
+
+    def fake(model, data, method, eps_grid, eps_max, *, batch_size, bar, saving, **kw):
+        n = len(data)
+        full, rest = divmod(n, batch_size)
+        t = len(eps_grid) * (full * seconds_per_batch(batch_size) + (seconds_per_batch(rest) if rest else 0))
+        calls.append((n, batch_size))
+        return {"status": "ok", "one_pass": False, "n": n, "time": t, "results": [], "curve": None,
+                "extra": {}}
+
+    monkeypatch.setattr(run, "_timed_method", fake)
+    return calls
+
+
+def test_a_budget_buys_points_at_the_batch_size_that_pays(monkeypatch):
+    """α-CROWN on an l_p-dist net costs a fixed 0.07 s a batch and 0.008 s a point at each ε: the one-point
+    probe alone sees 0.23 s a point (87 points in 20 s), batches of 64 fit all 360 points."""
+    from comparisons.run import _budgeted_method
+    from linf_plugin.data import load_dataset
+
+    data = load_dataset("digits", "test")
+    calls = _cost_model(monkeypatch, lambda b: 0.07 + 0.008 * b)
+    rec = _budgeted_method(None, data, "alpha-crown", [0.05, 0.1, 0.2], 0.2, 20.0, batch_size=256,
+                           saving=__import__("comparisons.jobs", fromlist=["Saving"]).Saving())
+    sizes = [p[0] for p in rec["budget"]["probes"]]
+    assert sizes[0] == 1 and sizes == sorted(sizes) and len(sizes) > 2
+    assert rec["n"] == 360 and rec["budget"]["points"] == 360
+    assert rec["time"] <= 20.0  # the run the budget bought fits it
+    assert sum(p[1] for p in rec["budget"]["probes"]) <= 20.0 / 2
+
+
+def test_a_budget_stops_growing_batches_that_cost_more_a_point(monkeypatch):
+    """CROWN on a ReLU CNN slows down a point in large batches: the planner keeps the smaller batch."""
+    from comparisons.jobs import Saving
+    from comparisons.run import _budgeted_method
+    from linf_plugin.data import load_dataset
+
+    data = load_dataset("digits", "test")
+    calls = _cost_model(monkeypatch, lambda b: 0.01 * b + 0.0004 * b * b)
+    rec = _budgeted_method(None, data, "crown", [0.05, 0.1, 0.2], 0.2, 20.0, batch_size=256, saving=Saving())
+    assert rec["budget"]["probe_points"] == 16 and len(rec["budget"]["probes"]) == 2
+    assert calls[-1][1] == 16  # the final run in batches of the best probe's size
+    assert rec["time"] <= 20.0 + 1e-9
+
+
 def test_a_budgeted_method_runs_the_points_that_fit_and_says_so():
     """CROWN under a budget: the leading points only, the same flags as certifying them directly."""
     import torch
@@ -181,7 +244,9 @@ def test_a_budgeted_method_runs_the_points_that_fit_and_says_so():
     tight = _certify_method(model, data, "crown", grid, budget=1e-9, **kw)
     assert tight["n"] == 16 and tight["budget"]["points"] == 16 and tight["budget"]["of"] == 48
     loose = _certify_method(model, data, "crown", grid, budget=1e9, **kw)
-    assert loose["n"] == 48 and loose["budget"]["probe_points"] == 16
+    # a second, larger probe (all 48 points in one batch) ran; the better rate of the two set the batch
+    assert loose["n"] == 48 and [p[0] for p in loose["budget"]["probes"]] == [16, 48]
+    assert loose["budget"]["probe_points"] in (16, 48)
     for rec in (tight, loose):
         for r in rec["results"]:
             direct = certify(model, data.subset(rec["n"]), r["eps"], "crown", batch_size=64)
