@@ -205,7 +205,9 @@ class Bounder:
         # Only alpha-CROWN differentiates (through its own enable_grad); a
         # graph through the bounds of a wide net would cost gigabytes.
         grad = torch.enable_grad() if name == "CROWN-Optimized" else torch.no_grad()
-        with default_dtype(self.dtype), grad, exact_float(), quiet_identity():
+        # auto_LiRPA prints "all verified at ...th iter" when the stop criterion holds for every point
+        with default_dtype(self.dtype), grad, exact_float(), quiet_identity(), \
+                contextlib.redirect_stdout(io.StringIO()):
             lb, _ = self.bounded.compute_bounds(x=self._input(x, lower, upper), C=c, method=name, bound_upper=False)
         if method == Method.ALPHA_CROWN:
             self._keep_alphas(None)

@@ -200,3 +200,13 @@ def test_stall_stop_stops_certified_and_stalled_points():
     assert flags[0] == [False, False, True]  # every margin of the last point is positive
     assert flags[1] == [False, False, True] and flags[2] == [False, True, True]  # the second one stalled twice
     assert flags[3] == [False, True, True]  # the first keeps rising by more than 1e-3 (1 + |bound|)
+
+
+def test_alpha_crown_prints_nothing_when_every_point_verifies(capfd):
+    """auto_LiRPA's optimisation prints "all verified at 0th iter" to stdout when its stop criterion holds
+    for every point; a library call must not write to the user's stdout."""
+    model = _cnn()
+    x, y = _points(model)
+    res = certify(model, (x, y), 1e-6, "alpha-crown", data_range=(0.0, 1.0))
+    assert bool(res.certified.all())
+    assert capfd.readouterr().out == ""
