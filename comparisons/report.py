@@ -103,9 +103,12 @@ def _run_markdown(res: dict, figures: List[dict]) -> str:
                 notes.append(f"- **{m['label']}**, {METHOD_TITLES[k]}: `{rec['error']}`")
             elif rec.get("status") == "ok" and rec["n"] != ev["n"]:
                 b = rec.get("budget")
-                why = (f" (time budget {b['seconds']:g} s for the grid: the first {b['probe_points']} points took "
-                       f"{fmt_seconds(b['probe_time'])})" if b else " (--points)")
-                notes.append(f"- † **{m['label']}**, {METHOD_TITLES[k]}: first {rec['n']} test points only{why}")
+                why = " (--points)"
+                if b:
+                    first = "the first point" if b["probe_points"] == 1 else f"the first {b['probe_points']} points"
+                    why = f" (time budget {b['seconds']:g} s for the grid: {first} took {fmt_seconds(b['probe_time'])})"
+                which = "the first test point" if rec["n"] == 1 else f"first {rec['n']} test points"
+                notes.append(f"- † **{m['label']}**, {METHOD_TITLES[k]}: {which} only{why}")
     # runs from before the per-point check have no pgd_vs_certified: claim nothing for them
     checked = any((m.get("evaluation") or {}).get("pgd_vs_certified", {}).get("checked") for m in res["models"])
     out = [f"# Comparison: {s['suite']} ({s['dataset']}, {s['test_points']} test points)", "",
