@@ -188,6 +188,29 @@ class LirpaBounds(nn.Module):
         return logits, crown_factor * crown_lb + (1.0 - crown_factor) * ibp_lb
 
     @torch.no_grad()
+    def load_from(self, model: nn.Module) -> None:
+        """Copy ``model``'s parameters and buffers into the ``BoundedModule`` (after a resume loaded them).
+
+        auto_LiRPA 0.3's ``BoundedModule.load_state_dict`` takes the model's
+        names; 0.7's is torch's and wants its node names (``/5.param``).  Both
+        name their members by the model's names in ``named_parameters`` and
+        ``named_buffers``, so the copy goes through those.
+
+        Raises:
+            RuntimeError: a parameter of ``model`` that the ``BoundedModule`` lacks, or of another shape.
+        """
+        params = dict(self.bounded.named_parameters())
+        for name, p in model.named_parameters():
+            if name not in params or params[name].shape != p.shape:
+                raise RuntimeError(f"the BoundedModule has no parameter {name!r} of shape {tuple(p.shape)}; "
+                                   f"it has {sorted(params)}")
+            params[name].copy_(p)
+        buffers = dict(self.bounded.named_buffers())
+        for name, b in model.named_buffers():
+            if name in buffers and buffers[name].shape == b.shape:  # num_batches_tracked has no node
+                buffers[name].copy_(b)
+
+    @torch.no_grad()
     def sync_buffers_to(self, model: nn.Module) -> None:
         """Copy the ``BoundedModule``'s buffers (batch-norm running statistics) into ``model``."""
         own = dict(model.named_buffers())

@@ -278,7 +278,7 @@ class _Run:
         self.optimizer.load_state_dict(ckpt.optimizer_state)
         _load_objective_extra_state(self.objective, extra.get("objective_state", {}))
         if isinstance(self.objective, LirpaObjective):
-            self.objective.bounds.bounded.load_state_dict(self.model.state_dict())
+            self.objective.bounds.load_from(self.model)
         self.history = list(extra.get("history", []))
         self.start_epoch = int(ckpt.epoch)
         self.last_saved_epoch = self.start_epoch

@@ -172,3 +172,27 @@ def test_lirpa_bounds_are_sound(bound):
     _, lb = lb_mod(x, y, eps, bound, crown_factor=0.5)
     lb.sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_lirpa_bounds_load_a_resumed_models_weights_and_batch_norm_statistics():
+    """A resume loads the checkpoint into the model, then into the BoundedModule (which keeps its own
+    batch-norm statistics); auto_LiRPA 0.7's load_state_dict wants node names, not the model's."""
+    torch.manual_seed(9)
+    model = create_model("cnn_7layer_bn", input_shape=(1, 8, 8), num_classes=10, width=4, linear_size=16,
+                         mean=(0.3,), std=0.4)
+    x, y = _digits_like(6)
+    lb_mod = LirpaBounds(model, x[:2])
+    saved = create_model("cnn_7layer_bn", input_shape=(1, 8, 8), num_classes=10, width=4, linear_size=16,
+                         mean=(0.3,), std=0.4)
+    with torch.no_grad():
+        for t in list(saved.parameters()) + [b for n, b in saved.named_buffers() if "running" in n]:
+            t.add_(torch.rand_like(t))
+    model.load_state_dict(saved.state_dict())
+    lb_mod.load_from(model)
+    mine = dict(lb_mod.bounded.named_buffers())
+    running = [n for n, _ in model.named_buffers() if "running" in n]
+    assert running and all(torch.equal(mine[n], dict(model.named_buffers())[n]) for n in running)
+    lb_mod.eval()
+    model.eval()
+    logits, _ = lb_mod(x, y, 0.0)
+    assert torch.allclose(logits, model(x), atol=1e-5)
