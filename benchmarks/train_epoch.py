@@ -266,8 +266,8 @@ def time_epoch(cfg: TrainConfig, train_x, train_y, backend: str = "auto") -> dic
              "loss": loss, "data": data_s, "optimizer": t["optimizer"], "evaluation": evaluation}
     inside = t["objective_forward"] + t["backward"] + t["optimizer"] + data_s
     parts["loop_other"] = epoch - inside
-    return {"backend": type(inner).__name__, "epoch_seconds": epoch, "wall_seconds": wall, "phases": parts, "compiles_during_run": compiles,
-            "warmup": warm,
+    return {"backend": type(inner).__name__, "epoch_seconds": epoch, "wall_seconds": wall, "phases": parts,
+            "compiles_during_run": compiles, "warmup": warm,
             "has_lp": any(True for _ in lp_dist_layers(model)), "samples": int(len(train_x)),
             "steps": steps, "load_before": load0, "load_after": os.getloadavg(),
             "train_acc": rec.get("train_acc"), "eval_method": rec.get("method")}
@@ -331,8 +331,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     names = [n for n in (args.presets or "").split(",") if n]
     rows = []
-    print(f"{'data':14} {'preset':36} {'backend':7} {'phase':6} {'epoch s':>8} " + " ".join(f"{p[:11]:>11}" for p in PHASES)
-          + "  compiles  load")
+    print(f"{'data':14} {'preset':36} {'backend':7} {'phase':6} {'epoch s':>8} "
+          + " ".join(f"{p[:11]:>11}" for p in PHASES) + "  compiles  load")
     for data in [d for d in args.data.split(",") if d]:
         ctx = fashion_root() if data == "fashion-mnist" else contextlib.nullcontext((None, "embedded"))
         with ctx as (root, source):

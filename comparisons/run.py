@@ -248,17 +248,16 @@ def _budgeted_method(model, data, method, eps_grid, eps_max, budget, *, batch_si
     with them: a resumed run (or one under torchrun) makes the same choices.
     """
     size = min(len(data), batch_size, BUDGET_PROBE.get(method, DEFAULT_PROBE))
-    probes, best, spent = [], None, 0.0
+    probes, best = [], None
     while size:
         saving = kw["saving"].sub("probe" if not probes else f"probe-{len(probes)}")
         rec = _timed_method(model, data.subset(size), method, eps_grid, eps_max, batch_size=size, bar=None,
                             **{**kw, "saving": saving})
         probes.append([size, rec["time"]])
-        spent += rec["time"]
         if best is not None and rec["time"] / size > best[1]["time"] / best[0]:
             break  # a larger batch costs more a point: larger ones will not pay either
         best = (size, rec)
-        allowance = min(budget / PROBE_GROWTH, PROBE_SHARE * budget - spent)
+        allowance = min(budget / PROBE_GROWTH, PROBE_SHARE * budget - sum(t for _, t in probes))
         size = next_probe(rec["time"], size, len(data), allowance, batch_size) if allowance > 0 else 0
     probe_n, rec = best
     probe_time = rec["time"]

@@ -13,6 +13,15 @@ __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atom
 
 
 def _umask() -> int:
+    """The process umask.  Linux reports it in /proc; elsewhere ``os.umask`` is the only way to read it,
+    and it clears the mask for every thread until it is restored a moment later."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask

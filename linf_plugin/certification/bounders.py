@@ -91,6 +91,12 @@ def quiet_identity():
         yield
 
 
+def no_prints():
+    """auto_LiRPA's optimisation prints "all verified at ...th iter" to stdout when its stop criterion
+    holds for every point; a library call keeps the user's stdout clean."""
+    return contextlib.redirect_stdout(io.StringIO())
+
+
 def all_margins_positive(lb: torch.Tensor) -> torch.Tensor:
     """alpha-CROWN's stop criterion: ``(B, 1)``, True where every margin bound is positive."""
     return lb.min(1, keepdim=True).values > 0
@@ -205,9 +211,7 @@ class Bounder:
         # Only alpha-CROWN differentiates (through its own enable_grad); a
         # graph through the bounds of a wide net would cost gigabytes.
         grad = torch.enable_grad() if name == "CROWN-Optimized" else torch.no_grad()
-        # auto_LiRPA prints "all verified at ...th iter" when the stop criterion holds for every point
-        with default_dtype(self.dtype), grad, exact_float(), quiet_identity(), \
-                contextlib.redirect_stdout(io.StringIO()):
+        with default_dtype(self.dtype), grad, exact_float(), quiet_identity(), no_prints():
             lb, _ = self.bounded.compute_bounds(x=self._input(x, lower, upper), C=c, method=name, bound_upper=False)
         if method == Method.ALPHA_CROWN:
             self._keep_alphas(None)
@@ -245,8 +249,8 @@ class Bounder:
             # parameters initialised above; the best bound is tracked from the first iteration
             args.update(init_alpha=False, start_save_best=0.0,
                         stop_criterion_func=StallStop(LP_DIST_PATIENCE, LP_DIST_PROGRESS))
-            try:  # auto_LiRPA prints "all verified" when the stop criterion holds for every point
-                with torch.enable_grad(), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                with torch.enable_grad(), no_prints():
                     opt, _ = self.bounded.compute_bounds(x=inputs, C=c[todo], method="CROWN-Optimized",
                                                          bound_upper=False, **{self._fixed_kw: fixed})
             finally:

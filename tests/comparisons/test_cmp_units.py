@@ -198,13 +198,13 @@ def _cost_model(monkeypatch, seconds_per_batch):
 def test_a_budget_buys_points_at_the_batch_size_that_pays(monkeypatch):
     """α-CROWN on an l_p-dist net costs a fixed 0.07 s a batch and 0.008 s a point at each ε: the one-point
     probe alone sees 0.23 s a point (87 points in 20 s), batches of 64 fit all 360 points."""
+    from comparisons.jobs import Saving
     from comparisons.run import _budgeted_method
     from linf_plugin.data import load_dataset
 
     data = load_dataset("digits", "test")
-    calls = _cost_model(monkeypatch, lambda b: 0.07 + 0.008 * b)
-    rec = _budgeted_method(None, data, "alpha-crown", [0.05, 0.1, 0.2], 0.2, 20.0, batch_size=256,
-                           saving=__import__("comparisons.jobs", fromlist=["Saving"]).Saving())
+    _cost_model(monkeypatch, lambda b: 0.07 + 0.008 * b)
+    rec = _budgeted_method(None, data, "alpha-crown", [0.05, 0.1, 0.2], 0.2, 20.0, batch_size=256, saving=Saving())
     sizes = [p[0] for p in rec["budget"]["probes"]]
     assert sizes[0] == 1 and sizes == sorted(sizes) and len(sizes) > 2
     assert rec["n"] == 360 and rec["budget"]["points"] == 360
